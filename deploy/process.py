@@ -7,7 +7,6 @@ the process's command line must also carry the marker it was started with.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import os
 import signal
 import socket
