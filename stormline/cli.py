@@ -101,6 +101,113 @@ def status(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------ schemas, topics --
+schemas_app = typer.Typer(
+    help="Avro schemas: register them, check compatibility.", no_args_is_help=True
+)
+topics_app = typer.Typer(help="The topic catalog on the cluster.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+app.add_typer(topics_app, name="topics")
+
+
+@schemas_app.command("register")
+def schemas_register(ctx: typer.Context) -> None:
+    """Register every event schema under <topic>-value in the schema registry."""
+    from schemas.catalog import CATALOG
+    from schemas.serde import RegistryUnavailable, Serde
+
+    s = settings_of(ctx)
+    serde = Serde.from_settings(s)
+    table = Table(title=f"schemas in {s.registry_url}")
+    for col in ("subject", "event", "id"):
+        table.add_column(col)
+    try:
+        for spec in CATALOG:
+            sid = serde.register(spec.name(s), spec.event)
+            table.add_row(f"{spec.name(s)}-value", spec.event.__name__, str(sid))
+    except RegistryUnavailable as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(table)
+
+
+@schemas_app.command("check")
+def schemas_check(
+    ctx: typer.Context,
+    offline: Annotated[bool, typer.Option(help="skip the registry, use fastavro only")] = False,
+) -> None:
+    """Prove every schema backward compatible with the last released version. Exit 1 if not."""
+    from schemas.compat import check
+
+    s = settings_of(ctx)
+    results = check(registry_url=None if offline else s.registry_url)
+    table = Table(title="backward compatibility with the last release")
+    for col in ("event", "release", "method", "compatible", "problem"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.event,
+            r.released,
+            r.method,
+            "[green]yes[/green]" if r.compatible else "[red]no[/red]",
+            r.problem,
+        )
+    console.print(table)
+    if not all(r.compatible for r in results):
+        raise typer.Exit(1)
+
+
+@topics_app.command("create")
+def topics_create(ctx: typer.Context) -> None:
+    """Create the catalog's topics that are missing (idempotent); report drift."""
+    _topics(settings_of(ctx), create=True)
+
+
+@topics_app.command("list")
+def topics_list(ctx: typer.Context) -> None:
+    """List the catalog's topics: partitions, end offsets, retention, drift. Exit 1 on drift."""
+    _topics(settings_of(ctx), create=False)
+
+
+def _topics(s: Settings, *, create: bool) -> None:
+    from schemas.kafka import end_offsets, ensure_topics
+
+    try:
+        states = ensure_topics(s, create=create, timeout=15)
+    except Exception as exc:
+        err.print(
+            f"[red]Kafka at {s.bootstrap_servers} did not answer: {exc}[/red] "
+            "Run `stormline up` or set STORMLINE_KAFKA_BOOTSTRAP_SERVERS."
+        )
+        raise typer.Exit(1) from exc
+    table = Table(title=f"topics on {s.bootstrap_servers}")
+    for col in ("topic", "event", "key", "partitions", "messages", "retention.ms", "state"):
+        table.add_column(col)
+    for st in states:
+        msgs = sum(end_offsets(s, st.name, st.partitions)) if st.exists else 0
+        state = (
+            "[red]missing[/red]"
+            if not st.exists
+            else "[yellow]drift: " + "; ".join(st.drift) + "[/yellow]"
+            if st.drift
+            else "[green]created[/green]"
+            if st.created
+            else "ok"
+        )
+        table.add_row(
+            st.name,
+            st.spec.event.__name__,
+            st.spec.key,
+            str(st.partitions),
+            str(msgs),
+            str(st.spec.retention(s)),
+            state,
+        )
+    console.print(table)
+    if any(st.drift or not st.exists for st in states):
+        raise typer.Exit(1)
+
+
 def _print_services(statuses: list) -> None:  # type: ignore[type-arg]
     table = Table(title="Stormline services")
     for col in ("service", "healthy", "version", "address", "mode", "detail"):

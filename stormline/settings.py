@@ -38,6 +38,16 @@ class Settings(BaseSettings):
         description="Downloads kept between runs: the Maven repository and unpacked jars.",
     )
     topic_prefix: str = Field(default="", description="Prepended to every topic name.")
+    default_partitions: int = Field(default=4, ge=1, description="Partitions per topic.")
+    topic_partitions: dict[str, int] = Field(
+        default_factory=dict, description='Per-topic partitions, e.g. {"tasks": 12}.'
+    )
+    topic_retention_ms: dict[str, int] = Field(
+        default_factory=dict, description='Per-topic retention in ms, e.g. {"tasks": -1}.'
+    )
+    max_record_bytes: int = Field(
+        default=1_048_576, description="Larger records are dead-lettered unread."
+    )
     maven_mirror_url: str | None = Field(
         default=None,
         description="Maven repository to fetch the stack's jars from instead of Central.",

@@ -61,6 +61,22 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
     )
 
 
+@pytest.fixture
+def topics(settings: Settings) -> Settings:
+    """``settings`` with every catalog topic created under this test's prefix."""
+    from schemas.kafka import ensure_topics
+
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def serde(settings: Settings):  # type: ignore[no-untyped-def]
+    from schemas.serde import Serde
+
+    return Serde.from_settings(settings)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The STORMLINE_* environment that makes a subprocess see ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}

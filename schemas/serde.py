@@ -1,0 +1,225 @@
+"""The one serde: pydantic events <-> Avro bytes in the Confluent wire format.
+
+Wire format: magic byte 0, a 4-byte big-endian schema id, then the Avro body written
+schemaless by fastavro. Ids come from a Confluent-compatible schema registry (subject
+``<topic>-value``), so Kafka UI, kcat and any Confluent client can decode the events.
+Decoding resolves the writer's schema by id and reads it with this process's schema, so
+old and new producers coexist.
+
+With ``STORMLINE_SCHEMA_REGISTRY_URL=none`` there is no registry: the id is the first 31
+bits of the SHA-256 of the schema's canonical form, which every process computes the same
+way from the schemas in this package (current and released).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import struct
+import threading
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import fastavro
+from fastavro.schema import to_parsing_canonical_form
+from pydantic import ValidationError
+
+from schemas.models import EVENT_TYPES, Event
+from stormline.settings import Settings
+
+AVRO_DIR = Path(__file__).parent / "avro"
+RELEASED_DIR = Path(__file__).parent / "released"
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+E = TypeVar("E", bound=Event)
+
+
+class DecodeError(ValueError):
+    """A record that cannot become an event. ``kind`` is what dead letters are grouped by."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class RegistryUnavailable(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------- schemas --
+def schema_file(event_type: type[Event]) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", event_type.__name__).lower() + ".avsc"
+
+
+@cache
+def schema_str(event_type: type[Event]) -> str:
+    return (AVRO_DIR / schema_file(event_type)).read_text()
+
+
+@cache
+def parsed_schema(event_type: type[Event]) -> Any:
+    return fastavro.parse_schema(json.loads(schema_str(event_type)))
+
+
+def fingerprint_id(schema_json: str) -> int:
+    canonical = to_parsing_canonical_form(json.loads(schema_json))
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------- registries --
+class SchemaRegistry(Protocol):
+    def id_for(self, subject: str, schema_json: str) -> int: ...
+    def schema_for(self, schema_id: int) -> str | None: ...
+
+
+class ConfluentRegistry:
+    """Any Confluent-compatible registry, through confluent-kafka's SchemaRegistryClient."""
+
+    def __init__(self, url: str) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self.url = url
+        self._client = SchemaRegistryClient({"url": url, "timeout": 10})
+
+    def id_for(self, subject: str, schema_json: str) -> int:
+        from confluent_kafka.schema_registry import Schema
+
+        try:
+            return int(self._client.register_schema(subject, Schema(schema_json, "AVRO")))
+        except Exception as exc:
+            raise _unavailable(self.url, exc) from exc
+
+    def schema_for(self, schema_id: int) -> str | None:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            return str(self._client.get_schema(schema_id).schema_str)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return None
+            raise _unavailable(self.url, exc) from exc
+        except Exception as exc:
+            raise _unavailable(self.url, exc) from exc
+
+
+def _unavailable(url: str, exc: Exception) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"The schema registry at {url} did not answer ({type(exc).__name__}: {exc}). Run "
+        "`stormline up` for the embedded one, or set STORMLINE_SCHEMA_REGISTRY_URL to a "
+        "Confluent-compatible registry (or to 'none' to use schema fingerprints as ids)."
+    )
+
+
+class FingerprintRegistry:
+    """No registry: ids are schema fingerprints, known schemas are this package's files."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, str] = {}
+        for path in [*AVRO_DIR.glob("*.avsc"), *RELEASED_DIR.glob("*/*.avsc")]:
+            text = path.read_text()
+            self._by_id[fingerprint_id(text)] = text
+
+    def id_for(self, subject: str, schema_json: str) -> int:
+        sid = fingerprint_id(schema_json)
+        self._by_id.setdefault(sid, schema_json)
+        return sid
+
+    def schema_for(self, schema_id: int) -> str | None:
+        return self._by_id.get(schema_id)
+
+
+def registry_for(settings: Settings) -> SchemaRegistry:
+    url = settings.registry_url
+    if url.lower() in {"none", "off"}:
+        return FingerprintRegistry()
+    return ConfluentRegistry(url)
+
+
+# ---------------------------------------------------------------------------- serde --
+class Serde:
+    def __init__(self, registry: SchemaRegistry) -> None:
+        self.registry = registry
+        self._ids: dict[tuple[str, type[Event]], bytes] = {}
+        self._writers: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Serde:
+        return cls(registry_for(settings))
+
+    # -- encode --
+    def register(self, topic: str, event_type: type[Event]) -> int:
+        """Register ``event_type``'s schema under ``<topic>-value``; return its id."""
+        return _HEADER.unpack(self._header(topic, event_type))[1]
+
+    def _header(self, topic: str, event_type: type[Event]) -> bytes:
+        key = (topic, event_type)
+        header = self._ids.get(key)
+        if header is None:
+            with self._lock:
+                sid = self.registry.id_for(f"{topic}-value", schema_str(event_type))
+                header = _HEADER.pack(MAGIC, sid)
+                self._ids[key] = header
+                self._writers[sid] = parsed_schema(event_type)
+        return header
+
+    def encode(self, topic: str, event: Event) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self._header(topic, type(event)))
+        fastavro.schemaless_writer(buf, parsed_schema(type(event)), event.model_dump())
+        return buf.getvalue()
+
+    # -- decode --
+    def decode(self, data: bytes | None, event_type: type[E]) -> E:
+        record = self.decode_record(data, event_type)
+        try:
+            return event_type.model_validate(record)
+        except ValidationError as exc:
+            raise DecodeError("validation", _short(exc)) from exc
+
+    def decode_record(self, data: bytes | None, event_type: type[Event]) -> dict[str, Any]:
+        """Avro bytes to a plain dict in ``event_type``'s (reader) schema, unvalidated."""
+        if not data or len(data) < 5 or data[0] != MAGIC:
+            raise DecodeError(
+                "framing",
+                "not in the Confluent wire format (magic byte 0, "
+                f"4-byte schema id); got {len(data or b'')} bytes",
+            )
+        sid = _HEADER.unpack_from(data)[1]
+        writer = self._writer(sid)
+        reader = parsed_schema(event_type)
+        try:
+            buf = io.BytesIO(data)
+            buf.seek(5)
+            if writer is reader:
+                return fastavro.schemaless_reader(buf, writer, None)  # type: ignore[no-any-return]
+            return fastavro.schemaless_reader(buf, writer, reader)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise DecodeError("avro", f"schema id {sid}: {type(exc).__name__}: {exc}") from exc
+
+    def _writer(self, sid: int) -> Any:
+        writer = self._writers.get(sid)
+        if writer is None:
+            text = self.registry.schema_for(sid)
+            if text is None:
+                raise DecodeError("unknown-schema", f"schema id {sid} is not in the registry")
+            parsed = json.loads(text)
+            known = {t.AVRO_NAME: t for t in EVENT_TYPES}
+            current = known.get(f"{parsed.get('namespace', '')}.{parsed.get('name', '')}")
+            # The same schema as ours: reuse the parsed reader so decoding skips resolution.
+            if current is not None and fingerprint_id(text) == fingerprint_id(schema_str(current)):
+                writer = parsed_schema(current)
+            else:
+                writer = fastavro.parse_schema(parsed)
+            self._writers[sid] = writer
+        return writer
+
+
+def _short(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]]
+    return "; ".join(parts)
