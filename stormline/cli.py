@@ -208,6 +208,15 @@ def _topics(s: Settings, *, create: bool) -> None:
         raise typer.Exit(1)
 
 
+# ------------------------------------------------- producers and workers (issue 4) --
+
+# ------------------------------------------------------------------ router (issue 5) --
+
+# ----------------------------------------------------------------- trainer (issue 6) --
+
+# ------------------------------------------------------- sink and analytics (issue 7) --
+
+
 def _print_services(statuses: list) -> None:  # type: ignore[type-arg]
     table = Table(title="Stormline services")
     for col in ("service", "healthy", "version", "address", "mode", "detail"):

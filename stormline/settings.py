@@ -81,6 +81,14 @@ class Settings(BaseSettings):
         description="ClickHouse server (http://user:pass@host:8123/db); unset means chDB on disk.",
     )
 
+    # -- workers, providers, evaluators (consumers/) -------------------------------------
+
+    # -- router (streams/) ----------------------------------------------------------------
+
+    # -- trainer (trainer/) ---------------------------------------------------------------
+
+    # -- sink, analytics (consumers/sink*, analytics) -------------------------------------
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_topic_safe(cls, v: str) -> str:
