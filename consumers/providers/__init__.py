@@ -1,0 +1,1 @@
+"""LLM providers: OpenAI (and any OpenAI-compatible base_url), Anthropic."""
