@@ -281,24 +281,43 @@ class EventConsumer:
 
     def dead_letter(self, msg: Message, kind: str, error: str) -> None:
         value = msg.value()
-        limit = self.settings.max_record_bytes
+        # Keep the dead letter itself well under the size limit, or reading dead-letters
+        # back would dead-letter it again.
+        keep = self.settings.max_record_bytes // 2
+        if value is not None and len(value) > keep:
+            error = f"{error} (raw_value keeps the first {keep} of {len(value)} bytes)"
+            value = value[:keep]
+        self._send_dead_letter(
+            msg.topic(), msg.partition(), msg.offset(), msg.key(), value, kind, error
+        )
+
+    def _send_dead_letter(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        kind: str,
+        error: str,
+    ) -> None:
+        log.warning("dead letter %s[%d]@%d: %s: %s", topic, partition, offset, kind, error)
+        if topic == DEAD_LETTERS.name(self.settings):
+            return  # never re-dead-letter a dead letter: logged and skipped instead
         letter = DeadLetter(
-            source_topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
-            raw_key=msg.key(),
-            raw_value=value if value is None or len(value) <= limit else value[:limit],
+            source_topic=topic,
+            partition=partition,
+            offset=offset,
+            raw_key=key,
+            raw_value=value,
             error_kind=kind,
             error=error[:10_000],
             consumer_group=self.group_id,
         )
-        log.warning(
-            "dead letter %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), letter.error
-        )
         self._dlq.produce(
             letter,
             topic=DEAD_LETTERS.name(self.settings),
-            key=msg.key().decode("utf-8", "replace") if msg.key() else "",
+            key=key.decode("utf-8", "replace") if key else "",
         )
 
     def commit(self) -> None:
@@ -344,18 +363,15 @@ class EventConsumer:
 
     def _dead_letter_received(self, rec: Received[Any], exc: Exception) -> None:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        letter = DeadLetter(
-            source_topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            raw_key=rec.key.encode() if rec.key else None,
-            raw_value=self.serde.encode(rec.topic, rec.event),
-            error_kind="handler",
-            error=detail[:10_000],
-            consumer_group=self.group_id,
+        self._send_dead_letter(
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            rec.key.encode() if rec.key else None,
+            self.serde.encode(rec.topic, rec.event),
+            "handler",
+            detail,
         )
-        log.warning("handler failed on %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, detail)
-        self._dlq.produce(letter, topic=DEAD_LETTERS.name(self.settings), key=rec.key or "")
 
     def close(self) -> None:
         try:

@@ -84,7 +84,8 @@ class ConfluentRegistry:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
         self.url = url
-        self._client = SchemaRegistryClient({"url": url, "timeout": 10})
+        # new_client() gives the in-memory mock for mock:// URLs (unit tests only).
+        self._client = SchemaRegistryClient.new_client({"url": url, "timeout": 10})
 
     def id_for(self, subject: str, schema_json: str) -> int:
         from confluent_kafka.schema_registry import Schema

@@ -1,0 +1,168 @@
+"""Run the benchmark suite: ``python -m bench [--quick] [--only serde,worker] [--repeats N]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+# Order matters only for reading the report.
+SUITES = ["serde", "worker", "router", "learning", "trainer", "sink", "end_to_end"]
+OUT = Path(__file__).parent
+console = Console()
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in (
+        "confluent-kafka",
+        "faust-streaming",
+        "aiokafka",
+        "fastavro",
+        "pydantic",
+        "torch",
+        "ray",
+        "chdb",
+        "redis",
+        "openai",
+        "anthropic",
+    ):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+        versions["java"] = java.splitlines()[0] if java else "absent"
+    except OSError:
+        versions["java"] = "absent"
+    from deploy.jars import pom_versions
+
+    pv = pom_versions()
+    versions["kafka"] = pv["kafka.version"]
+    versions["apicurio-registry"] = pv["apicurio.version"]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if key in r]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "runs": len(values),
+            }
+        else:
+            out[key] = values[-1]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller loads, one repeat")
+    ap.add_argument("--only", default="", help="comma-separated suites")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    names = [n for n in (args.only.split(",") if args.only else SUITES) if n]
+    repeats = 1 if args.quick else args.repeats
+    results: dict[str, Any] = {"machine": machine(), "suites": {}}
+    path_json = OUT / "results.json"
+    if args.only and path_json.exists():  # keep other suites' figures when re-running one
+        results["suites"] = json.loads(path_json.read_text()).get("suites", {})
+    failed = False
+    for name in names:
+        try:
+            mod = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bench.{name}":
+                console.print(f"[yellow]{name}: no bench/{name}.py yet[/yellow]")
+                continue
+            raise
+        runs = []
+        for i in range(repeats):
+            console.print(f"[bold]{name}[/bold] run {i + 1}/{repeats}")
+            try:
+                runs.append(mod.run(quick=args.quick))
+            except Exception:
+                console.print(f"[red]{name} failed[/red]\n{traceback.format_exc()}")
+                failed = True
+                break
+        if runs:
+            results["suites"][name] = summarise(runs)
+            console.print_json(json.dumps(results["suites"][name], default=str))
+    path_json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (OUT / "results.md").write_text(render_md(results))
+    console.print(f"wrote {path_json} and {OUT / 'results.md'}")
+    return 1 if failed else 0
+
+
+def render_md(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# Stormline benchmark results",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']};"
+        f" {m['platform']}; run {m['date']}.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "",
+        "Each figure is the median of the runs, with min and max.",
+        "",
+    ]
+    for suite, figures in results["suites"].items():
+        lines += [
+            f"## {suite}",
+            "",
+            "| figure | median | min | max | runs |",
+            "|---|---|---|---|---|",
+        ]
+        notes = []
+        for key, v in figures.items():
+            if isinstance(v, dict):
+                lines.append(
+                    f"| `{key}` | {_fmt(v['median'])} | {_fmt(v['min'])} | "
+                    f"{_fmt(v['max'])} | {v['runs']} |"
+                )
+            else:
+                notes.append(f"- `{key}`: {v}")
+        lines += ["", *notes, ""]
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.3g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
