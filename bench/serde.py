@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from schemas import models as m
@@ -71,23 +72,21 @@ def run(quick: bool = False) -> dict[str, float | str]:
     serde = Serde(FingerprintRegistry())
     out: dict[str, float | str] = {}
     for name, ev in (("task_submitted", task()), ("trajectory", trajectory())):
+        kind = type(ev)
         data = serde.encode("bench", ev)
         as_json = ev.model_dump_json()
+        plain = ev.model_dump(mode="json")
         out[f"serde_{name}_bytes"] = len(data)
-        out[f"serde_{name}_encode_per_s"] = _rate(lambda ev=ev: serde.encode("bench", ev), seconds)
-        out[f"serde_{name}_decode_per_s"] = _rate(
-            lambda data=data, t=type(ev): serde.decode(data, t), seconds
-        )
+        out[f"serde_{name}_encode_per_s"] = _rate(partial(serde.encode, "bench", ev), seconds)
+        out[f"serde_{name}_decode_per_s"] = _rate(partial(serde.decode, data, kind), seconds)
         out[f"serde_{name}_decode_unvalidated_per_s"] = _rate(
-            lambda data=data, t=type(ev): serde.decode_record(data, t), seconds
+            partial(serde.decode_record, data, kind), seconds
         )
-        out[f"json_{name}_encode_per_s"] = _rate(lambda ev=ev: ev.model_dump_json(), seconds)
+        out[f"json_{name}_encode_per_s"] = _rate(ev.model_dump_json, seconds)
         out[f"json_{name}_decode_per_s"] = _rate(
-            lambda s=as_json, t=type(ev): t.model_validate_json(s), seconds
+            partial(kind.model_validate_json, as_json), seconds
         )
-        out[f"json_{name}_plain_dumps_per_s"] = _rate(
-            lambda d=ev.model_dump(mode="json"): json.dumps(d), seconds
-        )
+        out[f"json_{name}_plain_dumps_per_s"] = _rate(partial(json.dumps, plain), seconds)
     out["serde_note"] = (
         "one core, single thread; encode = model_dump + fastavro schemaless "
         "write + 5-byte header; decode = fastavro read + pydantic validation"
