@@ -12,10 +12,12 @@ ever deletes data: a data directory that looks wrong stops ``up`` with a message
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -90,9 +92,61 @@ class EmbeddedStack:
         self.s.chdb_path.mkdir(parents=True, exist_ok=True)
         return self.status()
 
+    # ------------------------------------------------------------- Stormline services --
+    def _supervisor_marker(self) -> tuple[str, ...]:
+        return ("deploy.supervisor", f"--data-dir {self.paths.root}")
+
+    def up_services(self, workers: int = 2, simulator: bool = True, trainer: bool = True) -> int:
+        """Start the supervisor of router, workers, evaluator, sink, trainer (and simulator)."""
+        from schemas.kafka import ensure_topics
+        from schemas.serde import Serde
+
+        pid = self._alive("supervisor", self._supervisor_marker())
+        if pid is not None:
+            self.report(f"services already supervised (pid {pid}), reusing them")
+            return pid
+        ensure_topics(self.s)
+        serde = Serde.from_settings(self.s)
+        from schemas.catalog import CATALOG
+
+        for spec in CATALOG:
+            serde.register(spec.name(self.s), spec.event)
+        argv = [
+            sys.executable,
+            "-m",
+            "deploy.supervisor",
+            "--data-dir",
+            str(self.paths.root),
+            "--workers",
+            str(workers),
+        ]
+        argv += [] if simulator else ["--no-simulator"]
+        argv += [] if trainer else ["--no-trainer"]
+        self.report(
+            f"starting services: router, {workers} workers, evaluator, sink"
+            + (", trainer" if trainer else "")
+            + (", simulate-llm" if simulator else "")
+        )
+        proc = process.start_daemon(
+            argv, pidfile=self.paths.pidfile("supervisor"), logfile=self.paths.logfile("supervisor")
+        )
+        return proc.pid
+
+    def services(self) -> list[dict[str, object]]:
+        """The supervised services and their pids, as the supervisor last wrote them."""
+        state = self.paths.run / "services.json"
+        if self._alive("supervisor", self._supervisor_marker()) is None or not state.exists():
+            return []
+        rows: list[dict[str, object]] = json.loads(state.read_text())
+        for row in rows:
+            pid = row.get("pid")
+            row["running"] = isinstance(pid, int) and bool(process.cmdline(pid))
+        return rows
+
     def down(self) -> list[str]:
         stopped = []
         for name, marker in (
+            ("supervisor", self._supervisor_marker()),
             ("registry", self._registry_marker()),
             ("redis", self._redis_marker()),
             ("kafka", self._kafka_marker()),
