@@ -15,15 +15,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-demo: setup  ## start the embedded stack and show its status
-	$(BIN)/stormline up
-	$(BIN)/stormline status
+demo: setup  ## the whole loop: stack, services, demo tasks, live progress, analytics
+	$(BIN)/stormline demo $(DEMO_ARGS)
 
 test: setup  ## run the test suite against a real stack that pytest starts
 	$(BIN)/pytest -q
 
 bench: setup  ## run the benchmark suite; writes bench/results.md and bench/results.json
-	$(BIN)/python -m bench
+	$(BIN)/stormline up
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint:  ## ruff check and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -60,6 +60,9 @@ class EventProducer:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
+            # The Java client's partitioner (and Faust's): a key lands on the same partition
+            # whichever Stormline process or client produced it.
+            "partitioner": "murmur2_random",
             "message.max.bytes": max(settings.max_record_bytes * 2, 1_048_576),
             **overrides,
         }
@@ -356,12 +359,13 @@ class EventConsumer:
                 try:
                     handle(rec)
                 except Exception as exc:
-                    self._dead_letter_received(rec, exc)
+                    self.dead_letter_failed(rec, exc)
             if outputs is not None:
                 outputs.flush()
             self.commit()
 
-    def _dead_letter_received(self, rec: Received[Any], exc: Exception) -> None:
+    def dead_letter_failed(self, rec: Received[Any], exc: Exception) -> None:
+        """Send a decoded record whose handling failed to dead-letters, with the error."""
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         self._send_dead_letter(
             rec.topic,

@@ -42,8 +42,13 @@ class RedactSecrets(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str = "stormline") -> None:
+        super().__init__()
+        self.service = service
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
+            "service": self.service,
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -56,15 +61,21 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(out, default=str))
 
 
-def setup(level: str | int = "INFO", service: str = "stormline") -> None:
-    """Configure the root logger once per process (idempotent)."""
+def setup(level: str | int | None = None, service: str = "stormline") -> None:
+    """Configure the root logger once per process (idempotent); level from settings."""
     root = logging.getLogger()
     if getattr(root, "_stormline", False):
         return
+    if level is None:
+        from stormline.settings import Settings
+
+        level = Settings().log_level.upper()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(service))
     handler.addFilter(RedactSecrets())
     root.handlers[:] = [handler]
     root.setLevel(level)
     root._stormline = True  # type: ignore[attr-defined]
-    logging.LoggerAdapter(logging.getLogger(service), {"service": service})
+    # One line per HTTP request (LLM calls, registry look-ups) drowns everything else.
+    for noisy in ("httpx", "httpcore", "openai", "anthropic", "aiokafka", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
         description="Downloads kept between runs: the Maven repository and unpacked jars.",
     )
     topic_prefix: str = Field(default="", description="Prepended to every topic name.")
+    log_level: str = Field(default="INFO", description="Log level of Stormline's services.")
     default_partitions: int = Field(default=4, ge=1, description="Partitions per topic.")
     topic_partitions: dict[str, int] = Field(
         default_factory=dict, description='Per-topic partitions, e.g. {"tasks": 12}.'
@@ -82,12 +83,225 @@ class Settings(BaseSettings):
     )
 
     # -- workers, providers, evaluators (consumers/) -------------------------------------
+    # agent workers (consumers/worker.py, issue 4)
+    agents_file: Path = Field(
+        default=Path("agents.yaml"), description="The agent registry (YAML) workers serve."
+    )
+    worker_group: str = Field(
+        default="stormline-workers", description="Consumer group of the agent workers."
+    )
+    worker_max_in_flight: int = Field(
+        default=512, ge=1, description="LLM calls one worker keeps in flight at most."
+    )
+    worker_heartbeat_interval_s: float = Field(
+        default=3.0, gt=0, description="Seconds between a worker's AgentHeartbeat events."
+    )
+    worker_commit_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between offset commits of completed work."
+    )
+    worker_shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
+    )
+    llm_retry_attempts: int = Field(
+        default=3, ge=1, description="Tries per LLM call (429/5xx/timeout are retried)."
+    )
+    llm_backoff_base_s: float = Field(
+        default=0.25, ge=0, description="First retry's backoff ceiling (full jitter, doubles)."
+    )
+    llm_backoff_max_s: float = Field(default=8.0, ge=0, description="Backoff ceiling.")
+    breaker_failure_threshold: int = Field(
+        default=5, ge=1, description="Consecutive failures that open a provider's breaker."
+    )
+    breaker_cooldown_s: float = Field(
+        default=10.0, ge=0, description="Seconds an open breaker waits before a probe call."
+    )
+    provider_rate_limits: dict[str, float] = Field(
+        default_factory=dict,
+        description='Shared token bucket per provider, requests/s, e.g. {"openai": 50}.',
+    )
+    response_cache_ttl_s: int = Field(
+        default=0, ge=0, description="LLM response cache in Redis; 0 turns it off."
+    )
+    idempotency_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="How long recorded trajectories are kept."
+    )
+    simulator_port: int = Field(default=8700, description="Port of `stormline simulate-llm`.")
+
+    # evaluators (consumers/evaluator_service.py, producers/feedback.py, issue 4)
+    evaluator_group: str = Field(
+        default="stormline-evaluator", description="Consumer group of `stormline evaluator`."
+    )
+    evaluator_by_task_type: dict[str, str] = Field(
+        default_factory=dict,
+        description='Evaluator per task type when the task names none, e.g. {"math": '
+        '"numeric:0.01", "extract": "json_schema", "*": "judge"}.',
+    )
+    evaluator_failure_value: float = Field(
+        default=0.0, description="Reward value the failure policy gives error/timeout attempts."
+    )
+    evaluator_batch_size: int = Field(
+        default=500, ge=1, description="Trajectories the evaluator scores per batch."
+    )
+    judge_provider: str | None = Field(
+        default=None, description="LLM-as-judge provider: openai or anthropic; unset = no judge."
+    )
+    judge_model: str = Field(default="gpt-4o-mini", description="The judge's model.")
+    judge_base_url: str | None = Field(
+        default=None, description="The judge's endpoint (any OpenAI-compatible server)."
+    )
+    judge_api_key_env: str | None = Field(
+        default=None,
+        description="Env var with the judge's key; unset = OPENAI_API_KEY / ANTHROPIC_API_KEY.",
+    )
+    judge_rubric: str | None = Field(
+        default=None, description="Default rubric of the judge; unset = the built-in one."
+    )
+    judge_timeout_s: float = Field(default=30.0, gt=0, description="Per judge call.")
+    judge_max_in_flight: int = Field(
+        default=32, ge=1, description="Judge calls the evaluator keeps in flight at most."
+    )
 
     # -- router (streams/) ----------------------------------------------------------------
+    router_app_id: str = Field(
+        default="stormline-router",
+        description="Faust app id and consumer group; the topic prefix is put in front.",
+    )
+    router_web_host: str = Field(default="127.0.0.1", description="Router web views' host.")
+    router_web_port: int = Field(default=6066, description="Router web views' port (JSON).")
+    router_store: str = Field(
+        default="memory", pattern="^(memory|rocksdb)$", description="Table store: memory|rocksdb"
+    )
+    router_partitions: int | None = Field(
+        default=None, ge=1, description="Partitions of the router's internal topics and tables."
+    )
+    router_replication: int = Field(default=1, ge=1, description="Replicas of internal topics.")
+    router_strategy: str = Field(
+        default="thompson",
+        pattern="^(epsilon_greedy|ucb1|thompson|random|round_robin)$",
+        description="epsilon_greedy | ucb1 | thompson | random | round_robin",
+    )
+    router_epsilon: float = Field(default=0.2, ge=0, le=1, description="Initial epsilon.")
+    router_epsilon_min: float = Field(default=0.01, ge=0, le=1, description="Epsilon floor.")
+    router_epsilon_decay: float = Field(
+        default=0.995, gt=0, le=1, description="Epsilon factor per task of a type."
+    )
+    router_ucb_c: float = Field(default=1.0, ge=0, description="UCB1 exploration constant.")
+    router_step_size: float | None = Field(
+        default=None, gt=0, le=1, description="Q update step; unset means the sample mean."
+    )
+    router_seed: int | None = Field(default=None, description="Seed of the router's RNG.")
+    router_assignment_ttl_s: float = Field(
+        default=60.0, gt=0, description="An attempt with no trajectory by then is reassigned."
+    )
+    router_max_attempts: int = Field(default=3, ge=1, description="Attempts before final failure.")
+    router_retry_s: float = Field(
+        default=1.0, gt=0, description="How often a task with no candidate is retried."
+    )
+    router_default_deadline_s: float = Field(
+        default=300.0, gt=0, description="Deadline of a task that sets no deadline_ms."
+    )
+    router_done_retention_s: float = Field(
+        default=3600.0, gt=0, description="How long a finished task's record catches duplicates."
+    )
+    router_heartbeat_timeout_s: float = Field(
+        default=15.0, gt=0, description="No heartbeat for this long: the agent is down."
+    )
+    router_circuit_errors: int = Field(
+        default=5, ge=1, description="Failed attempts in a row that open the circuit."
+    )
+    router_circuit_cooldown_s: float = Field(
+        default=30.0, ge=0, description="Open circuit's cool-down before probes."
+    )
+    router_probe_tasks: int = Field(
+        default=2, ge=1, description="Probes sent to a half-open agent."
+    )
+    router_probe_successes: int = Field(
+        default=2, ge=1, description="Successful probes that close the circuit (<= probe tasks)."
+    )
+    router_tick_s: float = Field(default=0.5, gt=0, description="Expiry/retry clock period.")
+    router_policy_weight: float = Field(
+        default=0.5, ge=0, le=1, description="Weight of a checkpoint scorer against the Q-table."
+    )
+    router_batch_max: int = Field(
+        default=500, ge=1, description="Tasks reordered by priority per batch under backlog."
+    )
+    router_batch_window_ms: float = Field(
+        default=2.0, ge=0, description="How long a priority batch waits to fill."
+    )
+    router_heartbeat_lookback_s: float = Field(
+        default=120.0, gt=0, description="Heartbeat history a starting router reads."
+    )
 
     # -- trainer (trainer/) ---------------------------------------------------------------
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster (ray://host:10001 or auto); unset = local Ray."
+    )
+    ray_num_workers: int = Field(default=2, ge=1, description="Ray Train DDP workers.")
+    ray_num_cpus: int = Field(default=2, ge=1, description="CPUs given to local Ray.")
+    ray_use_gpu: bool | None = Field(
+        default=None, description="Force GPU on/off; unset = use GPUs when present."
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description="Directory or fsspec URI for checkpoints; unset = <data_dir>/checkpoints.",
+    )
+    trainer_policy_name: str = Field(default="neural-router", description="Checkpoint key.")
+    trainer_group_id: str = Field(default="stormline-trainer", description="Consumer group.")
+    trainer_batch_size: int = Field(
+        default=512, ge=1, description="Experiences that trigger an update."
+    )
+    trainer_batch_max_wait_s: float = Field(
+        default=300.0, gt=0, description="Update anyway when the oldest buffered one is this old."
+    )
+    trainer_min_batch: int = Field(default=16, ge=1, description="Fewer never trigger an update.")
+    trainer_epochs: int = Field(default=3, ge=1)
+    trainer_minibatch: int = Field(default=64, ge=1, description="SGD minibatch per worker.")
+    trainer_lr: float = Field(default=0.01, gt=0)
+    trainer_holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="Newest share of a batch held out for the gate."
+    )
+    trainer_promotion_margin: float = Field(
+        default=0.01, ge=0, description="Promote unless held-out loss is worse by more than this."
+    )
+    trainer_join_max_entries: int = Field(
+        default=100_000, ge=1, description="Pending join entries kept before evicting oldest."
+    )
+    trainer_join_max_wait_s: float = Field(
+        default=86_400.0, gt=0, description="Event-time wait for the other side of a join."
+    )
+    trainer_state_interval_s: float = Field(
+        default=30.0, gt=0, description="Save join state and commit offsets this often."
+    )
 
     # -- sink, analytics (consumers/sink*, analytics) -------------------------------------
+    sink_group: str = Field(
+        default="stormline-sink", description="Consumer group of `stormline sink`."
+    )
+    sink_batch_size: int = Field(
+        default=5000, ge=1, description="The sink writes a batch when it holds this many events."
+    )
+    sink_flush_seconds: float = Field(
+        default=2.0, gt=0, description="...or when its oldest buffered event is this old."
+    )
+    sink_retry_max_seconds: float = Field(
+        default=30.0, gt=0, description="Longest back-off between retries of a failed write."
+    )
+    sink_compact_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="chDB back-end: how often the sink merges small Parquet parts; 0 = never.",
+    )
+    sink_compact_target_rows: int = Field(
+        default=1_000_000, ge=1, description="Rows a merged Parquet part aims for."
+    )
+    sink_parts_dir: Path | None = Field(
+        default=None,
+        description="Where the chDB back-end keeps its Parquet parts; unset means "
+        "<data_dir>/clickhouse/parts.",
+    )
+    clickhouse_database: str = Field(
+        default="stormline", description="Database of the tables on a ClickHouse server."
+    )
 
     @field_validator("topic_prefix")
     @classmethod

@@ -1,1 +1,27 @@
-"""LLM providers: OpenAI (and any OpenAI-compatible base_url), Anthropic."""
+"""LLM providers: OpenAI (and any OpenAI-compatible base_url), Anthropic.
+
+:func:`make_provider` builds the right :class:`~consumers.llm.LLMProvider` for an agent or a
+bare provider config (evaluators use it for LLM-as-judge). The SDKs' own retries are off:
+retries, timeouts and breakers are policy in :mod:`consumers.resilience`.
+"""
+
+from __future__ import annotations
+
+from consumers.agents import ProviderConfig
+from consumers.llm import LLMProvider
+
+
+def make_provider(config: ProviderConfig, *, max_connections: int = 1024) -> LLMProvider:
+    """The provider for ``config`` (an AgentConfig is a ProviderConfig too)."""
+    if config.provider == "openai":
+        from consumers.providers.openai_provider import OpenAIProvider
+
+        return OpenAIProvider(config, max_connections=max_connections)
+    if config.provider == "anthropic":
+        from consumers.providers.anthropic_provider import AnthropicProvider
+
+        return AnthropicProvider(config, max_connections=max_connections)
+    raise ValueError(f"unknown provider {config.provider!r}; use openai or anthropic")
+
+
+__all__ = ["make_provider"]

@@ -1,0 +1,182 @@
+"""Benchmark: one agent worker against the simulated LLM server.
+
+Phase 1: the simulator answers after 200 ms; the worker must keep >= 256 calls in flight
+and sustain >= 800 tasks/s. Phase 2: 0 ms latency, tasks/s of one worker process.
+
+The simulator runs as its own process (`stormline simulate-llm`); the worker runs in this
+process against the stack named by the usual STORMLINE_* settings (Kafka, registry,
+Redis), each phase on fresh topics. Assignments are produced before the worker starts,
+so the figure is the worker's own rate: first assignment started -> last trajectory
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import yaml
+
+from consumers.agents import parse_registry
+from consumers.providers import openai_provider  # noqa: F401  (slow import, kept out of timings)
+from consumers.worker import Worker
+from schemas.kafka import EventProducer, ensure_topics
+from schemas.models import AssignedTask, PolicyKind, TaskAssigned
+from schemas.serde import Serde
+from stormline.settings import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User+system CPU seconds of another process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_simulator(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    cfg = {
+        "seed": 1,
+        "models": {
+            "bench-200ms": {"skill": {"*": 0.8}, "latency_ms": 200, "jitter_ms": 0},
+            "bench-0ms": {"skill": {"*": 0.8}},
+        },
+    }
+    path = workdir / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stormline.cli",
+            "simulate-llm",
+            "--port",
+            str(port),
+            "--config",
+            str(path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).raise_for_status()
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("simulator did not start")
+
+
+def _phase(
+    base: Settings, port: int, sim_pid: int, model: str, n: int, max_in_flight: int
+) -> dict[str, float]:
+    s = base.model_copy(
+        update={
+            "topic_prefix": f"bench-worker-{uuid.uuid4().hex[:6]}.",
+            "worker_max_in_flight": max_in_flight,
+            "worker_heartbeat_interval_s": 2.0,
+        }
+    )
+    ensure_topics(s)
+    serde = Serde.from_settings(s)
+    registry = parse_registry(
+        {
+            "agents": [
+                {
+                    "id": "bench",
+                    "provider": "openai",
+                    "model": model,
+                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "concurrency": max_in_flight,
+                    "timeout_s": 120,
+                }
+            ]
+        }
+    )
+    now = datetime.now(UTC)
+    events = []
+    for i in range(n):
+        prompt = f"[type=math] What is {i} + {i % 97}?"
+        events.append(
+            TaskAssigned(
+                task_id=f"b{i}",
+                attempt=1,
+                agent_id="bench",
+                policy=PolicyKind.EXPLORE,
+                assigned_at=now,
+                expires_at=now + timedelta(hours=1),
+                task=AssignedTask(
+                    task_id=f"b{i}", task_type="math", prompt=prompt, occurred_at=now
+                ),
+            )
+        )
+    producer = EventProducer(s, serde)
+    producer.publish(events, timeout=120)
+    producer.close()
+    worker = Worker(s, registry, f"bench-{os.getpid()}", serde=serde)
+    cpu0, sim0 = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(sim_pid)
+    stats = asyncio.run(worker.run(until=lambda w: w.stats.processed >= n))
+    cpu1, sim1 = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(sim_pid)
+    elapsed = stats.last_done - stats.first_started
+    worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return {
+        "tasks": float(stats.processed),
+        "tasks_per_s": stats.processed / elapsed if elapsed > 0 else 0.0,
+        "in_flight_max": float(stats.in_flight_max),
+        "errors": float(stats.errors),
+        "llm_calls": float(stats.llm_calls),
+        "worker_cpu_ms_per_task": 1000 * worker_cpu / max(stats.processed, 1),
+        "simulator_cpu_ms_per_request": 1000 * (sim1 - sim0) / max(stats.llm_calls, 1),
+    }
+
+
+def run(quick: bool = False) -> dict[str, float | str]:
+    base = Settings()
+    n200, n0 = (1_000, 500) if quick else (4_000, 2_000)
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = _start_simulator(port, Path(tmp))
+        try:
+            slow = _phase(base, port, sim.pid, "bench-200ms", n200, base.worker_max_in_flight)
+            fast = _phase(base, port, sim.pid, "bench-0ms", n0, base.worker_max_in_flight)
+        finally:
+            sim.terminate()
+            sim.wait(10)
+    return {
+        "worker_200ms_tasks": slow["tasks"],
+        "worker_200ms_tasks_per_s": round(slow["tasks_per_s"], 1),
+        "worker_200ms_in_flight_high_water": slow["in_flight_max"],
+        "worker_200ms_error_trajectories": slow["errors"],
+        "worker_0ms_tasks": fast["tasks"],
+        "worker_0ms_tasks_per_s_per_process": round(fast["tasks_per_s"], 1),
+        "worker_0ms_in_flight_high_water": fast["in_flight_max"],
+        "worker_200ms_worker_cpu_ms_per_task": round(slow["worker_cpu_ms_per_task"], 3),
+        "worker_0ms_worker_cpu_ms_per_task": round(fast["worker_cpu_ms_per_task"], 3),
+        "simulator_cpu_ms_per_request": round(fast["simulator_cpu_ms_per_request"], 3),
+        "worker_max_in_flight_setting": float(base.worker_max_in_flight),
+        "cpu_cores": float(os.cpu_count() or 0),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "setup": "1 worker process + simulator process on this machine; Kafka/Redis shared",
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

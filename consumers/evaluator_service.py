@@ -1,0 +1,256 @@
+"""`stormline evaluator`: trajectories in, one Reward per trajectory out.
+
+Consumes ``trajectories`` in the ``stormline-evaluator`` group, scores each batch (verifiers
+inline, LLM-as-judge calls concurrently on an asyncio loop), produces the rewards, waits for
+their delivery, then commits the batch's offsets. A crash between delivery and commit can
+repeat a reward (the router de-duplicates rewards by trajectory_id); the normal path and a
+SIGTERM never do, because a batch is always finished and committed before the next poll.
+
+A trajectory that cannot be scored as configured (unknown evaluator, no ``expected`` for a
+verifier that needs one, a judge reply without a score, a judge 4xx) goes to dead-letters
+with the reason. A judge that is down (429/5xx/timeouts, open breaker) is waited for with
+backoff instead: its rewards are late, never lost or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from consumers import evaluators
+from consumers.evaluators import Evaluation, EvaluationError, Spec
+from consumers.llm import ErrorKind, LLMProvider, ProviderError
+from consumers.resilience import CircuitBreaker, RetryPolicy, call_with_policy
+from schemas.catalog import REWARDS, TRAJECTORIES
+from schemas.kafka import EventConsumer, EventProducer, Received
+from schemas.models import Reward, Trajectory
+from schemas.serde import Serde
+from stormline.settings import Settings
+
+log = logging.getLogger("stormline.evaluator")
+
+
+class Stopping(Exception):
+    """Shutdown was requested while a judge outage held a batch: leave it uncommitted."""
+
+
+def make_judge(settings: Settings) -> LLMProvider | None:
+    """The configured LLM-as-judge provider, or None when STORMLINE_JUDGE_PROVIDER is unset."""
+    if not settings.judge_provider:
+        return None
+    from consumers.agents import ProviderConfig
+    from consumers.providers import make_provider
+
+    config = ProviderConfig(
+        provider=settings.judge_provider,  # type: ignore[arg-type]
+        model=settings.judge_model,
+        base_url=settings.judge_base_url,
+        api_key_env=settings.judge_api_key_env,
+        timeout_s=settings.judge_timeout_s,
+        max_tokens=300,
+    )
+    return make_provider(config, max_connections=settings.judge_max_in_flight)
+
+
+class EvaluatorService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        judge: LLMProvider | None = None,
+        group_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.serde = Serde.from_settings(settings)
+        self.producer = EventProducer(settings, self.serde)
+        self.consumer = EventConsumer(
+            settings,
+            self.serde,
+            group_id or settings.evaluator_group,
+            [TRAJECTORIES],
+            dead_letters=self.producer,
+        )
+        self.judge = judge if judge is not None else make_judge(settings)
+        self.rubric = settings.judge_rubric or evaluators.DEFAULT_RUBRIC
+        self.retry = RetryPolicy(
+            settings.llm_retry_attempts, settings.llm_backoff_base_s, settings.llm_backoff_max_s
+        )
+        self.breaker = CircuitBreaker(
+            settings.breaker_failure_threshold, settings.breaker_cooldown_s
+        )
+        self.rewards_topic = REWARDS.name(settings)
+        self.loop = asyncio.new_event_loop()
+        self._judge_slots: asyncio.Semaphore | None = None
+        self._stop = threading.Event()
+        self.scored = 0
+        self.dead = 0
+        self.batches = 0
+        self._redis_retry_at = 0.0
+
+    # ------------------------------------------------------------------- lifecycle --
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: finishing the current batch, then leaving the group", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        """Poll, score, produce, flush, commit, until :meth:`stop`; then close."""
+        log.info(
+            "evaluator started",
+            extra={
+                "group": self.consumer.group_id,
+                "topic": TRAJECTORIES.name(self.settings),
+                "judge": self.judge.name if self.judge is not None else None,
+            },
+        )
+        try:
+            while not self._stop.is_set():
+                self.step()
+        except Stopping:
+            log.info("stopped while waiting for the judge; the open batch will be re-read")
+        finally:
+            self.close()
+
+    def step(self, timeout: float = 0.5) -> int:
+        """One batch: returns how many rewards were produced."""
+        batch = self.consumer.poll_batch(self.settings.evaluator_batch_size, timeout)
+        self.dead += batch.dead
+        rewards: list[Reward] = []
+        if batch.records:
+            rewards = self.process(batch.records)
+            self.batches += 1
+        self.producer.flush()  # rewards and dead letters acknowledged ...
+        self.consumer.commit()  # ... before the offsets that produced them
+        self._record_status(rewards)
+        return len(rewards)
+
+    def _record_status(self, rewards: Sequence[Reward]) -> None:
+        """The reward in each task's Redis status (`stormline task`), best effort."""
+        if not rewards or time.monotonic() < self._redis_retry_at:
+            return
+        import redis
+
+        from consumers.state import record_reward
+
+        try:
+            for rw in rewards:
+                record_reward(self.settings, rw.task_id, rw.value, rw.source.value)
+        except (redis.RedisError, OSError) as exc:
+            # Status is a view; the rewards are on Kafka. Try again in a while.
+            self._redis_retry_at = time.monotonic() + 10
+            log.warning("task status not updated in Redis: %s: %s", type(exc).__name__, exc)
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()  # leaves the group: partitions move at once
+        finally:
+            try:
+                self.producer.close(timeout=10)
+            finally:
+                if self.judge is not None:
+                    self.loop.run_until_complete(self.judge.aclose())
+                self.loop.close()
+                log.info(
+                    "evaluator stopped",
+                    extra={"rewards": self.scored, "dead_letters": self.dead},
+                )
+
+    # --------------------------------------------------------------------- scoring --
+    def process(self, records: Sequence[Received[Any]]) -> list[Reward]:
+        """Score and produce (not yet flushed); returns the rewards produced."""
+        results = self.loop.run_until_complete(self._score_all(records))
+        produced: list[Reward] = []
+        for rec, result in zip(records, results, strict=True):
+            if isinstance(result, Reward):
+                self.producer.produce(result, topic=self.rewards_topic)
+                produced.append(result)
+            else:
+                self.consumer.dead_letter_failed(rec, result)
+                self.dead += 1
+        self.scored += len(produced)
+        return produced
+
+    async def _score_all(self, records: Sequence[Received[Any]]) -> list[Reward | Exception]:
+        if self._judge_slots is None:
+            self._judge_slots = asyncio.Semaphore(self.settings.judge_max_in_flight)
+        results = await asyncio.gather(
+            *(self._score(rec.event) for rec in records), return_exceptions=True
+        )
+        out: list[Reward | Exception] = []
+        for r in results:
+            if isinstance(r, Stopping):
+                raise r
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+            out.append(r)
+        return out
+
+    async def _score(self, trajectory: Trajectory) -> Reward:
+        result = evaluators.evaluate_without_judge(
+            trajectory,
+            self.settings.evaluator_by_task_type,
+            judge_configured=self.judge is not None,
+            failure_value=self.settings.evaluator_failure_value,
+        )
+        if isinstance(result, Spec):
+            result = await self._judge(trajectory, result)
+        return evaluators.reward_for(trajectory, result)
+
+    async def _judge(self, trajectory: Trajectory, spec: Spec) -> Evaluation:
+        assert self.judge is not None and self._judge_slots is not None
+        judge = self.judge
+        wait = 0
+        while True:
+            try:
+                async with self._judge_slots:
+                    return await call_with_policy(
+                        lambda: evaluators.judge(
+                            judge,
+                            trajectory,
+                            spec=spec,
+                            default_rubric=self.rubric,
+                            model=self.settings.judge_model,
+                            timeout_s=self.settings.judge_timeout_s,
+                        ),
+                        policy=self.retry,
+                        breaker=self.breaker,
+                        timeout_s=self.settings.judge_timeout_s,
+                    )
+            except ProviderError as exc:
+                if not (exc.retryable or exc.kind == ErrorKind.CIRCUIT_OPEN):
+                    raise EvaluationError(f"judge refused the request: {exc}") from None
+                if self._stop.is_set():
+                    raise Stopping() from None
+                delay = min(30.0, self.settings.llm_backoff_base_s * 2 ** min(wait, 8))
+                log.warning(
+                    "judge unavailable (%s); retrying trajectory %s in %.1fs",
+                    exc,
+                    trajectory.trajectory_id,
+                    delay,
+                )
+                wait += 1
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+
+
+def run(settings: Settings) -> None:
+    """Entry point of `stormline evaluator`."""
+    # HTTP clients log every request at INFO, URL included (a registry URL may carry
+    # credentials); the evaluator's own lines say what matters.
+    for name in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    service = EvaluatorService(settings)
+    service.install_signal_handlers()
+    service.run()

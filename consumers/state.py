@@ -1,0 +1,218 @@
+"""What stateless workers share, in Redis, behind narrow functions.
+
+* task status by id (hash ``stormline:<prefix>task:<id>``): state (submitted / assigned /
+  running / succeeded / failed), attempt, agent, trajectory id, output or error, reward;
+* idempotency: the Trajectory recorded for (task, attempt); a redelivered assignment is
+  answered by re-sending it, never by a second LLM call;
+* an optional LLM response cache;
+* a token-bucket rate limiter per provider, shared by every worker (one Lua script).
+
+If Redis is unreachable every call degrades to "nothing known" (no cache, no limiter, no
+idempotency): :attr:`RedisState.degraded` and :attr:`RedisState.detail` say so, and the
+connection is probed again every few seconds rather than on every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from schemas.models import Trajectory
+from stormline.logs import redact
+from stormline.settings import Settings
+
+log = logging.getLogger("stormline.state")
+T = TypeVar("T")
+
+STATES = ("submitted", "assigned", "running", "succeeded", "failed")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# Token bucket on Redis' own clock, so that workers with skewed clocks agree.
+# Returns the seconds to wait before asking again ("0" = a token was taken).
+_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+# Status never goes back to an older attempt (a late duplicate must not overwrite news).
+_STATUS = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+local new = tonumber(ARGV[1])
+if new < cur then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], %d)
+return 1
+"""
+
+
+def key_prefix(settings: Settings) -> str:
+    return f"stormline:{settings.topic_prefix}"
+
+
+class RedisState:
+    """Async access for workers; every method survives Redis being down."""
+
+    PROBE_EVERY_S = 2.0
+
+    def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.prefix = key_prefix(settings)
+        # A blocking pool: hundreds of concurrent tasks queue for a connection instead of
+        # failing with MaxConnectionsError (which would read as "Redis down").
+        self._r = client or aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis_address,
+                socket_connect_timeout=2.0,
+                socket_timeout=5.0,
+                # Waiting for a pooled connection must not read as "Redis down".
+                max_connections=settings.worker_max_in_flight + 16,
+                timeout=60,
+            )
+        )
+        self.degraded = False
+        self.detail = ""
+        self._next_probe = 0.0
+        self._bucket = self._r.register_script(_BUCKET)
+        self._status = self._r.register_script(_STATUS % settings.idempotency_ttl_s)
+
+    async def _safe(self, op: Callable[[], Awaitable[T]], default: T) -> T:
+        if self.degraded and time.monotonic() < self._next_probe:
+            return default
+        try:
+            result = await op()
+        except _REDIS_DOWN as exc:
+            self._next_probe = time.monotonic() + self.PROBE_EVERY_S
+            if not self.degraded:
+                self.degraded = True
+                self.detail = (
+                    f"redis at {_where(self.settings)} unreachable ({type(exc).__name__}: "
+                    f"{redact(str(exc))[:200]}); "
+                    "running without cache, rate limiter and idempotency"
+                )
+                log.warning(self.detail)
+            return default
+        if self.degraded:
+            self.degraded, self.detail = False, ""
+            log.warning("redis at %s reachable again", _where(self.settings))
+        return result
+
+    async def ping(self) -> bool:
+        return await self._safe(self._r.ping, False)
+
+    # -- idempotency --------------------------------------------------------------------
+    def _traj_key(self, task_id: str, attempt: int) -> str:
+        return f"{self.prefix}traj:{task_id}:{attempt}"
+
+    async def recorded_trajectory(self, task_id: str, attempt: int) -> Trajectory | None:
+        raw = await self._safe(lambda: self._r.get(self._traj_key(task_id, attempt)), None)
+        return Trajectory.model_validate_json(raw) if raw else None
+
+    async def record_trajectory(self, traj: Trajectory) -> Trajectory:
+        """Record ``traj`` unless one is recorded already; return the one that counts."""
+        key = self._traj_key(traj.task_id, traj.attempt)
+        ttl = self.settings.idempotency_ttl_s
+
+        async def op() -> Trajectory:
+            if await self._r.set(key, traj.model_dump_json(), nx=True, ex=ttl):
+                return traj
+            raw = await self._r.get(key)
+            return Trajectory.model_validate_json(raw) if raw else traj
+
+        return await self._safe(op, traj)
+
+    # -- response cache -----------------------------------------------------------------
+    async def cache_get(self, key: str) -> dict[str, Any] | None:
+        raw = await self._safe(lambda: self._r.get(f"{self.prefix}cache:{key}"), None)
+        return json.loads(raw) if raw else None
+
+    async def cache_put(self, key: str, value: dict[str, Any], ttl_s: int) -> None:
+        await self._safe(
+            lambda: self._r.set(f"{self.prefix}cache:{key}", json.dumps(value), ex=ttl_s), None
+        )
+
+    # -- rate limiter -------------------------------------------------------------------
+    async def take_token(self, provider: str, rate: float, burst: float | None = None) -> float:
+        """Seconds to wait before asking again; 0 means go. 0 too when Redis is down."""
+
+        async def op() -> float:
+            wait = await self._bucket(
+                keys=[f"{self.prefix}bucket:{provider}"], args=[rate, burst or max(rate, 1)]
+            )
+            return float(wait)
+
+        return await self._safe(op, 0.0)
+
+    # -- task status --------------------------------------------------------------------
+    async def set_status(self, task_id: str, state: str, attempt: int, **fields: Any) -> None:
+        args: list[Any] = [attempt, "state", state, "attempt", attempt, "updated_at", time.time()]
+        for k, v in fields.items():
+            if v is not None:
+                args += [k, str(v)[:2000]]
+        await self._safe(
+            lambda: self._status(keys=[f"{self.prefix}task:{task_id}"], args=args), None
+        )
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(*_REDIS_DOWN):
+            await self._r.aclose()
+
+
+def _where(settings: Settings) -> str:
+    # The URL may carry a password; name only host and port.
+    from urllib.parse import urlsplit
+
+    u = urlsplit(settings.redis_address)
+    return f"{u.hostname}:{u.port or 6379}"
+
+
+# -------------------------------------------------------------- synchronous helpers --
+# For CLIs and other parts (publish marks tasks submitted, evaluators record rewards).
+@functools.lru_cache(maxsize=8)
+def _client(address: str) -> redis.Redis:
+    return redis.Redis.from_url(address, socket_connect_timeout=2.0, socket_timeout=5.0)
+
+
+def _sync(settings: Settings) -> redis.Redis:
+    return _client(settings.redis_address)
+
+
+def task_status(settings: Settings, task_id: str) -> dict[str, str] | None:
+    raw = _sync(settings).hgetall(f"{key_prefix(settings)}task:{task_id}")
+    if not raw:
+        return None
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def mark_submitted(settings: Settings, task_ids: list[str]) -> None:
+    r = _sync(settings)
+    pipe = r.pipeline(transaction=False)
+    for tid in task_ids:
+        key = f"{key_prefix(settings)}task:{tid}"
+        pipe.hsetnx(key, "state", "submitted")
+        pipe.hsetnx(key, "attempt", 0)
+        pipe.expire(key, settings.idempotency_ttl_s)
+    pipe.execute()
+
+
+def record_reward(settings: Settings, task_id: str, value: float, source: str = "") -> None:
+    key = f"{key_prefix(settings)}task:{task_id}"
+    _sync(settings).hset(key, mapping={"reward": value, "reward_source": source})

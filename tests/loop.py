@@ -1,0 +1,216 @@
+"""A whole Stormline loop for tests: services as real processes, tasks in, outcomes checked.
+
+Used by the fault tests: each one publishes tasks, breaks something mid-load, and then
+checks that every task has exactly one final outcome and how many LLM calls were repeated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from deploy.supervisor import ServiceSpec, Supervisor
+from producers.demo_tasks import demo_tasks
+from schemas.catalog import CATALOG, REWARDS, TRAJECTORIES
+from schemas.kafka import EventConsumer, EventProducer, ensure_topics
+from schemas.models import Reward, TaskSubmitted, Trajectory
+from schemas.serde import Serde
+from stormline.settings import Settings
+
+
+@dataclass
+class Outcomes:
+    rewards: dict[str, list[Reward]] = field(default_factory=lambda: defaultdict(list))
+    trajectories: dict[str, list[Trajectory]] = field(default_factory=lambda: defaultdict(list))
+
+    def missing(self, task_ids: set[str]) -> set[str]:
+        return {t for t in task_ids if not self.rewards.get(t)}
+
+    def conflicting_attempts(self) -> list[tuple[str, int]]:
+        """(task, attempt) pairs with two different trajectories: the work was done twice."""
+        out = []
+        for task, trs in self.trajectories.items():
+            ids: dict[int, set[str]] = defaultdict(set)
+            for tr in trs:
+                ids[tr.attempt].add(tr.trajectory_id)
+            out += [(task, a) for a, s in ids.items() if len(s) > 1]
+        return out
+
+    def final_outcomes(self, task_id: str) -> int:
+        """Distinct trajectories of the task's last attempt that were rewarded."""
+        rs = self.rewards.get(task_id, [])
+        if not rs:
+            return 0
+        last = max(r.attempt for r in rs)
+        return len({r.trajectory_id for r in rs if r.attempt == last})
+
+
+class Loop:
+    def __init__(
+        self,
+        base: Settings,
+        tmp: Path,
+        *,
+        workers: int = 2,
+        sink: bool = False,
+        trainer: bool = False,
+        sim: dict[str, Any] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.s = base.model_copy(
+            update={
+                "topic_prefix": f"f{uuid.uuid4().hex[:6]}.",
+                "data_dir": tmp,
+                "simulator_port": _free_port(),
+                "router_web_port": _free_port(),
+            }
+        )
+        ensure_topics(self.s)
+        self.serde = Serde.from_settings(self.s)
+        for spec in CATALOG:
+            self.serde.register(spec.name(self.s), spec.event)
+        cfg = tmp / "sim.yaml"
+        cfg.write_text(
+            yaml.safe_dump(sim or {"seed": 3, "default": {"skill": {"*": 0.8}, "latency_ms": 20}})
+        )
+        agents = tmp / "agents.yaml"
+        agents.write_text(
+            yaml.safe_dump(
+                {
+                    "agents": [
+                        {
+                            "id": f"agent-{i}",
+                            "provider": "openai",
+                            "model": f"sim-{i}",
+                            "base_url": f"http://127.0.0.1:{self.s.simulator_port}/v1",
+                            "capabilities": ["math", "reverse", "upper", "sort"],
+                            "concurrency": 64,
+                            "timeout_s": 3,
+                            "max_tokens": 32,
+                        }
+                        for i in range(3)
+                    ]
+                }
+            )
+        )
+        specs = [
+            ServiceSpec("simulate-llm", ["simulate-llm", "--config", str(cfg)]),
+            ServiceSpec("router", ["router"]),
+            *[
+                ServiceSpec(f"worker-{i}", ["worker", "--worker-id", f"w{i}"])
+                for i in range(workers)
+            ],
+            ServiceSpec("evaluator", ["evaluator"]),
+        ]
+        if sink:
+            specs.append(ServiceSpec("sink", ["sink"]))
+        if trainer:
+            specs.append(ServiceSpec("trainer", ["trainer"]))
+        env = {k: "" for k in os.environ if k.startswith("STORMLINE_")}
+        env.update(
+            {
+                f"STORMLINE_{k.upper()}": str(v)
+                for k, v in self.s.model_dump().items()
+                if v is not None and not isinstance(v, dict)
+            }
+        )
+        env.update(
+            {
+                "STORMLINE_AGENTS_FILE": str(agents),
+                "OPENAI_API_KEY": "sk-test-fault-key",
+                "STORMLINE_ROUTER_ASSIGNMENT_TTL_S": "20",
+                "STORMLINE_WORKER_HEARTBEAT_INTERVAL_S": "1",
+                "STORMLINE_TRAINER_BATCH_SIZE": "100",
+                "STORMLINE_TRAINER_STATE_INTERVAL_S": "2",
+                **(extra_env or {}),
+            }
+        )
+        self.sup = Supervisor(specs, logs=tmp / "logs", env=env)
+        self.sim_url = f"http://127.0.0.1:{self.s.simulator_port}"
+        self.tasks: list[TaskSubmitted] = []
+
+    def __enter__(self) -> Loop:
+        self.sup.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.sim_url}/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sup.stop()
+
+    def publish(self, n: int, seed: int = 1) -> list[TaskSubmitted]:
+        batch = list(demo_tasks(n, seed=seed, run_id=uuid.uuid4().hex[:6]))
+        EventProducer(self.s, self.serde).publish(batch)
+        self.tasks += batch
+        return batch
+
+    def kill9(self, name: str) -> int:
+        pid = self.sup.pids()[name]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def wait_outcomes(self, timeout: float = 180.0) -> Outcomes:
+        """Read rewards and trajectories until every published task has a reward."""
+        out = Outcomes()
+        wanted = {t.task_id for t in self.tasks}
+        group = f"{self.s.topic_prefix}check-{uuid.uuid4().hex[:4]}"
+        c = EventConsumer(self.s, self.serde, group, [REWARDS, TRAJECTORIES])
+        deadline = time.monotonic() + timeout
+        try:
+            while out.missing(wanted) and time.monotonic() < deadline:
+                for rec in c.poll_batch(2000, 0.5):
+                    ev = rec.event
+                    if isinstance(ev, Reward):
+                        out.rewards[ev.task_id].append(ev)
+                    else:
+                        out.trajectories[ev.task_id].append(ev)
+                self.sup.tick()
+            # Let trailing duplicates (if any) arrive before they are counted.
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                for rec in c.poll_batch(2000, 0.5):
+                    ev = rec.event
+                    (out.rewards if isinstance(ev, Reward) else out.trajectories)[
+                        ev.task_id
+                    ].append(ev)
+        finally:
+            c.close()
+        return out
+
+    def llm_calls(self) -> Counter[str]:
+        stats = httpx.get(f"{self.sim_url}/admin/stats", timeout=5).json()
+        return Counter(stats["by_prompt"])
+
+    def duplicate_llm_calls(self, outcomes: Outcomes) -> int:
+        """LLM calls beyond one per attempt (retries of failed calls count too)."""
+        attempts: Counter[str] = Counter()
+        prompts = {t.task_id: t.prompt for t in self.tasks}
+        for task, trs in outcomes.trajectories.items():
+            if task in prompts:
+                attempts[prompts[task]] += len(
+                    {tr.attempt for tr in trs if tr.provider != "router"}
+                )
+        calls = self.llm_calls()
+        return sum(max(0, calls[p] - attempts[p]) for p in attempts)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
