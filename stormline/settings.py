@@ -269,6 +269,9 @@ class Settings(BaseSettings):
     trainer_join_max_wait_s: float = Field(
         default=86_400.0, gt=0, description="Event-time wait for the other side of a join."
     )
+    trainer_assignment_wait_s: float = Field(
+        default=30.0, ge=0, description="Event-time wait of a joined pair for its assignment."
+    )
     trainer_state_interval_s: float = Field(
         default=30.0, gt=0, description="Save join state and commit offsets this often."
     )

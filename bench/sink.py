@@ -1,0 +1,245 @@
+"""Sink and analytics benchmark (issue 7).
+
+* ``sink_ingest_events_per_s``: events/s the sink moves from Kafka into chDB Parquet parts
+  (first event received to last part written, group join excluded), with a realistic mix:
+  tasks, assignments, 3-step trajectories, rewards. Needs the broker of ``Settings()``
+  (``stormline up`` or STORMLINE_KAFKA_BOOTSTRAP_SERVERS).
+* ``sink_store_rows_per_s``: rows/s of the store alone (event -> rows -> Parquet), no Kafka.
+* ``per_agent_query_s``: the ``per_agent`` canned query over N trajectories + N rewards
+  generated straight into the storage format (Parquet parts of the sink's schema, 500k-row
+  parts as a compacted store would hold), best of 3 after one warm-up. Target: < 1 s for
+  10M events (``per_agent_events`` says how many the figure covers).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from consumers.analytics import run_canned
+from consumers.clickhouse import ParquetStore
+from consumers.sink_tables import SCHEMAS, Origin, rows_of
+from schemas import models as m
+from stormline.settings import Settings
+
+AGENTS = [f"agent-{i:02d}" for i in range(20)]
+
+
+def _events(n_tasks: int) -> list[m.Event]:
+    out: list[m.Event] = []
+    base = datetime.now(UTC) - timedelta(hours=1)
+    for i in range(n_tasks):
+        at = base + timedelta(milliseconds=i)
+        task = m.TaskSubmitted(
+            task_id=f"t{i}", task_type="math", prompt=f"What is {i} + 1?", occurred_at=at
+        )
+        agent = AGENTS[i % len(AGENTS)]
+        out.append(task)
+        out.append(
+            m.TaskAssigned(
+                task_id=task.task_id,
+                attempt=1,
+                agent_id=agent,
+                policy=m.PolicyKind.QTABLE,
+                strategy="ucb1",
+                assigned_at=at,
+                expires_at=at + timedelta(minutes=1),
+                task=m.AssignedTask.of(task),
+            )
+        )
+        out.append(
+            m.Trajectory(
+                task_id=task.task_id,
+                trajectory_id=f"{task.task_id}-1",
+                attempt=1,
+                agent_id=agent,
+                task_type="math",
+                provider="openai",
+                model="sim",
+                steps=[
+                    m.Step(role="system", content="You solve arithmetic."),
+                    m.Step(role="user", content=task.prompt, prompt_tokens=20),
+                    m.Step(role="assistant", content=str(i + 1), completion_tokens=3),
+                ],
+                output=str(i + 1),
+                status=m.TrajectoryStatus.OK,
+                usage=m.Usage(prompt_tokens=20, completion_tokens=3, cost_usd=0.0001),
+                latency_ms=120.0,
+            )
+        )
+        out.append(
+            m.Reward(
+                task_id=task.task_id,
+                trajectory_id=f"{task.task_id}-1",
+                attempt=1,
+                agent_id=agent,
+                task_type="math",
+                value=1.0,
+                source=m.RewardSource.VERIFIER,
+            )
+        )
+    return out
+
+
+def bench_ingest(n_tasks: int) -> dict[str, float]:
+    from consumers.sink import Sink
+    from schemas.kafka import EventProducer, ensure_topics
+    from schemas.serde import Serde
+
+    base = Settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        s = base.model_copy(
+            update={
+                "data_dir": Path(tmp),
+                "topic_prefix": f"bench-sink-{uuid.uuid4().hex[:6]}.",
+                "sink_group": f"bench-sink-{uuid.uuid4().hex[:6]}",
+                "sink_batch_size": 5000,
+                "sink_flush_seconds": 1.0,
+            }
+        )
+        ensure_topics(s)
+        serde = Serde.from_settings(s)
+        events = _events(n_tasks)
+        producer = EventProducer(s, serde)
+        producer.publish(events)
+        producer.close()
+        sink = Sink(s, serde=serde)
+        stats = sink.run(until_idle=3.0)
+        assert stats.events == len(events), (stats.events, len(events))
+        assert stats.first_record_at is not None and stats.last_write_at is not None
+        took = stats.last_write_at - stats.first_record_at
+        return {
+            "sink_ingest_events": float(len(events)),
+            "sink_ingest_rows": float(stats.rows),
+            "sink_ingest_events_per_s": len(events) / took,
+        }
+
+
+def bench_store(n_tasks: int) -> dict[str, float]:
+    events = _events(n_tasks)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ParquetStore(Path(tmp))
+        t0 = time.perf_counter()
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for off, ev in enumerate(events):
+            for table, row in rows_of(Origin("bench", off % 4, off, 0, None), ev):
+                tables.setdefault(table, []).append(row)
+        for table, rows in tables.items():
+            store.insert(table, rows)
+        took = time.perf_counter() - t0
+        n_rows = sum(len(r) for r in tables.values())
+    return {"sink_store_events_per_s": len(events) / took, "sink_store_rows_per_s": n_rows / took}
+
+
+def _generate(root: Path, n: int, part_rows: int = 500_000) -> None:
+    """``n`` trajectories and ``n`` rewards straight into Parquet parts of the sink's schema."""
+    rng = np.random.default_rng(1)
+    ts0 = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    for start in range(0, n, part_rows):
+        k = min(part_rows, n - start)
+        idx = np.arange(start, start + k)
+        agent = pa.array(np.array(AGENTS)[idx % len(AGENTS)])
+        task_ids = pa.array([f"t{i // 2}" for i in idx.tolist()])  # two attempts per task
+        traj_ids = pa.array([f"t{i // 2}-{i % 2 + 1}" for i in idx.tolist()])
+        ts = pa.array(ts0 + idx, pa.timestamp("ms", tz="UTC"))
+        common = {
+            "topic": pa.array(["bench"] * k),
+            "partition": pa.array(np.zeros(k, np.int32)),
+            "offset": pa.array(idx.astype(np.int64)),
+            "ts": ts,
+            "key": task_ids,
+            "event_id": traj_ids,
+            "occurred_at": ts,
+            "schema_version": pa.array(np.ones(k, np.int32)),
+        }
+        status = np.where(rng.random(k) < 0.8, "ok", "error")
+        pt = rng.integers(10, 500, k)
+        ct = rng.integers(5, 300, k)
+        traj = {
+            **common,
+            "task_id": task_ids,
+            "trajectory_id": traj_ids,
+            "attempt": pa.array((idx % 2 + 1).astype(np.int32)),
+            "agent_id": agent,
+            "task_type": pa.array(np.array(["math", "code", "text"])[idx % 3]),
+            "provider": pa.array(["openai"] * k),
+            "model": pa.array(["sim"] * k),
+            "policy_version": pa.array(["router@1"] * k),
+            "status": pa.array(status),
+            "error": pa.array([""] * k),
+            "output": pa.array([""] * k),
+            "n_steps": pa.array(np.full(k, 3, np.int32)),
+            "prompt_tokens": pa.array(pt.astype(np.int64)),
+            "completion_tokens": pa.array(ct.astype(np.int64)),
+            "total_tokens": pa.array((pt + ct).astype(np.int64)),
+            "cost_usd": pa.array(rng.random(k) * 0.01),
+            "latency_ms": pa.array(rng.gamma(2.0, 150.0, k)),
+            "evaluator": pa.array([""] * k),
+            "final": pa.array(np.ones(k, bool)),
+        }
+        rew = {
+            **common,
+            "task_id": task_ids,
+            "trajectory_id": traj_ids,
+            "attempt": traj["attempt"],
+            "agent_id": agent,
+            "task_type": traj["task_type"],
+            "policy_version": traj["policy_version"],
+            "value": pa.array(np.where(status == "ok", rng.random(k), -rng.random(k))),
+            "components": pa.array([[]] * k, SCHEMAS["rewards"].field("components").type),
+            "source": pa.array(["verifier"] * k),
+            "reason": pa.array([""] * k),
+        }
+        for table, cols in (("trajectories", traj), ("rewards", rew)):
+            t = pa.Table.from_pydict(cols, schema=SCHEMAS[table])
+            pq.write_table(t, root / table / f"bench.0.{start:020d}.{start + k - 1:020d}.parquet")
+
+
+def bench_per_agent(n_each: int) -> dict[str, float | str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = ParquetStore(root)
+        t0 = time.perf_counter()
+        _generate(root, n_each)
+        gen = time.perf_counter() - t0
+        run_canned(store, "per_agent")  # warm-up: schema inference, page cache
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            res = run_canned(store, "per_agent")
+            times.append(time.perf_counter() - t0)
+        assert len(res.rows) == len(AGENTS)
+        assert sum(r["attempts"] for r in res.dicts()) == n_each
+        size = sum(f.stat().st_size for f in root.rglob("*.parquet"))
+    return {
+        "per_agent_events": float(2 * n_each),
+        "per_agent_query_s": min(times),
+        "per_agent_query_median_s": sorted(times)[1],
+        "per_agent_data_mb": size / 1e6,
+        "per_agent_generate_s": gen,
+        "per_agent_cpus": str(os.cpu_count()),
+    }
+
+
+def run(quick: bool = False) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    out.update(bench_store(2_000 if quick else 20_000))
+    out.update(bench_ingest(1_000 if quick else 10_000))
+    out.update(bench_per_agent(500_000 if quick else 5_000_000))
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -1,0 +1,262 @@
+"""The ClickHouse sink: every Stormline topic into ClickHouse tables, exactly once in effect.
+
+``stormline sink`` consumes all catalog topics in the ``stormline-sink`` group and turns each
+event into rows (``consumers/sink_tables.py``: one table per event type, Trajectory steps
+flattened into ``steps``). It buffers until ``sink_batch_size`` events or
+``sink_flush_seconds`` have passed, writes the buffer through the store
+(``consumers/clickhouse.py``: Parquet parts read by chDB by default, a ClickHouse server
+when ``STORMLINE_CLICKHOUSE_URL`` is set), and only then commits the offsets.
+
+Why it is exactly once in effect:
+
+* a crash (kill -9) after a write and before the commit redelivers that batch; the store
+  reports, per table and (topic, partition), the highest offset already stored, and the
+  sink drops rows at or below it, so the redelivered batch adds nothing;
+* parts are immutable and renamed into place atomically, so a crash mid-write leaves no
+  partial part; the high-water marks are re-read whenever partitions are assigned; every
+  ``sink_compact_interval_s`` the sink merges the small parts of the partitions it owns;
+* a failed write (server down, disk full) is retried with exponential back-off, the
+  partitions paused meanwhile so the consumer stays in its group and nothing is committed
+  or dropped; when partitions are revoked the buffer is flushed first, or, if the store is
+  still failing, the revoked partitions' rows and positions are dropped so the next owner
+  re-reads them.
+
+Why the sink and ``stormline analytics`` run together: no process opens a chDB data path;
+the sink only writes Parquet files and every reader queries them with its own in-memory
+chDB session (see ``consumers/clickhouse.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from consumers.clickhouse import Store, open_store
+from consumers.sink_tables import SINK_SPECS, TABLES, Origin, rows_of
+from schemas.kafka import EventConsumer, Received
+from schemas.serde import Serde
+from stormline.settings import Settings
+
+log = logging.getLogger("stormline.sink")
+
+
+@dataclass
+class SinkStats:
+    events: int = 0
+    rows: int = 0
+    skipped: int = 0
+    batches: int = 0
+    failures: int = 0
+    first_record_at: float | None = None  # monotonic time the first event arrived
+    last_write_at: float | None = None  # monotonic time the last write finished
+    per_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Sink:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        group_id: str | None = None,
+        serde: Serde | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings)
+        self.serde = serde or Serde.from_settings(settings)
+        self.consumer = EventConsumer(
+            settings,
+            self.serde,
+            group_id or settings.sink_group,
+            SINK_SPECS,
+            # A write may be retried for a while: the partitions are paused and polled, so
+            # the group never sees a stuck member (max.poll.interval.ms is not at risk).
+            **{"max.poll.interval.ms": 300_000},
+        )
+        topics = [s.name(settings) for s in SINK_SPECS]
+        self.consumer.raw.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._buffer: list[Received[Any]] = []
+        self._buffer_since: float | None = None
+        self._high: dict[str, dict[tuple[str, int], int]] = {}
+        self._stop = threading.Event()
+        self._assigned = False
+        self._paused = False
+        self._compacted_at = time.monotonic()
+        self.stats = SinkStats()
+
+    # ------------------------------------------------------------------ rebalances --
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        # Another sink may have written these partitions since we last owned them.
+        self._high.clear()
+        self._assigned = True
+        if self._paused:  # the store is failing: new partitions wait too
+            _consumer.pause(partitions)
+        log.info("assigned %d partitions", len(partitions))
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        if not self._buffer:
+            return
+        try:
+            self._write_and_commit()
+        except Exception as exc:
+            lost = {(tp.topic, tp.partition) for tp in partitions}
+            self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in lost]
+            pending = self.consumer._pending  # the positions EventConsumer would commit
+            for key in lost:
+                pending.pop(key, None)
+            log.warning("store failing at revoke (%s); the next owner re-reads them", exc)
+
+    # ------------------------------------------------------------------------ loop --
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, *, until_idle: float | None = None) -> SinkStats:
+        """Consume until :meth:`stop` (or SIGTERM in the CLI); flush and commit on the way out.
+
+        ``until_idle``: also stop once nothing arrived for that many seconds after the first
+        assignment (tests, backfills).
+        """
+        s = self.settings
+        idle_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                batch = self.consumer.poll_batch(min(s.sink_batch_size, 5000), timeout=0.2)
+                if batch.records or batch.dead or not self._assigned:
+                    idle_since = time.monotonic()
+                if batch.records and self.stats.first_record_at is None:
+                    self.stats.first_record_at = time.monotonic()
+                if batch.records and self._buffer_since is None:
+                    self._buffer_since = time.monotonic()
+                self._buffer.extend(batch.records)
+                full = len(self._buffer) >= s.sink_batch_size
+                old = (
+                    self._buffer_since is not None
+                    and time.monotonic() - self._buffer_since >= s.sink_flush_seconds
+                )
+                if full or old or (batch.dead and not self._buffer):
+                    self._flush_with_retry()
+                self._maybe_compact()
+                if until_idle is not None and time.monotonic() - idle_since >= until_idle:
+                    break
+            self._flush_with_retry()
+        finally:
+            self.consumer.close()
+            self.store.close()
+        return self.stats
+
+    def _flush_with_retry(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self._write_and_commit()
+                break
+            except Exception as exc:
+                self.stats.failures += 1
+                log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
+                if not self._paused:
+                    self._paused = True
+                    self.consumer.raw.pause(self.consumer.raw.assignment())
+                self._idle_poll(delay)
+                delay = min(delay * 2, self.settings.sink_retry_max_seconds)
+                if self._stop.is_set():
+                    # Stopping with a failing store: leave the buffer uncommitted for replay.
+                    log.warning("stopping with %d unwritten events uncommitted", len(self._buffer))
+                    self._buffer.clear()
+                    self.consumer._pending.clear()
+                    break
+        if self._paused:
+            self._paused = False
+            self.consumer.raw.resume(self.consumer.raw.assignment())
+
+    def _idle_poll(self, seconds: float) -> None:
+        """Serve the group (heartbeats, rebalances) while paused, reading nothing."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stop.is_set():
+            msg = self.consumer.raw.poll(min(0.2, max(deadline - time.monotonic(), 0)))
+            if msg is not None and msg.error() is None:
+                # Paused partitions return nothing; should one slip through, rewind to it.
+                tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                self.consumer.raw.seek(tp)
+
+    def _maybe_compact(self) -> None:
+        """Merge small Parquet parts now and then (chDB back-end; a server merges itself)."""
+        compact = getattr(self.store, "compact", None)
+        every = self.settings.sink_compact_interval_s
+        if compact is None or every <= 0 or time.monotonic() - self._compacted_at < every:
+            return
+        self._compacted_at = time.monotonic()
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.raw.assignment()}
+        for table in TABLES:
+            try:
+                n = compact(table, target_rows=self.settings.sink_compact_target_rows, only=owned)
+            except Exception as exc:  # compaction is an optimisation: never stop the sink
+                log.warning("compacting %s failed: %s", table, exc)
+                continue
+            if n:
+                log.info("compacted %d parts of %s", n, table)
+
+    def _high_water(self, table: str) -> dict[tuple[str, int], int]:
+        if table not in self._high:
+            self._high[table] = self.store.high_water(table)
+        return self._high[table]
+
+    def _write_and_commit(self) -> None:
+        tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for rec in self._buffer:
+            origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key)
+            try:
+                produced = list(rows_of(origin, rec.event))
+            except Exception as exc:  # a poison record must not block the sink
+                self.consumer.dead_letter_failed(rec, exc)
+                continue
+            for table, row in produced:
+                tables[table].append(row)
+        written = 0
+        for table, rows in tables.items():
+            high = self._high_water(table)
+            fresh = [r for r in rows if r["offset"] > high.get((r["topic"], r["partition"]), -1)]
+            self.stats.skipped += len(rows) - len(fresh)
+            if not fresh:
+                continue
+            try:
+                self.store.insert(table, fresh)
+            except Exception:
+                # Some (topic, partition) parts may have landed: re-read before the retry.
+                self._high.pop(table, None)
+                raise
+            for r in fresh:
+                key = (r["topic"], r["partition"])
+                high[key] = max(high.get(key, -1), r["offset"])
+            self.stats.per_table[table] += len(fresh)
+            written += len(fresh)
+        self.consumer.commit()
+        if self._buffer:
+            self.stats.batches += 1
+            self.stats.events += len(self._buffer)
+            self.stats.rows += written
+            self.stats.last_write_at = time.monotonic()
+            log.info("wrote %d events as %d rows", len(self._buffer), written)
+        self._buffer = []
+        self._buffer_since = None
+
+
+def run_sink(settings: Settings) -> SinkStats:
+    """The `stormline sink` service: runs until SIGTERM/SIGINT, then flushes and commits."""
+    sink = Sink(settings)
+
+    def _term(_sig: int, _frame: Any) -> None:
+        sink.stop()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    log.info("sink consuming %d topics into %s", len(SINK_SPECS), type(sink.store).__name__)
+    stats = sink.run()
+    log.info("sink stopped after %d events, %d rows", stats.events, stats.rows)
+    return stats

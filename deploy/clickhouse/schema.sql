@@ -1,0 +1,247 @@
+-- Stormline tables on a ClickHouse server (the sink creates them when it starts; this file
+-- is also the reference for DBAs). Apply with:
+--   clickhouse-client --query "CREATE DATABASE IF NOT EXISTS stormline"
+--   clickhouse-client --database stormline --multiquery < deploy/clickhouse/schema.sql
+--
+-- Columns match consumers/sink_tables.py exactly (tests/test_analytics.py checks it), so the
+-- same SQL runs on chDB over the sink's Parquet parts and on these tables.
+--
+-- Idempotency: (topic, partition, offset) identifies an event. The sink never re-inserts an
+-- offset it already stored, each insert carries an insert_deduplication_token, and
+-- ReplacingMergeTree collapses exact repeats on merge (ORDER BY ends with the origin).
+-- ORDER BY starts with the columns the canned queries group and filter by.
+
+CREATE TABLE IF NOT EXISTS tasks
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `task_id` String,
+    `tenant` String,
+    `task_type` String,
+    `prompt` String,
+    `priority` Int32,
+    `required_capabilities` Array(String),
+    `expected` String,
+    `evaluator` String,
+    `deadline_ms` Int64,
+    `metadata` Map(String, String)
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (tenant, task_type, task_id, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS assignments
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `task_id` String,
+    `attempt` Int32,
+    `agent_id` String,
+    `policy` String,
+    `strategy` String,
+    `policy_version` String,
+    `score` Float64,
+    `epsilon` Nullable(Float64),
+    `assigned_at` DateTime64(3, 'UTC'),
+    `expires_at` DateTime64(3, 'UTC'),
+    `tenant` String,
+    `task_type` String,
+    `priority` Int32
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (agent_id, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS trajectories
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `task_id` String,
+    `trajectory_id` String,
+    `attempt` Int32,
+    `agent_id` String,
+    `task_type` String,
+    `provider` String,
+    `model` String,
+    `policy_version` String,
+    `status` String,
+    `error` String,
+    `output` String,
+    `n_steps` Int32,
+    `prompt_tokens` Int64,
+    `completion_tokens` Int64,
+    `total_tokens` Int64,
+    `cost_usd` Float64,
+    `latency_ms` Float64,
+    `evaluator` String,
+    `final` Bool
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (agent_id, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS steps
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `task_id` String,
+    `trajectory_id` String,
+    `agent_id` String,
+    `step_index` Int32,
+    `role` String,
+    `content` String,
+    `tool_names` Array(String),
+    `prompt_tokens` Int64,
+    `completion_tokens` Int64,
+    `latency_ms` Float64,
+    `n_token_ids` Int32
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (agent_id, trajectory_id, step_index, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS rewards
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `task_id` String,
+    `trajectory_id` String,
+    `attempt` Int32,
+    `agent_id` String,
+    `task_type` String,
+    `policy_version` String,
+    `value` Float64,
+    `components` Map(String, Float64),
+    `source` String,
+    `reason` String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (agent_id, task_type, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS heartbeats
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `worker_id` String,
+    `agent_ids` Array(String),
+    `in_flight` Int32,
+    `processed` Int64,
+    `errors` Int64,
+    `status` String,
+    `detail` String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (worker_id, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS agent_health
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `agent_id` String,
+    `status` String,
+    `previous` String,
+    `reason` String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (agent_id, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS checkpoints
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `policy` String,
+    `version` Int32,
+    `policy_version` String,
+    `uri` String,
+    `sha256` String,
+    `metrics` Map(String, Float64),
+    `promoted` Bool,
+    `decision` String,
+    `trained_on` String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (policy, version, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS dead_letters
+(
+    `topic` String,
+    `partition` Int32,
+    `offset` Int64,
+    `ts` DateTime64(3, 'UTC'),
+    `key` String,
+    `event_id` String,
+    `occurred_at` DateTime64(3, 'UTC'),
+    `schema_version` Int32,
+    `source_topic` String,
+    `source_partition` Int32,
+    `source_offset` Int64,
+    `error_kind` String,
+    `error` String,
+    `consumer_group` String,
+    `raw_key` String,
+    `raw_value_bytes` Int64
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (error_kind, source_topic, occurred_at, topic, partition, offset)
+SETTINGS non_replicated_deduplication_window = 10000;
