@@ -108,9 +108,7 @@ class Sink:
         except Exception as exc:
             lost = {(tp.topic, tp.partition) for tp in partitions}
             self._buffer = [r for r in self._buffer if (r.topic, r.partition) not in lost]
-            pending = self.consumer._pending  # the positions EventConsumer would commit
-            for key in lost:
-                pending.pop(key, None)
+            self.consumer.forget(lost)
             log.warning("store failing at revoke (%s); the next owner re-reads them", exc)
 
     # ------------------------------------------------------------------------ loop --
@@ -169,7 +167,7 @@ class Sink:
                     # Stopping with a failing store: leave the buffer uncommitted for replay.
                     log.warning("stopping with %d unwritten events uncommitted", len(self._buffer))
                     self._buffer.clear()
-                    self.consumer._pending.clear()
+                    self.consumer.forget()
                     break
         if self._paused:
             self._paused = False

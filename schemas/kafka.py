@@ -323,6 +323,14 @@ class EventConsumer:
             key=key.decode("utf-8", "replace") if key else "",
         )
 
+    def forget(self, partitions: Iterable[tuple[str, int]] | None = None) -> None:
+        """Drop uncommitted positions (all, or of ``partitions``) so they are read again."""
+        if partitions is None:
+            self._pending.clear()
+            return
+        for key in partitions:
+            self._pending.pop(key, None)
+
     def commit(self) -> None:
         """Deliver pending dead letters, then commit everything polled so far."""
         if not self._pending:
