@@ -59,10 +59,10 @@ class Settings(BaseSettings):
         default=None, description="Existing cluster; unset means the embedded broker."
     )
     kafka_security_protocol: str | None = Field(default=None, description="e.g. SASL_SSL")
-    kafka_sasl_mechanism: str | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_ca_location: str | None = None
+    kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512")
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password")
+    kafka_ssl_ca_location: str | None = Field(default=None, description="CA file for SSL")
     kafka_port: int = Field(default=9092, description="Embedded broker's client port.")
     kafka_controller_port: int = Field(default=9093, description="Embedded KRaft controller port.")
     kafka_heap: str = Field(default="768m", description="Embedded broker's JVM heap.")
@@ -348,3 +348,20 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+
+def settings_markdown() -> str:
+    """The settings as a Markdown table (the README's settings section is this output)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        shown = "unset" if default is None else (default if default != "" else "empty")
+        if isinstance(shown, Path) and name == "cache_dir":
+            shown = "~/.cache/stormline"
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `STORMLINE_{name.upper()}` | `{shown}` | {desc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

@@ -1,0 +1,314 @@
+"""The trainer through the real broker and one real local Ray (started once per session)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
+from schemas.kafka import EventProducer, client_logger
+from schemas.models import CheckpointPublished, TaskSubmitted
+from schemas.serde import Serde
+from stormline.settings import Settings
+from streams.policy import load_policy
+from tests.conftest import settings_env
+from tests.trainer_events import AGENTS, BEST, world
+from trainer.checkpoints import ChecksumMismatch
+from trainer.distributed import RayLearner
+from trainer.join import Experience, Joiner, SourceRef
+from trainer.policy import PolicyConfig, RouterNet, encode_experiences, evaluate, load_checkpoint
+from trainer.replay import Range, read_range, replay
+from trainer.service import TrainerService
+from trainer.update import UpdateOutcome
+
+CFG = PolicyConfig(buckets=4096, dim=16, hidden=32)
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="session")
+def learner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayLearner]:
+    """One Ray instance and one 2-worker TorchTrainer for the whole session."""
+    import ray
+
+    s = Settings(data_dir=tmp_path_factory.mktemp("ray"), ray_num_workers=2, ray_num_cpus=2)
+    lrn = RayLearner(s, CFG).start().ready()
+    try:
+        yield lrn
+    finally:
+        lrn.close()
+        ray.shutdown()
+
+
+def tuned(settings: Settings, **kw: object) -> Settings:
+    base = {
+        "trainer_group_id": f"{settings.topic_prefix}trainer",
+        "trainer_epochs": 8,
+        "trainer_minibatch": 32,
+        "trainer_lr": 0.03,
+        "trainer_state_interval_s": 3600.0,
+        "trainer_batch_max_wait_s": 3600.0,
+    }
+    return settings.model_copy(update={**base, **kw})
+
+
+def publish_world(
+    settings: Settings,
+    serde: Serde,
+    episodes: list,
+    *,
+    skip_rewards: set[int] = frozenset(),
+    rewards_first: bool = False,
+) -> None:  # type: ignore[type-arg]
+    prod = EventProducer(settings, serde)
+    evs: list = []  # type: ignore[type-arg]
+    for a, t, r in episodes:
+        i = int(t.trajectory_id.split("-")[1])
+        pair = [r, t] if rewards_first and i % 3 == 0 else [t, r]
+        evs += [a] + [e for e in pair if not (e is r and i in skip_rewards)]
+    prod.publish(evs)
+    prod.close()
+
+
+def run_until(svc: TrainerService, pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "trainer did not get there in time"
+        svc.step(timeout=0.3)
+
+
+def checkpoints_on_topic(settings: Settings, serde: Serde, n: int) -> list[CheckpointPublished]:
+    c = Consumer(
+        {
+            **settings.kafka_client_config(),
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+        },
+        logger=client_logger(),
+    )
+    c.subscribe([CHECKPOINTS.name(settings)])
+    out: list[CheckpointPublished] = []
+    deadline = time.monotonic() + 20
+    while len(out) < n and time.monotonic() < deadline:
+        for m in c.consume(10, 0.5):
+            if m.error() is None:
+                out.append(serde.decode(m.value(), CheckpointPublished))
+    c.close()
+    return out
+
+
+# ------------------------------------------------------------------------ DDP update --
+def test_two_worker_ddp_update_lowers_loss(learner: RayLearner) -> None:
+    j, exps = Joiner(), []
+    for i, (_, t, r) in enumerate(world(300, seed=1)):
+        ref = SourceRef(topic="t", partition=0, offset=i)
+        j.add_trajectory(t, ref, i)
+        exps += j.add_reward(r, ref, i)
+    data = encode_experiences(CFG, exps)
+    torch.manual_seed(0)
+    before = evaluate(RouterNet(CFG), data)
+    res = learner.update(data, init_state=None, epochs=3, batch_size=32, lr=0.03)
+    after_model = RouterNet(CFG)
+    after_model.load_state_dict(res.state)
+    after = evaluate(after_model, data)
+    assert res.metrics["workers"] == 2.0
+    assert res.metrics["train_loss"] < res.metrics["train_loss_first_epoch"]
+    assert after < 0.5 * before, (before, after)
+    # Fine-tuning from those weights keeps lowering the loss.
+    res2 = learner.update(data, init_state=res.state, epochs=1, batch_size=32, lr=0.01)
+    assert res2.metrics["train_loss"] <= res.metrics["train_loss"] * 1.05
+
+
+# -------------------------------------- service: join, checkpoint, publish, verify, load --
+def test_trainer_publishes_a_verified_checkpoint_the_router_can_load(
+    topics: Settings, serde: Serde, learner: RayLearner
+) -> None:
+    s = tuned(topics, trainer_batch_size=150, trainer_holdout_fraction=0.2)
+    episodes = world(150, seed=2)
+    # Rewards first for every third episode; 10 duplicate rewards with other values.
+    publish_world(s, serde, episodes, rewards_first=True)
+    dups = [r.model_copy(update={"value": 1.0 - r.value}) for _, _, r in episodes[:10]]
+    prod = EventProducer(s, serde)
+    prod.publish(dups)
+    prod.close()
+    outs: list[UpdateOutcome] = []
+    svc = TrainerService(s, learner, serde=serde, cfg=CFG, on_update=outs.append)
+    try:
+        run_until(svc, lambda: bool(outs) and svc.state.joiner.stats.duplicate_rewards >= 10)
+    finally:
+        svc.close()
+    out = outs[0]
+    assert svc.state.joiner.stats.joined == 150
+    assert svc.state.joiner.stats.duplicate_rewards == 10
+    joined = {e.trajectory_id: e.reward for e in out.trained + out.holdout}
+    assert all(
+        joined[r.trajectory_id] == r.value for _, _, r in episodes if r.trajectory_id in joined
+    )
+    [event] = checkpoints_on_topic(s, serde, 1)
+    assert event == out.event and event.version == 1 and event.promoted
+    assert event.decision.startswith("promoted")
+    assert {r.topic for r in event.trained_on} == {
+        TRAJECTORIES.name(s),
+        REWARDS.name(s),
+        s.topic("assignments"),
+    }
+    meta = json.loads((Path(event.uri) / "meta.json").read_text())
+    assert meta["sha256"] == event.sha256 and meta["config"]["buckets"] == CFG.buckets
+    # The router's loader: verifies, loads, and the policy learned the world.
+    scorer = load_checkpoint(event)
+    assert scorer.version == 1
+    assert load_policy(event) is not None  # the router's own wrapper around load_checkpoint
+    for ty, best in BEST.items():
+        text = {"math": "solve integral", "code": "python function", "prose": "essay poem"}[ty]
+        task = TaskSubmitted(task_id="q", task_type=ty, prompt=f"please {text}")
+        scores = scorer.score(task, AGENTS, {})
+        assert max(scores, key=scores.__getitem__) == best, (ty, scores)
+    # A tampered copy is refused before anything is deserialised.
+    bad = Path(s.data_dir) / "tampered"
+    shutil.copytree(event.uri, bad)
+    blob = bytearray((bad / "weights.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ChecksumMismatch, match="refusing to load"):
+        load_checkpoint(str(bad), event.sha256)
+    # The live group committed exactly what it consumed.
+    c = Consumer(
+        {**s.kafka_client_config(), "group.id": s.trainer_group_id}, logger=client_logger()
+    )
+    committed = c.committed([TopicPartition(TRAJECTORIES.name(s), p) for p in range(4)], timeout=10)
+    c.close()
+    assert sum(max(0, tp.offset) for tp in committed) == 150
+
+    # ---- replay of the same range reproduces the training set, live offsets untouched --
+    rep = read_range(s, Range(from_offset="0"))
+    key = lambda e: (e.trajectory_id, e.reward, e.agent_id, e.task_text)  # noqa: E731
+    live = sorted(key(e) for e in out.trained + out.holdout)
+    assert sorted(key(e) for e in rep.experiences) == live
+    by_time = read_range(s, Range(since=None, until=None))
+    assert sorted(key(e) for e in by_time.experiences) == live
+    assert all(
+        e.propensity in (pytest.approx(0.2), pytest.approx(0.8)) for e in by_time.experiences
+    )
+    summary = replay(s, Range(from_offset="0"), learner=learner, from_scratch=True)
+    assert summary["experiences"] == 150 and summary["version"] == 2
+    meta2 = json.loads((Path(summary["uri"]) / "meta.json").read_text())
+    assert sorted(meta2["trajectory_ids"]) == sorted(e.trajectory_id for e in out.trained)
+    c = Consumer(
+        {**s.kafka_client_config(), "group.id": s.trainer_group_id}, logger=client_logger()
+    )
+    again = c.committed([TopicPartition(TRAJECTORIES.name(s), p) for p in range(4)], timeout=10)
+    c.close()
+    assert [tp.offset for tp in again] == [tp.offset for tp in committed]
+
+
+def test_replay_cli_writes_the_joined_range_to_a_topic(topics: Settings, serde: Serde) -> None:
+    s = topics
+    publish_world(s, serde, world(40, seed=3), skip_rewards={5, 6})
+    out_topic = f"{s.topic_prefix}experiences"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stormline.cli",
+            "replay",
+            "--from-offset",
+            "0",
+            "--no-train",
+            "--to-topic",
+            out_topic,
+        ],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["experiences"] == 38 and summary["written"] == 38 and summary["unjoined"] == 2
+    c = Consumer(
+        {
+            **s.kafka_client_config(),
+            "group.id": f"x-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+        },
+        logger=client_logger(),
+    )
+    c.subscribe([out_topic])
+    got: list[Experience] = []
+    deadline = time.monotonic() + 20
+    while len(got) < 38 and time.monotonic() < deadline:
+        got += [
+            Experience.model_validate_json(m.value())
+            for m in c.consume(100, 0.5)
+            if m.error() is None
+        ]
+    c.close()
+    assert sorted(e.trajectory_id for e in got) == sorted(
+        f"traj-{i}" for i in range(40) if i not in (5, 6)
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "stormline.cli", "replay", "--since", "yesterday-ish", "--no-train"],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+# ------------------------------------------------------------ restart loses nothing --
+def test_trainer_restart_loses_no_experience(
+    topics: Settings, serde: Serde, learner: RayLearner
+) -> None:
+    s = tuned(topics, trainer_batch_size=10_000, trainer_holdout_fraction=0.0)
+    part1 = world(80, seed=4)
+    late = set(range(70, 80))  # their rewards come only in the third life
+    publish_world(s, serde, part1, skip_rewards=late)
+    trained: list[str] = []
+
+    def collect(o: UpdateOutcome) -> None:
+        trained.extend(e.trajectory_id for e in o.trained)
+
+    # First life: train on what joined, take more traffic, stop gracefully (SIGTERM path).
+    svc = TrainerService(s, learner, serde=serde, cfg=CFG, on_update=collect)
+    run_until(svc, lambda: svc.state.joiner.stats.joined == 70)
+    svc.update()
+    part2a = world(10, seed=5, start=100)
+    publish_world(s, serde, part2a)
+    run_until(svc, lambda: svc.state.joiner.stats.joined == 80)
+    svc.close()
+    assert len(trained) == 70
+
+    # Second life: the buffer and the pending join came back; more traffic, then a crash.
+    svc2 = TrainerService(s, learner, serde=serde, cfg=CFG, on_update=collect)
+    assert len(svc2.state.buffer) == 10 and svc2.state.joiner.pending >= 10
+    part2b = world(20, seed=6, start=200)
+    publish_world(s, serde, part2b)
+    run_until(svc2, lambda: svc2.state.joiner.stats.joined == 100)
+    svc2.consumer.raw.close()  # crash: nothing saved or committed in this life
+    svc2.producer.close()
+
+    # Third life: the late rewards arrive; everything is trained exactly once.
+    prod = EventProducer(s, serde)
+    prod.publish([r for _, _, r in part1 if int(r.trajectory_id.split("-")[1]) in late])
+    prod.close()
+    svc3 = TrainerService(s, learner, serde=serde, cfg=CFG, on_update=collect)
+    try:
+        run_until(svc3, lambda: svc3.state.joiner.stats.joined == 110)
+        svc3.update()
+    finally:
+        svc3.close()
+    expected = sorted(t.trajectory_id for _, t, _ in part1 + part2a + part2b)
+    assert sorted(trained) == expected  # each exactly once, none lost
+    assert svc3.store.versions() == [1, 2]

@@ -1,0 +1,196 @@
+"""Versioned checkpoints on any fsspec URI, the promotion gate, and the verified loader.
+
+Layout under ``checkpoint_uri`` (a directory, ``file://``, ``s3://``, ``memory://`` ...)::
+
+    <policy>/v000007/weights.safetensors   the weights (what the sha256 covers)
+    <policy>/v000007/meta.json             version, sha256, metrics, config, trained_on,
+                                           promoted, decision, created_at
+    <policy>/promoted.json                 {version, uri, sha256} of the promoted policy
+
+Versions are the next integer after the highest one present, so a restarted trainer
+continues the sequence. A consumer verifies the weights' sha256 against the published one
+before deserialising anything (:func:`load_verified`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from schemas.models import CheckpointPublished, OffsetRange
+from trainer.policy import PolicyConfig, RouterNet, Scorer
+
+WEIGHTS = "weights.safetensors"
+META = "meta.json"
+_VERSION = re.compile(r"v(\d{6,})$")
+
+
+class ChecksumMismatch(ValueError):
+    """The weights file is not the one that was published: do not load it."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+
+
+def gate(candidate_loss: float, current_loss: float | None, margin: float) -> Decision:
+    """Promote unless the held-out loss is worse than the current policy's by > margin."""
+    if current_loss is None:
+        return Decision(True, "promoted: no current policy")
+    if candidate_loss != candidate_loss:  # nan: no held-out data to judge on
+        return Decision(True, "promoted: no held-out experiences to compare on")
+    if candidate_loss <= current_loss + margin:
+        return Decision(
+            True,
+            f"promoted: holdout loss {candidate_loss:.4f} <= current {current_loss:.4f}"
+            f" + margin {margin}",
+        )
+    return Decision(
+        False,
+        f"rejected: holdout loss {candidate_loss:.4f} > current {current_loss:.4f}"
+        f" + margin {margin}",
+    )
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+class CheckpointStore:
+    def __init__(self, uri: str, policy: str) -> None:
+        self.base = _join(uri, policy)
+        self.policy = policy
+        self.fs, self.root = fsspec.core.url_to_fs(self.base)
+
+    def versions(self) -> list[int]:
+        if not self.fs.exists(self.root):
+            return []
+        out = []
+        for p in self.fs.ls(self.root, detail=False):
+            m = _VERSION.search(str(p).rstrip("/"))
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def uri_of(self, version: int) -> str:
+        return _join(self.base, f"v{version:06d}")
+
+    def write(
+        self,
+        state: dict[str, torch.Tensor],
+        cfg: PolicyConfig,
+        *,
+        metrics: dict[str, float],
+        trained_on: list[OffsetRange],
+        promoted: bool,
+        decision: str,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointPublished:
+        """Write weights then meta (meta last: a directory without it is incomplete)."""
+        version = (self.versions() or [0])[-1] + 1
+        uri = self.uri_of(version)
+        blob = st_save(state)
+        sha = hashlib.sha256(blob).hexdigest()
+        with fsspec.open(_join(uri, WEIGHTS), "wb") as f:
+            f.write(blob)
+        meta = {
+            "policy": self.policy,
+            "version": version,
+            "sha256": sha,
+            "metrics": metrics,
+            "config": cfg.to_dict(),
+            "trained_on": [r.model_dump() for r in trained_on],
+            "promoted": promoted,
+            "decision": decision,
+            "created_at": time.time(),
+            **(extra or {}),
+        }
+        with fsspec.open(_join(uri, META), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if promoted:
+            with fsspec.open(_join(self.base, "promoted.json"), "w") as f:
+                json.dump({"version": version, "uri": uri, "sha256": sha}, f)
+        return CheckpointPublished(
+            policy=self.policy,
+            version=version,
+            uri=uri,
+            sha256=sha,
+            metrics={k: float(v) for k, v in metrics.items()},
+            trained_on=trained_on,
+            promoted=promoted,
+            decision=decision,
+        )
+
+    def promoted(self) -> tuple[str, str] | None:
+        """(uri, sha256) of the promoted checkpoint, if any."""
+        path = _join(self.base, "promoted.json")
+        fs, p = fsspec.core.url_to_fs(path)
+        if not fs.exists(p):
+            return None
+        with fsspec.open(path, "r") as f:
+            d = json.load(f)
+        return d["uri"], d["sha256"]
+
+    def latest(self) -> tuple[str, str] | None:
+        vs = self.versions()
+        if not vs:
+            return None
+        meta = read_meta(self.uri_of(vs[-1]))
+        return self.uri_of(vs[-1]), meta["sha256"]
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(_join(uri, META), "r") as f:
+            return json.load(f)  # type: ignore[no-any-return]
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(f"no checkpoint at {uri} ({META} missing)") from exc
+
+
+def load_state_verified(
+    uri: str, expected_sha256: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        with fsspec.open(_join(uri, WEIGHTS), "rb") as f:
+            blob = f.read()
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(f"no checkpoint weights at {uri}/{WEIGHTS}") from exc
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != expected_sha256:
+        raise ChecksumMismatch(
+            f"checkpoint {uri}: sha256 of {WEIGHTS} is {actual}, but {expected_sha256} was "
+            "published. The file was changed or corrupted after publication; refusing to load "
+            "it. Keep the previous policy and republish from the trainer."
+        )
+    return st_load(blob), read_meta(uri)
+
+
+def load_verified(
+    event_or_uri: CheckpointPublished | str, expected_sha256: str | None = None
+) -> Scorer:
+    if isinstance(event_or_uri, CheckpointPublished):
+        uri = event_or_uri.uri
+        expected_sha256 = expected_sha256 or event_or_uri.sha256
+    else:
+        uri = event_or_uri
+    if not expected_sha256:
+        raise ValueError("load_checkpoint needs the published sha256 (from CheckpointPublished)")
+    state, meta = load_state_verified(uri, expected_sha256)
+    model = RouterNet(PolicyConfig.from_dict(meta["config"]))
+    model.load_state_dict(state)
+    return Scorer(model, version=int(meta["version"]), meta=meta)
