@@ -1,0 +1,178 @@
+"""Agent health: a small state machine with a circuit breaker. Pure: time is passed in.
+
+States and the only transitions allowed (anything else is a bug and raises)::
+
+    unknown  -> healthy   first heartbeat
+    unknown  -> down      a worker says it stopped before we ever saw it healthy
+    healthy  -> degraded  a run of ``error_threshold`` failed attempts opens the circuit
+    healthy  -> down      no heartbeat for ``heartbeat_timeout`` (or the worker stopped)
+    degraded -> healthy   ``probe_successes`` probes succeeded after the cool-down
+    degraded -> degraded  a probe failed: the circuit re-opens with a fresh cool-down
+    degraded -> down      no heartbeat
+    down     -> degraded  heartbeats resumed: probe at once, close after the probes succeed
+
+``degraded`` is an open circuit: the router sends nothing until the cool-down is over, then at
+most ``probe_tasks`` probes in flight. :func:`probe_ready_at` is the one place that says when
+probing starts, so the health keeper and every router worker agree from the published
+:class:`~schemas.models.AgentHealthChanged` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from schemas.models import HealthStatus
+
+H = HealthStatus
+ALLOWED: dict[HealthStatus, frozenset[HealthStatus]] = {
+    H.UNKNOWN: frozenset({H.HEALTHY, H.DOWN}),
+    H.HEALTHY: frozenset({H.DEGRADED, H.DOWN}),
+    H.DEGRADED: frozenset({H.HEALTHY, H.DEGRADED, H.DOWN}),
+    H.DOWN: frozenset({H.DEGRADED}),
+}
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    heartbeat_timeout_s: float = 15.0
+    error_threshold: int = 5
+    cooldown_s: float = 30.0
+    probe_tasks: int = 2
+    probe_successes: int = 2
+
+
+@dataclass(frozen=True)
+class Transition:
+    agent_id: str
+    status: HealthStatus
+    previous: HealthStatus
+    reason: str
+    at: float
+
+
+def probe_ready_at(
+    status: HealthStatus, previous: HealthStatus, since: float, cooldown_s: float
+) -> float | None:
+    """When a degraded agent may get probes; None when it is not degraded."""
+    if status != H.DEGRADED:
+        return None
+    return since if previous == H.DOWN else since + cooldown_s
+
+
+@dataclass
+class AgentHealth:
+    agent_id: str
+    status: HealthStatus = H.UNKNOWN
+    previous: HealthStatus = H.UNKNOWN
+    since: float = 0.0
+    last_seen: float = 0.0
+    capabilities: list[str] = field(default_factory=list)
+    error_run: int = 0
+    probe_ok: int = 0
+    ok: int = 0
+    errors: int = 0
+
+    # -- inputs --
+    def heartbeat(
+        self, now: float, capabilities: list[str] | None, stopped: bool, cfg: HealthConfig
+    ) -> Transition | None:
+        if capabilities is not None:
+            self.capabilities = sorted(set(capabilities))
+        if stopped:
+            self.last_seen = 0.0
+            if self.status != H.DOWN:
+                return self._move(H.DOWN, "its worker reported it stopped", now)
+            return None
+        self.last_seen = now
+        if self.status == H.UNKNOWN:
+            return self._move(H.HEALTHY, "first heartbeat", now)
+        if self.status == H.DOWN:
+            return self._move(H.DEGRADED, "heartbeats resumed; probing", now)
+        return None
+
+    def outcome(self, now: float, ok: bool, detail: str, cfg: HealthConfig) -> Transition | None:
+        """One attempt finished (``ok``) or failed (error trajectory, expiry)."""
+        if ok:
+            self.ok += 1
+            self.error_run = 0
+            if self.status == H.DEGRADED and self._probing(now, cfg):
+                self.probe_ok += 1
+                if self.probe_ok >= cfg.probe_successes:
+                    return self._move(H.HEALTHY, f"{self.probe_ok} probes succeeded", now)
+            return None
+        self.errors += 1
+        self.error_run += 1
+        if self.status == H.HEALTHY and self.error_run >= cfg.error_threshold:
+            return self._move(
+                H.DEGRADED, f"{self.error_run} failed attempts in a row ({detail})", now
+            )
+        if self.status == H.DEGRADED and self._probing(now, cfg):
+            return self._move(H.DEGRADED, f"probe failed ({detail}); circuit re-opened", now)
+        return None
+
+    def check(self, now: float, cfg: HealthConfig) -> Transition | None:
+        """The clock: missed heartbeats take an agent down."""
+        if (
+            self.status in (H.HEALTHY, H.DEGRADED)
+            and now - self.last_seen > cfg.heartbeat_timeout_s
+        ):
+            return self._move(H.DOWN, f"no heartbeat for {now - self.last_seen:.1f}s", now)
+        return None
+
+    # -- internals --
+    def _probing(self, now: float, cfg: HealthConfig) -> bool:
+        ready = probe_ready_at(self.status, self.previous, self.since, cfg.cooldown_s)
+        return ready is not None and now >= ready
+
+    def _move(self, to: HealthStatus, reason: str, now: float) -> Transition:
+        if to not in ALLOWED[self.status]:
+            raise ValueError(f"illegal health transition {self.status} -> {to} ({reason})")
+        t = Transition(self.agent_id, to, self.status, reason, now)
+        self.previous, self.status, self.since = self.status, to, now
+        self.probe_ok = 0
+        if to == H.DEGRADED and t.previous == H.DOWN:
+            self.error_run = 0
+        return t
+
+    # -- storage --
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["status"], d["previous"] = self.status.value, self.previous.value
+        return d
+
+    @classmethod
+    def from_dict(cls, agent_id: str, data: dict[str, object] | None) -> AgentHealth:
+        if not data:
+            return cls(agent_id)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        h = cls(**known)  # type: ignore[arg-type]
+        h.status, h.previous = H(h.status), H(h.previous)
+        return h
+
+
+@dataclass
+class ProbeBudget:
+    """A router worker's view of one agent: may it get a task now?
+
+    Built from published AgentHealthChanged events; counts the probes this worker sent since
+    the last change so that a half-open circuit gets at most ``probe_tasks`` of them.
+    """
+
+    status: HealthStatus = H.UNKNOWN
+    previous: HealthStatus = H.UNKNOWN
+    since: float = 0.0
+    probes_sent: int = 0
+
+    def changed(self, status: HealthStatus, previous: HealthStatus, at: float) -> None:
+        self.status, self.previous, self.since, self.probes_sent = status, previous, at, 0
+
+    def admits(self, now: float, cfg: HealthConfig) -> tuple[bool, bool]:
+        """(may route to it, the task would be a probe)."""
+        if self.status == H.DOWN:
+            return False, False
+        if self.status != H.DEGRADED:
+            return True, False
+        ready = probe_ready_at(self.status, self.previous, self.since, cfg.cooldown_s)
+        if ready is None or now < ready or self.probes_sent >= cfg.probe_tasks:
+            return False, False
+        return True, True

@@ -1,0 +1,500 @@
+"""The router through the real broker: a `stormline router` subprocess, the test plays workers.
+
+One router serves the module (fast clocks, see ROUTER_ENV); each test uses its own agents,
+capabilities and task types so they do not see each other's work. The kill -9 test runs
+its own router.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+
+from schemas.catalog import AGENT_HEALTH, ASSIGNMENTS, DEAD_LETTERS, REWARDS, TASKS, TRAJECTORIES
+from schemas.kafka import EventConsumer, EventProducer, ensure_topics
+from schemas.models import (
+    AgentHealthChanged,
+    AgentHeartbeat,
+    DeadLetter,
+    Event,
+    HealthStatus,
+    PolicyKind,
+    Reward,
+    RewardSource,
+    TaskAssigned,
+    TaskSubmitted,
+    Trajectory,
+    TrajectoryStatus,
+    WorkerStatus,
+)
+from schemas.serde import Serde
+from stormline.settings import Settings
+from tests.conftest import free_port, settings_env
+
+ROUTER_ENV = {
+    "STORMLINE_ROUTER_TICK_S": "0.2",
+    "STORMLINE_ROUTER_ASSIGNMENT_TTL_S": "4",
+    "STORMLINE_ROUTER_MAX_ATTEMPTS": "2",
+    "STORMLINE_ROUTER_RETRY_S": "0.3",
+    "STORMLINE_ROUTER_HEARTBEAT_TIMEOUT_S": "3",
+    "STORMLINE_ROUTER_CIRCUIT_ERRORS": "3",
+    "STORMLINE_ROUTER_CIRCUIT_COOLDOWN_S": "1",
+    "STORMLINE_ROUTER_PROBE_TASKS": "1",
+    "STORMLINE_ROUTER_PROBE_SUCCESSES": "1",
+    "STORMLINE_ROUTER_SEED": "7",
+}
+
+
+# ------------------------------------------------------------------------ harness --
+class RouterProcess:
+    def __init__(self, settings: Settings, log: Path, **env: str) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.router_web_port}"
+        self.log = log
+        self.env = {**settings_env(settings), **ROUTER_ENV, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RouterProcess:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stormline.cli", "router", "--loglevel", "warning"],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/router/counters/", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("router did not start: " + self.log.read_text()[-3000:])
+
+    def view(self, name: str) -> Any:
+        return httpx.get(f"{self.url}/router/{name}/", timeout=5).json()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+class Bus:
+    """Produces events; collects assignments, health changes, trajectories, rewards, DLQ.
+
+    ``answer`` maps an agent id to a function (assignment -> reward value or None); an
+    assignment for such an agent is answered at once with a Trajectory and, if a value is
+    returned, a Reward: the test plays worker and evaluator.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.serde = Serde.from_settings(settings)
+        self.producer = EventProducer(settings, self.serde, **{"linger.ms": 0})
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+        self.answer: dict[str, Callable[[TaskAssigned], float | None]] = {}
+        self.beating: dict[str, list[str]] = {}
+        self._stop = threading.Event()
+        self._consumer = EventConsumer(
+            settings,
+            self.serde,
+            f"{settings.topic_prefix}test-bus-{uuid.uuid4().hex[:6]}",
+            [ASSIGNMENTS, AGENT_HEALTH, TRAJECTORIES, REWARDS, DEAD_LETTERS],
+        )
+        self._threads = [
+            threading.Thread(target=self._consume, daemon=True),
+            threading.Thread(target=self._beat, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _consume(self) -> None:
+        while not self._stop.is_set():
+            batch = self._consumer.poll_batch(500, 0.1)
+            for rec in batch:
+                with self.lock:
+                    self.events.append(rec.event)
+                if isinstance(rec.event, TaskAssigned) and rec.event.agent_id in self.answer:
+                    self._respond(rec.event)
+            self.producer.poll(0)
+
+    def _respond(self, a: TaskAssigned) -> None:
+        value = self.answer[a.agent_id](a)
+        tid = f"{a.task_id}-{a.attempt}"
+        status = TrajectoryStatus.OK if value is None or value >= 0 else TrajectoryStatus.ERROR
+        self.producer.produce(
+            Trajectory(
+                task_id=a.task_id,
+                trajectory_id=tid,
+                attempt=a.attempt,
+                agent_id=a.agent_id,
+                task_type=a.task.task_type,
+                status=status,
+                output="ok",
+            )
+        )
+        if value is not None and value >= 0:
+            self.producer.produce(self.reward(a, value))
+        self.producer.flush()
+
+    @staticmethod
+    def reward(a: TaskAssigned, value: float) -> Reward:
+        return Reward(
+            task_id=a.task_id,
+            trajectory_id=f"{a.task_id}-{a.attempt}",
+            attempt=a.attempt,
+            agent_id=a.agent_id,
+            task_type=a.task.task_type,
+            value=value,
+            source=RewardSource.VERIFIER,
+        )
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            for agent, caps in list(self.beating.items()):
+                self.producer.produce(
+                    AgentHeartbeat(
+                        worker_id=f"w-{agent}",
+                        agent_ids=[agent],
+                        capabilities={agent: caps},
+                        status=WorkerStatus.RUNNING,
+                    )
+                )
+            self.producer.flush()
+            self._stop.wait(0.4)
+
+    def submit(self, *tasks: TaskSubmitted) -> None:
+        self.producer.publish(tasks)
+
+    def of(self, etype: type[Event], pred: Callable[[Any], bool] = lambda e: True) -> list[Any]:
+        with self.lock:
+            return [e for e in self.events if isinstance(e, etype) and pred(e)]
+
+    def wait(
+        self,
+        etype: type[Event],
+        pred: Callable[[Any], bool] = lambda e: True,
+        n: int = 1,
+        timeout: float = 30,
+    ) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.of(etype, pred)
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"waited {timeout}s for {n} {etype.__name__}; got {len(got)}")
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self._consumer.close()
+        self.producer.close()
+
+
+def task(tid: str, ttype: str, caps: list[str], **kw: Any) -> TaskSubmitted:
+    return TaskSubmitted(
+        task_id=tid, task_type=ttype, prompt="2+2?", required_capabilities=caps, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def rsettings(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    s = stack_settings.model_copy(
+        update={
+            "topic_prefix": f"r{uuid.uuid4().hex[:8]}.",
+            "data_dir": tmp_path_factory.mktemp("router"),
+            "router_web_port": free_port(),
+        }
+    )
+    ensure_topics(s)
+    return s
+
+
+@pytest.fixture(scope="module")
+def router(rsettings: Settings) -> Iterator[RouterProcess]:
+    r = RouterProcess(rsettings, Path(rsettings.data_dir) / "router.log").start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def bus(rsettings: Settings, router: RouterProcess) -> Iterator[Bus]:
+    b = Bus(rsettings)
+    yield b
+    b.close()
+
+
+# -------------------------------------------------------------------------- tests --
+def test_capability_matching_and_learning_end_to_end(router: RouterProcess, bus: Bus) -> None:
+    """Two agents can do `sum`; only one can also do `proof`. The good one is learned."""
+    rng = random.Random(5)
+    p = {"cm-good": 0.9, "cm-weak": 0.2}
+    bus.beating.update({"cm-good": ["sum", "proof"], "cm-weak": ["sum"]})
+    for a in p:
+        bus.answer[a] = lambda a, a_id=a: float(rng.random() < p[a_id])
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "cm-weak", timeout=20)
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "cm-good", timeout=20)
+
+    bus.submit(*[task(f"cm-p{i}", "cm-proof", ["sum", "proof"]) for i in range(10)])
+    got = bus.wait(TaskAssigned, lambda e: e.task_id.startswith("cm-p"), n=10)
+    assert {a.agent_id for a in got} == {"cm-good"}
+    assert all(a.task.required_capabilities == ["sum", "proof"] for a in got)
+
+    for wave in range(8):
+        bus.submit(*[task(f"cm-s{wave}-{i}", "cm-sum", ["sum"]) for i in range(10)])
+        bus.wait(TaskAssigned, lambda e: e.task_id.startswith("cm-s"), n=10 * (wave + 1))
+        time.sleep(0.3)  # rewards land between waves, as they would with real workers
+    assigned = bus.of(TaskAssigned, lambda e: e.task_id.startswith("cm-s"))
+    last = [a for a in assigned if a.task_id.startswith(("cm-s6-", "cm-s7-"))]
+    assert sum(a.agent_id == "cm-good" for a in last) >= 15, [a.agent_id for a in last]
+    assert all(a.strategy == "thompson" and a.attempt == 1 for a in assigned)
+    q = _wait_view(router, lambda v: sum(c["count"] for c in v.get("cm-sum", {}).values()) == 80)
+    assert q["cm-sum"]["cm-good"]["value"] > q["cm-sum"]["cm-weak"]["value"]
+
+
+def test_duplicate_reward_is_counted_once(router: RouterProcess, bus: Bus) -> None:
+    bus.beating["dup-a"] = ["dup"]
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "dup-a", timeout=20)
+    bus.submit(task("dup-1", "dup-type", ["dup"]))
+    (a,) = bus.wait(TaskAssigned, lambda e: e.task_id == "dup-1")
+    r = Bus.reward(a, 1.0)
+    bus.producer.publish([r, r, r.model_copy(update={"event_id": uuid.uuid4()})])
+    q = _wait_view(
+        router, lambda v: "dup-a" in v.get("dup-type", {}) and v["dup-type"]["dup-a"]["count"] >= 1
+    )
+    time.sleep(1.0)  # give any double count the time to show up
+    q = router.view("qtable")
+    assert q["dup-type"]["dup-a"]["count"] == 1
+    assert router.view("counters")["rewards_duplicate"] >= 2
+
+
+def test_task_no_agent_can_serve_fails_with_its_reason(
+    router: RouterProcess, bus: Bus, rsettings: Settings
+) -> None:
+    bus.submit(task("nobody-1", "nobody", ["telepathy"], deadline_ms=1500))
+    (tr,) = bus.wait(Trajectory, lambda e: e.task_id == "nobody-1", timeout=20)
+    assert tr.final and tr.status == TrajectoryStatus.ERROR
+    assert tr.error == "no capable healthy agent"
+    (rw,) = bus.wait(Reward, lambda e: e.task_id == "nobody-1")
+    assert rw.source == RewardSource.FAILURE and rw.value == 0
+    assert not bus.of(TaskAssigned, lambda e: e.task_id == "nobody-1")
+    # Garbage on the tasks topic is dead-lettered and the router goes on.
+    p = Producer({"bootstrap.servers": rsettings.bootstrap_servers})
+    p.produce(TASKS.name(rsettings), key=b"junk", value=b"not avro at all")
+    p.flush(10)
+    (dl,) = bus.wait(DeadLetter, lambda e: e.raw_key == b"junk", timeout=20)
+    assert dl.error_kind == "framing" and dl.source_topic == TASKS.name(rsettings)
+    bus.beating["late-agent"] = ["late-cap"]
+    bus.submit(task("late-1", "late", ["late-cap"]))
+    bus.wait(TaskAssigned, lambda e: e.task_id == "late-1", timeout=20)
+
+
+def test_expiry_reassigns_to_another_agent_then_fails(router: RouterProcess, bus: Bus) -> None:
+    bus.beating.update({"ex-1": ["expire"], "ex-2": ["expire"]})  # alive, never answering
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "ex-2", timeout=20)
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "ex-1", timeout=20)
+    bus.submit(task("ex-t", "expire", ["expire"]))
+    a1, a2 = bus.wait(TaskAssigned, lambda e: e.task_id == "ex-t", n=2, timeout=20)
+    assert (a1.attempt, a2.attempt) == (1, 2)
+    assert a1.agent_id != a2.agent_id  # the next attempt prefers another agent
+    assert (a2.assigned_at - a1.assigned_at).total_seconds() >= 4.0
+    assert a1.expires_at <= a2.assigned_at
+    (tr,) = bus.wait(Trajectory, lambda e: e.task_id == "ex-t", timeout=20)
+    assert tr.final and tr.error == "no trajectory after 2 attempts" and tr.attempt == 2
+    (rw,) = bus.wait(Reward, lambda e: e.task_id == "ex-t")
+    assert rw.source == RewardSource.FAILURE
+    time.sleep(1)
+    assert len(bus.of(TaskAssigned, lambda e: e.task_id == "ex-t")) == 2
+
+
+def test_down_agent_gets_nothing_and_a_recovered_one_gets_a_probe(
+    router: RouterProcess, bus: Bus
+) -> None:
+    bus.beating.update({"dn-flaky": ["dn"], "dn-solid": ["dn"]})
+    for a in ("dn-flaky", "dn-solid"):
+        bus.answer[a] = lambda a: 1.0
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "dn-flaky", timeout=20)
+    del bus.beating["dn-flaky"]
+    bus.wait(
+        AgentHealthChanged,
+        lambda e: e.agent_id == "dn-flaky" and e.status == HealthStatus.DOWN,
+        timeout=20,
+    )
+    bus.submit(*[task(f"dn-a{i}", "dn", ["dn"]) for i in range(15)])
+    got = bus.wait(TaskAssigned, lambda e: e.task_id.startswith("dn-a"), n=15)
+    assert {a.agent_id for a in got} == {"dn-solid"}
+
+    bus.answer.pop("dn-flaky")  # hold the probe unanswered to count probes
+    bus.beating["dn-flaky"] = ["dn"]
+    bus.wait(
+        AgentHealthChanged,
+        lambda e: (
+            e.agent_id == "dn-flaky"
+            and e.status == HealthStatus.DEGRADED
+            and e.previous == HealthStatus.DOWN
+        ),
+        timeout=20,
+    )
+    time.sleep(0.5)
+    for i in range(30):
+        bus.submit(task(f"dn-b{i}", "dn", ["dn"]))
+        if bus.of(
+            TaskAssigned, lambda e: e.task_id.startswith("dn-b") and e.agent_id == "dn-flaky"
+        ):
+            break
+        time.sleep(0.05)
+    bus.submit(*[task(f"dn-c{i}", "dn", ["dn"]) for i in range(10)])
+    bus.wait(TaskAssigned, lambda e: e.task_id.startswith("dn-c"), n=10)
+    probes = bus.of(
+        TaskAssigned, lambda e: e.task_id.startswith(("dn-b", "dn-c")) and e.agent_id == "dn-flaky"
+    )
+    assert len(probes) == 1, "a half-open agent gets exactly probe_tasks=1 probe"
+    (probe,) = probes
+    assert probe.policy == PolicyKind.EXPLORE  # a probe is sent on purpose, not by the Q-table
+    bus.answer["dn-flaky"] = lambda a: 1.0
+    bus._respond(probe)
+    bus.wait(
+        AgentHealthChanged,
+        lambda e: (
+            e.agent_id == "dn-flaky"
+            and e.status == HealthStatus.HEALTHY
+            and e.previous == HealthStatus.DEGRADED
+        ),
+        timeout=20,
+    )
+
+
+def test_qtable_recovers_after_router_kill9(stack_settings: Settings, tmp_path: Path) -> None:
+    s = stack_settings.model_copy(
+        update={
+            "topic_prefix": f"k{uuid.uuid4().hex[:8]}.",
+            "data_dir": tmp_path,
+            "router_web_port": free_port(),
+        }
+    )
+    ensure_topics(s)
+    # A long TTL: this test is about the Q-table, not about attempts expiring during restart.
+    r = RouterProcess(s, tmp_path / "router.log", STORMLINE_ROUTER_ASSIGNMENT_TTL_S="60").start()
+    b = Bus(s)
+    try:
+        rng = random.Random(2)
+        b.beating.update({"k-a": ["k"], "k-b": ["k"]})
+        b.answer["k-a"] = lambda a: float(rng.random() < 0.8)
+        b.answer["k-b"] = lambda a: round(rng.random(), 3)
+        b.wait(AgentHealthChanged, lambda e: e.agent_id == "k-b", timeout=20)
+        b.wait(AgentHealthChanged, lambda e: e.agent_id == "k-a", timeout=20)
+        b.submit(*[task(f"k{i}", "k-type", ["k"]) for i in range(40)])
+        b.wait(Reward, lambda e: e.task_id.startswith("k"), n=40)
+        before = _wait_view(
+            r, lambda v: sum(c["count"] for c in v.get("k-type", {}).values()) == 40
+        )
+        time.sleep(1.5)  # past a commit interval; kill -9 must lose nothing either way
+        before = r.view("qtable")
+        r.kill9()
+        r.start()
+        after = _wait_view(r, lambda v: v == before, timeout=60)
+        assert after == before
+        # Redelivered or repeated rewards after the restart still count once.
+        (a,) = b.of(TaskAssigned, lambda e: e.task_id == "k0")
+        b.producer.publish([Bus.reward(a, 1.0)])
+        time.sleep(1.5)
+        assert r.view("qtable") == before
+        b.submit(task("k-new", "k-type", ["k"]))
+        b.wait(Reward, lambda e: e.task_id == "k-new")
+        _wait_view(r, lambda v: sum(c["count"] for c in v["k-type"].values()) == 41)
+        time.sleep(1.0)  # and nothing more arrives: no update was applied twice
+        q = r.view("qtable")
+        assert sum(c["count"] for c in q["k-type"].values()) == 41, r.view("counters")
+        assert r.view("counters")["assigned"] == 1  # nothing from before the kill was redone
+    finally:
+        b.close()
+        r.stop()
+
+
+def _wait_view(r: RouterProcess, pred: Callable[[Any], bool], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    v: Any = None
+    while time.monotonic() < deadline:
+        try:
+            v = r.view("qtable")
+            if pred(v):
+                return v
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"Q-table view never matched; last: {v}")
+
+
+def test_two_router_workers_decide_like_one(stack_settings: Settings, tmp_path: Path) -> None:
+    """Round-robin per task type is deterministic: split over two workers it must not change."""
+    s = stack_settings.model_copy(
+        update={"topic_prefix": f"w{uuid.uuid4().hex[:8]}.", "data_dir": tmp_path}
+    )
+    ensure_topics(s)
+    env = {"STORMLINE_ROUTER_STRATEGY": "round_robin", "STORMLINE_ROUTER_ASSIGNMENT_TTL_S": "60"}
+    routers = [
+        RouterProcess(
+            s.model_copy(update={"router_web_port": free_port()}), tmp_path / f"r{i}.log", **env
+        ).start()
+        for i in range(2)
+    ]
+    b = Bus(s)
+    try:
+        agents = ["two-a", "two-b", "two-c"]
+        b.beating.update({a: ["two"] for a in agents})
+        for a in agents:
+            b.wait(AgentHealthChanged, lambda e, a=a: e.agent_id == a, timeout=30)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the second worker's join ends in a rebalance
+            owned = [r.view("counters")["owned_partitions"] for r in routers]
+            if all(owned) and sorted(owned[0] + owned[1]) == list(range(s.default_partitions)):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the two workers never split the partitions: {owned}")
+        time.sleep(1.0)  # both workers' directories have read the heartbeats
+        types = [f"two-type-{i}" for i in range(8)]
+        for i in range(6):
+            b.submit(*[task(f"two-{t}-{i}", t, ["two"]) for t in types])
+            b.wait(TaskAssigned, lambda e: e.task_id.startswith("two-"), n=8 * (i + 1))
+        for t in types:
+            got = sorted(
+                b.of(TaskAssigned, lambda e, t=t: e.task.task_type == t),
+                key=lambda e: int(e.task_id.rsplit("-", 1)[1]),
+            )
+            assert [a.agent_id for a in got] == agents + agents, t  # one worker's sequence
+        worked = [r.view("counters")["assigned"] for r in routers]
+        assert sum(worked) == 48 and all(n > 0 for n in worked), worked
+    finally:
+        b.close()
+        for r in routers:
+            r.stop()
