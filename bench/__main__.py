@@ -110,8 +110,10 @@ def main() -> int:
                 continue
             raise
         runs = []
-        for i in range(repeats):
-            console.print(f"[bold]{name}[/bold] run {i + 1}/{repeats}")
+        # A suite may ask for fewer repeats (REPEATS = 1) when one run already takes minutes.
+        n_runs = 1 if args.quick else min(repeats, getattr(mod, "REPEATS", repeats))
+        for i in range(n_runs):
+            console.print(f"[bold]{name}[/bold] run {i + 1}/{n_runs}")
             try:
                 runs.append(mod.run(quick=args.quick))
             except Exception:
@@ -137,7 +139,9 @@ def render_md(results: dict[str, Any]) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
-        "Each figure is the median of the runs, with min and max.",
+        "Each figure is the median of the runs, with min and max (the spread). Suites that take "
+        "minutes per run (learning, trainer, sink) run once; their figures are medians or "
+        "best-of over repetitions inside the suite where it says so.",
         "",
     ]
     for suite, figures in results["suites"].items():

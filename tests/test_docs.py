@@ -13,8 +13,11 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme() -> None:
-    missing = [f"STORMLINE_{n.upper()}" for n in Settings.model_fields
-               if f"`STORMLINE_{n.upper()}`" not in README]
+    missing = [
+        f"STORMLINE_{n.upper()}"
+        for n in Settings.model_fields
+        if f"`STORMLINE_{n.upper()}`" not in README
+    ]
     assert not missing, f"document these in README.md (python -m stormline.settings): {missing}"
 
 
