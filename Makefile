@@ -36,7 +36,9 @@ setup: system .venv/.installed  ## install everything (quiet and quick when alre
 system:
 	@bash deploy/install-system.sh
 
-$(VENV)/.complete: requirements.lock
+# No prerequisite on purpose: the path holds the lock's hash, so a venv is never stale, and a
+# fresh clone (all files new) must reuse it rather than rebuild it.
+$(VENV)/.complete:
 	@echo "creating venv $(VENV) (first time only: torch and ray are large)"
 	@rm -rf $(VENV) && mkdir -p $(CACHE)/venvs
 	@$(PYTHON) -m venv $(VENV)

@@ -39,9 +39,23 @@ def _wait_ready(url: str, seconds: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up within {seconds:.0f}s")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def one_run(n: int, workers: int) -> dict[str, float]:
     base = Settings()
-    s = base.model_copy(update={"topic_prefix": f"bench-e2e-{uuid.uuid4().hex[:6]}."})
+    s = base.model_copy(
+        update={
+            "topic_prefix": f"bench-e2e-{uuid.uuid4().hex[:6]}.",
+            "simulator_port": _free_port(),
+            "router_web_port": _free_port(),
+        }
+    )
     ensure_topics(s)
     serde = Serde.from_settings(s)
     for spec in CATALOG:
@@ -49,6 +63,11 @@ def one_run(n: int, workers: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="stormline-e2e-"))
     cfg = tmp / "sim.yaml"
     cfg.write_text(yaml.safe_dump(SIM_CONFIG))
+    # The shipped agents, pointed at this run's simulator.
+    agents = tmp / "agents.yaml"
+    agents.write_text(
+        Path("agents.yaml").read_text().replace("127.0.0.1:8700", f"127.0.0.1:{s.simulator_port}")
+    )
     specs = [
         ServiceSpec("simulate-llm", ["simulate-llm", "--config", str(cfg)]),
         ServiceSpec("router", ["router"]),

@@ -1,13 +1,29 @@
-"""Map SDK exceptions (openai and anthropic share their shapes) to ProviderError kinds."""
+"""What the openai and anthropic providers share: SDK error mapping and the client pool."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
 
 from consumers.llm import ErrorKind, ProviderError
 from stormline.logs import redact
 
 CONNECTIONS_PER_CLIENT = 64
+C = TypeVar("C")
+
+
+def client_pool(make: Callable[[httpx.Limits], C], max_connections: int) -> list[C]:
+    """Several SDK clients of at most CONNECTIONS_PER_CLIENT connections each.
+
+    httpx's pool scans every connection per request, which costs O(pool) each time; several
+    small pools used round-robin keep hundreds of calls in flight cheap.
+    """
+    shards = max(1, -(-max_connections // CONNECTIONS_PER_CLIENT))
+    per = max(1, -(-max_connections // shards))
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    return [make(limits) for _ in range(shards)]
 
 
 def to_provider_error(exc: BaseException, sdk: Any) -> ProviderError:

@@ -6,12 +6,11 @@ import itertools
 import re
 import time
 
-import httpx
 import openai
 
 from consumers.agents import ProviderConfig
 from consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
-from consumers.providers._errors import CONNECTIONS_PER_CLIENT, to_provider_error
+from consumers.providers._errors import client_pool, to_provider_error
 from schemas.models import Step, ToolCall, Usage
 
 # vLLM's `return_tokens_as_token_ids` (and the simulator) spell tokens as "token_id:123".
@@ -22,23 +21,17 @@ class OpenAIProvider:
     def __init__(self, config: ProviderConfig, *, max_connections: int = 1024) -> None:
         self.config = config
         self.name = config.key
-        # httpx's pool scans every connection per request, which costs O(pool) each time;
-        # several small pools round-robin keep hundreds of calls in flight cheap.
-        shards = max(1, -(-max_connections // CONNECTIONS_PER_CLIENT))
-        per = max(1, -(-max_connections // shards))
         api_key = config.api_key() or "no-key-needed"
-        self._clients = [
-            openai.AsyncOpenAI(
+        self._clients = client_pool(
+            lambda limits: openai.AsyncOpenAI(
                 api_key=api_key,
                 base_url=config.base_url,
                 max_retries=0,
                 timeout=config.timeout_s,
-                http_client=openai.DefaultAsyncHttpxClient(
-                    limits=httpx.Limits(max_connections=per, max_keepalive_connections=per)
-                ),
-            )
-            for _ in range(shards)
-        ]
+                http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+            ),
+            max_connections,
+        )
         self._next = itertools.cycle(self._clients)
 
     async def complete(self, request: CompletionRequest) -> Completion:
