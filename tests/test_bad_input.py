@@ -38,7 +38,9 @@ INPUTS = (TASKS, ASSIGNMENTS, TRAJECTORIES, REWARDS, HEARTBEATS, CHECKPOINTS)
 def test_poison_on_every_input_topic_is_dead_lettered_and_nothing_stops(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
-    with Loop(stack_settings, tmp_path, sink=True) as loop:
+    # A record limit below the broker's own (1 MiB) so that an oversize record can be produced.
+    base = stack_settings.model_copy(update={"max_record_bytes": 200_000})
+    with Loop(base, tmp_path, sink=True) as loop:
         s = loop.s
         raw = Producer({"bootstrap.servers": s.bootstrap_servers})
         poison = {spec.logical: os.urandom(40) for spec in INPUTS}

@@ -458,7 +458,9 @@ async def test_response_cache_serves_a_repeated_prompt_without_a_call(
     w = await _run_until(s, 1, "w-c2")
     assert w.stats.cache_hits == 1 and w.stats.llm_calls == 0
     trajs = _read(s, serde, TRAJECTORIES, lambda o: len(o) >= 2)
-    assert [t.output for t in trajs] == ["16", "16"] and trajs[1].task_id == "c2"
+    # c1 and c2 sit on different partitions, so the read order between them is not defined.
+    assert [t.output for t in trajs] == ["16", "16"]
+    assert sorted(t.task_id for t in trajs) == ["c1", "c2"]
     assert _stats(sim)["requests"] == 1
 
 
