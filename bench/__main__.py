@@ -88,7 +88,16 @@ TARGETS: list[tuple[str, str, str, float, str, str]] = [
         "routing logic is ~0.2 ms per task; Faust/aiokafka add ~3.8 ms CPU per task (two "
         "consumes, five produces: re-keying hop, assignment, three changelog writes)",
     ),
-    ("learning", "learning_e2e_thompson_best_share_last_1000", ">=", 0.9, "issue 5", ""),
+    (
+        "learning",
+        "learning_e2e_thompson_best_share_last_1000",
+        ">=",
+        0.9,
+        "issue 5",
+        "met (0.985) in a run on a quieter machine; when this file's run shares the 2 cores with "
+        "a test suite the router falls behind 40 tasks/s, rewards arrive hundreds of tasks late "
+        "and the bandit explores longer (the in-process simulation, `learning_sim_*`, gives 0.98)",
+    ),
     ("learning", "learning_e2e_thompson_regret_vs_random", "<", 1 / 3, "issue 5", ""),
     (
         "sink",

@@ -69,7 +69,10 @@ def one_run(n: int, workers: int) -> dict[str, float]:
         Path("agents.yaml").read_text().replace("127.0.0.1:8700", f"127.0.0.1:{s.simulator_port}")
     )
     specs = [
-        ServiceSpec("simulate-llm", ["simulate-llm", "--config", str(cfg)]),
+        ServiceSpec(
+            "simulate-llm",
+            ["simulate-llm", "--config", str(cfg), "--port", str(s.simulator_port)],
+        ),
         ServiceSpec("router", ["router"]),
         *[
             ServiceSpec(f"worker-{i}", ["worker", "--worker-id", f"e2e-{i}"])
@@ -80,7 +83,8 @@ def one_run(n: int, workers: int) -> dict[str, float]:
     env = {
         "STORMLINE_TOPIC_PREFIX": s.topic_prefix,
         "STORMLINE_DATA_DIR": str(tmp),
-        "STORMLINE_ROUTER_WEB_PORT": "0",
+        "STORMLINE_ROUTER_WEB_PORT": str(s.router_web_port),
+        "STORMLINE_AGENTS_FILE": str(agents),
         "STORMLINE_LOG_LEVEL": "WARNING",
     }
     sup = Supervisor(specs, logs=tmp / "logs", env=env)

@@ -107,6 +107,7 @@ def run_demo(
     workers: int = 2,
     real: bool = False,
     timeout_s: float = 900.0,
+    rate: float = 25.0,
     console: Console | None = None,
 ) -> dict[str, Any]:
     console = console or Console()
@@ -141,7 +142,7 @@ def run_demo(
     console.print(f"run [bold]{run_id}[/bold]: topics {prefix}*, logs in {logs}")
     sup.start()
     try:
-        return _drive(s, serde, sup, tasks, timeout_s, console, run_id)
+        return _drive(s, serde, sup, tasks, timeout_s, console, run_id, rate)
     finally:
         with console.status("stopping the demo's services"):
             sup.stop()
@@ -155,20 +156,30 @@ def _drive(
     timeout_s: float,
     console: Console,
     run_id: str,
+    rate: float,
 ) -> dict[str, Any]:
     task_list = list(demo_tasks(n, run_id=run_id.replace("-", "")))
     progress = Progress(n, {t.task_id: i for i, t in enumerate(task_list)})
     producer = EventProducer(s, serde)
-    producer.publish(task_list)
     console.print(
-        f"published {n} tasks of types {', '.join(sorted({t.task_type for t in task_list}))}"
+        f"publishing {n} tasks of types {', '.join(sorted({t.task_type for t in task_list}))} "
+        f"at {rate:.0f}/s"
     )
+    # Paced like live traffic: a burst would be routed in full before the first reward came
+    # back, and nothing could be learned from it.
+    sent, start = 0, time.monotonic()
     rewards = EventConsumer(s, serde, f"{s.topic_prefix}demo-watch", [REWARDS])
     deadline = time.monotonic() + timeout_s
     try:
         with Live(progress.table(), console=console, refresh_per_second=2) as live:
             while progress.done < n and time.monotonic() < deadline:
-                for rec in rewards.poll_batch(2000, 0.5):
+                due = min(n, int((time.monotonic() - start) * rate) + 1)
+                if sent < due:
+                    for task in task_list[sent:due]:
+                        producer.produce(task)
+                    producer.flush()
+                    sent = due
+                for rec in rewards.poll_batch(2000, 0.2):
                     progress.add(rec.event)
                 sup.tick()
                 live.update(progress.table())
@@ -178,6 +189,11 @@ def _drive(
         console.print(
             f"[yellow]only {progress.done}/{n} tasks were scored within {timeout_s:.0f}s[/yellow]"
         )
+    if sent and not _checkpoints(s, serde):
+        with console.status("waiting up to 90 s for the trainer's first checkpoint"):
+            end = time.monotonic() + 90
+            while time.monotonic() < end and not _checkpoints(s, serde):
+                sup.tick()
     return _summary(s, serde, progress, console, run_id)
 
 

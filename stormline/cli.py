@@ -582,6 +582,7 @@ def demo(
         bool, typer.Option(help="real models from deploy/agents.real.yaml (needs API keys)")
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every task's reward")] = 900,
+    rate: Annotated[float, typer.Option(help="tasks published per second")] = 25.0,
 ) -> None:
     """Run the whole loop: stack, simulator, router, workers, evaluator, sink, trainer; publish
     verifiable tasks; show live progress; end with analytics, a reward curve and learning."""
@@ -595,6 +596,7 @@ def demo(
             workers=workers,
             real=real,
             timeout_s=timeout,
+            rate=rate,
             console=console,
         )
     except (DemoError, StackError) as exc:
