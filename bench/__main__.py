@@ -239,6 +239,8 @@ def render_md(results: dict[str, Any]) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
+        f"Conditions: {m.get('conditions', 'as measured')}.",
+        "",
         "Each figure is the median of the runs, with min and max (the spread). Suites that take "
         "minutes per run (learning, trainer, sink) run once; their figures are medians or "
         "best-of over repetitions inside the suite where it says so.",
