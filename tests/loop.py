@@ -158,6 +158,24 @@ class Loop:
         self.tasks += batch
         return batch
 
+    def wait_flowing(self, rewards: int = 5, timeout: float = 240.0) -> None:
+        """Block until the loop has produced ``rewards`` rewards: it is really under load.
+
+        On a busy machine the services take tens of seconds to import and join their groups;
+        breaking something before that tests start-up, not recovery mid-load.
+        """
+        group = f"{self.s.topic_prefix}flow-{uuid.uuid4().hex[:4]}"
+        c = EventConsumer(self.s, self.serde, group, [REWARDS])
+        seen = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while seen < rewards and time.monotonic() < deadline:
+                seen += len(c.poll_batch(500, 0.5))
+                self.sup.tick()
+        finally:
+            c.close()
+        assert seen >= rewards, f"the loop produced {seen} rewards in {timeout:.0f}s"
+
     def kill9(self, name: str) -> int:
         pid = self.sup.pids()[name]
         os.kill(pid, signal.SIGKILL)

@@ -66,7 +66,7 @@ def test_kill9_worker_router_and_evaluator_mid_load(private, tmp_path: Path) -> 
     _, s = private
     with Loop(s, tmp_path) as loop:
         loop.publish(300)
-        time.sleep(3)
+        loop.wait_flowing()
         loop.kill9("worker-0")
         loop.publish(150, seed=2)
         time.sleep(2)
@@ -84,6 +84,7 @@ def test_llm_errors_for_a_stretch(private, tmp_path: Path) -> None:  # type: ign
     _, s = private
     with Loop(s, tmp_path) as loop:
         loop.publish(100)
+        loop.wait_flowing()
         for kind in ("429", "500", "hang"):
             r = httpx.post(
                 f"{loop.sim_url}/admin/faults", json={"kind": kind, "seconds": 2}, timeout=5
@@ -101,7 +102,7 @@ def test_redis_down_for_a_stretch(private, tmp_path: Path) -> None:  # type: ign
     stack, s = private
     with Loop(s, tmp_path) as loop:
         loop.publish(200)
-        time.sleep(2)
+        loop.wait_flowing()
         pid = int((s.data_dir / "run" / "redis.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         loop.publish(100, seed=5)
@@ -115,7 +116,7 @@ def test_broker_restart_mid_load(private, tmp_path: Path) -> None:  # type: igno
     stack, s = private
     with Loop(s, tmp_path) as loop:
         loop.publish(200)
-        time.sleep(3)
+        loop.wait_flowing()
         pid = int((s.data_dir / "run" / "kafka.pid").read_text())
         process.stop_pid(pid, "kafka.Kafka", timeout=60)
         time.sleep(2)
@@ -131,7 +132,7 @@ def test_kill9_sink_and_trainer_and_clickhouse_down(private, tmp_path: Path) -> 
     _, s = private
     with Loop(s, tmp_path, sink=True, trainer=True) as loop:
         loop.publish(300)
-        time.sleep(4)
+        loop.wait_flowing()
         loop.kill9("sink")
         loop.kill9("trainer")
         # ClickHouse (the sink's storage) unavailable for a stretch: its directory is
