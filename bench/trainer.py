@@ -1,5 +1,6 @@
 """Trainer benchmark: join throughput, Ray training throughput (1 and 2 workers), latency from
-the last experience to CheckpointPublished (needs a broker: STORMLINE_KAFKA_BOOTSTRAP_SERVERS),
+the last experience to CheckpointPublished (through the broker of ``Settings()``: ``make bench``
+runs ``stormline up`` first),
 and generalisation to a held-out task type on a simulated environment.
 
     .venv/bin/python -m bench.trainer [--quick]
@@ -8,7 +9,6 @@ and generalisation to a held-out task type on a simulated environment.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import tempfile
@@ -184,10 +184,10 @@ def bench_training(lrn: Any, n: int, started: float) -> dict[str, float]:
 def bench_latency_and_generalisation(
     settings: Settings, lrn: Any, quick: bool
 ) -> dict[str, float | str]:
-    from confluent_kafka import Consumer
+    from confluent_kafka import Consumer, KafkaException
 
     from schemas.catalog import CHECKPOINTS
-    from schemas.kafka import EventProducer, client_logger, ensure_topics
+    from schemas.kafka import EventProducer, admin_client, client_logger, ensure_topics
     from schemas.models import CheckpointPublished
     from schemas.serde import Serde
     from trainer.policy import load_checkpoint
@@ -212,8 +212,12 @@ def bench_latency_and_generalisation(
     out["heldout_oracle_expected_reward"] = max(success_p(a, HELD_OUT) for a in AGENTS)
     out["generalisation_train_experiences"] = float(n)
 
-    if not os.environ.get("STORMLINE_KAFKA_BOOTSTRAP_SERVERS"):
-        out["last_experience_to_checkpoint_published_s"] = "skipped: no broker configured"
+    try:
+        admin_client(settings).list_topics(timeout=5)
+    except KafkaException:
+        out["last_experience_to_checkpoint_published_s"] = (
+            f"skipped: no broker at {settings.kafka_bootstrap_servers} (run `stormline up`)"
+        )
         return out
     # Latency: the live service, the real broker, one batch.
     batch = 200 if quick else 1000
