@@ -2,13 +2,17 @@
 
 Runs the simulated LLM (0 ms latency), the router, two workers and the evaluator as
 processes (the sink and trainer do not sit between publish and reward, so they are not
-started), publishes N tasks at once and times until the last task's reward arrives.
+started), publishes N tasks at once and times until the last task's reward arrives. It also
+reports the CPU milliseconds per task of every process involved (broker, registry, Redis,
+simulator, router, workers, evaluator, the publisher), read from /proc.
 Needs the stack of ``Settings()`` (``make bench`` runs ``stormline up`` first).
 Target (issue 8): >= 1,000 tasks/s on the 2-core machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 import uuid
@@ -45,6 +49,24 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (from /proc), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stack_pids(s: Settings) -> dict[str, int]:
+    run = s.data_dir.resolve() / "run"
+    out = {}
+    for name in ("kafka", "registry", "redis"):
+        with contextlib.suppress(OSError, ValueError):
+            out[name] = int((run / f"{name}.pid").read_text().strip())
+    return out
 
 
 def one_run(n: int, workers: int) -> dict[str, float]:
@@ -105,6 +127,10 @@ def one_run(n: int, workers: int) -> dict[str, float]:
             raise RuntimeError(
                 f"warm-up: only {len(seen)}/{len(warm)} rewards in 120s; see {tmp / 'logs'}"
             )
+        # Where the CPU goes per task is the measured explanation of the throughput.
+        pids = {**_stack_pids(s), **sup.pids()}
+        cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
+        self0 = time.process_time()
         start = time.monotonic()
         EventProducer(s, serde).publish(tasks)
         published = time.monotonic() - start
@@ -114,10 +140,23 @@ def one_run(n: int, workers: int) -> dict[str, float]:
         while len(done) < n and time.monotonic() < deadline:
             done |= {r.event.task_id for r in watch.poll_batch(5000, 0.5)} & wanted
         elapsed = time.monotonic() - start
+        cpu = {k: _cpu_s(pid) for k, pid in pids.items()}
+        cpu["publisher+watcher"] = time.process_time() - self0
+        cpu0["publisher+watcher"] = 0.0
         watch.close()
     finally:
         sup.stop()
+    # Workers are summed: between them they make one LLM call per task.
+    per_task: dict[str, float] = {}
+    for name, after in cpu.items():
+        before = cpu0.get(name)
+        if after is not None and before is not None:
+            key = "worker" if name.startswith("worker-") else name.replace("-", "_")
+            per_task[key] = per_task.get(key, 0.0) + (after - before) * 1000 / max(len(done), 1)
+    figures = {f"end_to_end_cpu_ms_per_task_{k.replace('+', '_')}": v for k, v in per_task.items()}
+    figures["end_to_end_cpu_ms_per_task_total"] = sum(per_task.values())
     return {
+        **figures,
         "end_to_end_tasks_per_s": len(done) / elapsed,
         "end_to_end_tasks_completed": len(done),
         "end_to_end_tasks_published": n,
