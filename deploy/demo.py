@@ -108,6 +108,7 @@ def run_demo(
     real: bool = False,
     timeout_s: float = 900.0,
     rate: float = 25.0,
+    checkpoint_wait_s: float = 120.0,
     console: Console | None = None,
 ) -> dict[str, Any]:
     console = console or Console()
@@ -142,7 +143,7 @@ def run_demo(
     console.print(f"run [bold]{run_id}[/bold]: topics {prefix}*, logs in {logs}")
     sup.start()
     try:
-        return _drive(s, serde, sup, tasks, timeout_s, console, run_id, rate)
+        return _drive(s, serde, sup, tasks, timeout_s, console, run_id, rate, checkpoint_wait_s)
     finally:
         with console.status("stopping the demo's services"):
             sup.stop()
@@ -157,6 +158,7 @@ def _drive(
     console: Console,
     run_id: str,
     rate: float,
+    checkpoint_wait_s: float,
 ) -> dict[str, Any]:
     task_list = list(demo_tasks(n, run_id=run_id.replace("-", "")))
     progress = Progress(n, {t.task_id: i for i, t in enumerate(task_list)})
@@ -185,13 +187,14 @@ def _drive(
                 live.update(progress.table())
     finally:
         rewards.close()
+    console.print()
     if progress.done < n:
         console.print(
             f"[yellow]only {progress.done}/{n} tasks were scored within {timeout_s:.0f}s[/yellow]"
         )
     if sent and not _checkpoints(s, serde):
-        with console.status("waiting up to 90 s for the trainer's first checkpoint"):
-            end = time.monotonic() + 90
+        with console.status(f"waiting up to {checkpoint_wait_s:.0f} s for the first checkpoint"):
+            end = time.monotonic() + checkpoint_wait_s
             while time.monotonic() < end and not _checkpoints(s, serde):
                 sup.tick()
     return _summary(s, serde, progress, console, run_id)
@@ -217,6 +220,13 @@ def _summary(
     )
     png = s.data_dir.resolve() / f"demo-{run_id}-reward-curve.png"
     per_agent = _analytics(s, png, console, expect_rewards=progress.done)
+    console.print(
+        "this run's topics and analytics stay; to look again, set\n"
+        f"  export STORMLINE_TOPIC_PREFIX={s.topic_prefix} "
+        f"STORMLINE_SINK_PARTS_DIR={s.sink_parts_dir}\n"
+        "and run `stormline status` or `stormline analytics per_agent`",
+        soft_wrap=True,
+    )
     return {
         "tasks": progress.total,
         "scored": progress.done,
@@ -230,7 +240,8 @@ def _summary(
 
 def per_agent_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="per agent (from ClickHouse: stormline analytics per_agent)")
-    for col in ("agent", "tasks", "success", "mean reward (95% CI)", "p50 / p95 ms", "tokens"):
+    cols = ("agent", "tasks", "LLM calls ok", "mean reward (95% CI)", "p50 / p95 ms", "tokens")
+    for col in cols:
         t.add_column(col)
     for r in rows:
         t.add_row(

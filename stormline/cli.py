@@ -118,7 +118,8 @@ def status(
         bool, typer.Option("--services-only", help="skip topics, lag, agents, checkpoints")
     ] = False,
 ) -> None:
-    """Services, topics, consumer lag, agent health, checkpoints, recent dead letters.
+    """Services (and those `up --all` supervises), topics, consumer lag, agent health,
+    checkpoints, recent dead letters.
 
     Exits 1 if any service is unhealthy.
     """
@@ -128,14 +129,16 @@ def status(
 
     s = settings_of(ctx)
     while True:
-        statuses = EmbeddedStack(s).status()
+        stack = EmbeddedStack(s)
+        statuses = stack.status()
+        supervised = stack.services()
         ops = None
         if not services_only:
             from consumers.ops import collect
 
             ops = collect(s)
         if as_json:
-            doc = {"services": [x.as_dict() for x in statuses]}
+            doc = {"services": [x.as_dict() for x in statuses], "supervised": supervised}
             if ops is not None:
                 doc.update(ops.as_dict())
             console.print_json(json.dumps(doc, default=str))
@@ -143,6 +146,8 @@ def status(
             if watch:
                 console.clear()
             _print_services(statuses)
+            if supervised:
+                _print_supervised(supervised)
             if ops is not None:
                 from consumers.ops import print_ops
 
@@ -583,6 +588,12 @@ def demo(
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every task's reward")] = 900,
     rate: Annotated[float, typer.Option(help="tasks published per second")] = 25.0,
+    checkpoint_wait: Annotated[
+        float, typer.Option(help="seconds to wait, once all is scored, for a first checkpoint")
+    ] = 120.0,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="also write the summary (figures, checkpoints) as JSON")
+    ] = None,
 ) -> None:
     """Run the whole loop: stack, simulator, router, workers, evaluator, sink, trainer; publish
     verifiable tasks; show live progress; end with analytics, a reward curve and learning."""
@@ -597,11 +608,14 @@ def demo(
             real=real,
             timeout_s=timeout,
             rate=rate,
+            checkpoint_wait_s=checkpoint_wait,
             console=console,
         )
     except (DemoError, StackError) as exc:
         err.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["scored"] < result["tasks"]:
         raise typer.Exit(1)
 
@@ -618,6 +632,21 @@ def _print_services(statuses: list) -> None:  # type: ignore[type-arg]
             s.address,
             "embedded" if s.managed else "external",
             s.detail,
+        )
+    console.print(table)
+
+
+def _print_supervised(rows: list[dict[str, object]]) -> None:
+    table = Table(title="supervised services (stormline up --all; logs in <data_dir>/logs/)")
+    for col in ("service", "running", "pid", "restarts", "command"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["name"]),
+            "[green]yes[/green]" if r["running"] else "[yellow]restarting[/yellow]",
+            str(r["pid"]),
+            str(r["restarts"]),
+            f"stormline {r['command']}",
         )
     console.print(table)
 

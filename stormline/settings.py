@@ -58,7 +58,10 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         default=None, description="Existing cluster; unset means the embedded broker."
     )
-    kafka_security_protocol: str | None = Field(default=None, description="e.g. SASL_SSL")
+    kafka_security_protocol: str | None = Field(
+        default=None,
+        description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; every client, the router too.",
+    )
     kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512")
     kafka_sasl_username: str | None = Field(default=None, description="SASL user")
     kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password")

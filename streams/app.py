@@ -35,6 +35,7 @@ import heapq
 import json
 import logging
 import random
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -43,6 +44,7 @@ from typing import Any
 
 import faust
 from faust.types import EventT
+from faust.types.auth import CredentialsT
 
 from schemas.catalog import (
     AGENT_HEALTH,
@@ -119,6 +121,30 @@ def router_config(s: Settings) -> RouterConfig:
     )
 
 
+def broker_credentials(s: Settings) -> CredentialsT | None:
+    """The SASL/SSL settings that confluent-kafka clients get, in Faust's (aiokafka's) terms."""
+    protocol = (s.kafka_security_protocol or "PLAINTEXT").upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=s.kafka_ssl_ca_location)
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
+        return faust.SASLCredentials(
+            username=s.kafka_sasl_username,
+            password=password,
+            mechanism=s.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    raise ValueError(
+        f"STORMLINE_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not one of "
+        "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"
+    )
+
+
 def app_id(s: Settings) -> str:
     return f"{s.topic_prefix}{s.router_app_id}"
 
@@ -143,6 +169,7 @@ class Router:
         self.app = faust.App(
             app_id(s),
             broker=f"kafka://{s.bootstrap_servers}",
+            broker_credentials=broker_credentials(s),
             store="rocksdb://" if s.router_store == "rocksdb" else "memory://",
             datadir=str(datadir),
             autodiscover=False,

@@ -25,6 +25,7 @@ from schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from schemas.models import Reward, TaskSubmitted, Trajectory
 from schemas.serde import Serde
 from stormline.settings import Settings
+from tests.conftest import free_port, wait_http
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Loop:
             update={
                 "topic_prefix": f"f{uuid.uuid4().hex[:6]}.",
                 "data_dir": tmp,
-                "simulator_port": _free_port(),
-                "router_web_port": _free_port(),
+                "simulator_port": free_port(),
+                "router_web_port": free_port(),
             }
         )
         ensure_topics(self.s)
@@ -140,13 +141,7 @@ class Loop:
 
     def __enter__(self) -> Loop:
         self.sup.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.sim_url}/v1/models", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_http(f"{self.sim_url}/v1/models")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,11 +219,3 @@ class Loop:
                 )
         calls = self.llm_calls()
         return sum(max(0, calls[p] - attempts[p]) for p in attempts)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

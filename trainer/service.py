@@ -209,7 +209,10 @@ def serve(settings: Settings) -> None:
         svc.run(stop.is_set)
     finally:
         svc.close()
-        learner.close()
+        log.info("state saved and offsets committed; stopping the Ray workers")
+        # Nothing is left to lose: do not wait long for the TorchTrainer's own shutdown,
+        # ray.shutdown() ends its workers either way.
+        learner.close(timeout=10.0)
         import ray
 
         ray.shutdown()
