@@ -115,12 +115,15 @@ TARGETS: list[tuple[str, str, str, float, str, str]] = [
         ">=",
         1_000,
         "issue 8",
-        "the loop is CPU-bound: a task costs ~26 ms of CPU summed over every process "
-        "(`end_to_end_cpu_ms_per_task_*`: workers ~12 ms, of which the OpenAI SDK is 5-9 ms; "
-        "router ~8 ms, Faust consuming and producing its repartition, assignment and changelog "
-        "records; Kafka broker ~3 ms; simulator ~1.7 ms; evaluator ~1 ms; Redis ~0.5 ms), so "
-        "2 cores carry at most ~76 tasks/s; 1,000 tasks/s needs under 2 ms of CPU per task for "
-        "the whole loop, i.e. compiled clients and a router outside Python",
+        "the loop is CPU-bound: a task costs 17 ms of CPU summed over every process in this run "
+        "(26 ms and 72 tasks/s in the full run, right after the sink suite), "
+        "`end_to_end_cpu_ms_per_task_*`: workers 6.7 ms, most of it the official OpenAI SDK; "
+        "router 4.8 ms, Faust consuming and producing its repartition, assignment and changelog "
+        "records; Kafka broker 2.7 ms; simulator 0.9 ms; evaluator 0.5 ms; Redis 0.3 ms, so 2 "
+        "cores carry at most ~120 tasks/s. With the in-process `simulated` provider (no SDK, no "
+        "HTTP) a task costs 9 ms and the loop runs at 195 tasks/s, the router then being the "
+        "largest share (3.9 ms). 1,000 tasks/s needs under 2 ms of CPU per task for the whole "
+        "loop: compiled clients and a router outside Python",
     ),
 ]
 
@@ -228,7 +231,10 @@ def main() -> int:
     if args.only and path_json.exists():  # keep other suites' figures when re-running one
         old = json.loads(path_json.read_text())
         results["suites"] = old.get("suites", {})
-        results["machine"]["load_avg_1m_before"] = old["machine"].get("load_avg_1m_before", {})
+        # The header's date stays that of the full run; each suite records when it ran.
+        results["machine"]["date"] = old["machine"].get("date", results["machine"]["date"])
+        for key in ("load_avg_1m_before", "suite_started"):
+            results["machine"][key] = old["machine"].get(key, {})
     failed = False
     for name in names:
         try:
@@ -241,6 +247,9 @@ def main() -> int:
         _settle()
         # Speed figures depend on what else runs on the cores; record it with the figures.
         results["machine"].setdefault("load_avg_1m_before", {})[name] = round(os.getloadavg()[0], 2)
+        results["machine"].setdefault("suite_started", {})[name] = time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime()
+        )
         runs = []
         # A suite may ask for fewer repeats (REPEATS = 1) when one run already takes minutes.
         n_runs = 1 if args.quick else min(repeats, getattr(mod, "REPEATS", repeats))
@@ -267,7 +276,7 @@ def render_md(results: dict[str, Any]) -> str:
         "# Stormline benchmark results",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']};"
-        f" {m['platform']}; run {m['date']}.",
+        f" {m['platform']}; full run {m['date']}.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
@@ -323,11 +332,14 @@ def _conditions(m: dict[str, Any]) -> str:
     """Free text from BENCH_CONDITIONS, then the load average measured before each suite."""
     parts = [m["conditions"]] if m.get("conditions") else []
     loads = m.get("load_avg_1m_before", {})
+    started = m.get("suite_started", {})
     if loads:
         parts.append(
-            "1-minute load average before each suite: "
-            + ", ".join(f"{k} {v}" for k, v in loads.items())
-            + f" (on {m['cores']} cores)"
+            f"1-minute load average (on {m['cores']} cores) before each suite: "
+            + ", ".join(
+                f"{k} {v}" + (f" (started {started[k]})" if k in started else "")
+                for k, v in loads.items()
+            )
         )
     return "; ".join(parts) or "not recorded"
 

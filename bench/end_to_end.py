@@ -4,7 +4,10 @@ Runs the simulated LLM (0 ms latency), the router, two workers and the evaluator
 processes (the sink and trainer do not sit between publish and reward, so they are not
 started), publishes N tasks at once and times until the last task's reward arrives. It also
 reports the CPU milliseconds per task of every process involved (broker, registry, Redis,
-simulator, router, workers, evaluator, the publisher), read from /proc.
+simulator, router, workers, evaluator, the publisher), read from /proc. Each run is done
+twice: agents reaching the simulator server through the official OpenAI SDK (``end_to_end_*``),
+and the same agents with the in-process ``simulated`` provider (``end_to_end_in_process_llm_*``),
+which separates the platform's own cost from the client library's.
 Needs the stack of ``Settings()`` (``make bench`` runs ``stormline up`` first).
 Target (issue 8): >= 1,000 tasks/s on the 2-core machine.
 """
@@ -12,7 +15,6 @@ Target (issue 8): >= 1,000 tasks/s on the 2-core machine.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import time
 import uuid
@@ -21,6 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench import cpu_seconds, free_port
 from deploy.supervisor import ServiceSpec, Supervisor
 from producers.demo_tasks import demo_tasks
 from schemas.catalog import CATALOG, REWARDS
@@ -43,23 +46,6 @@ def _wait_ready(url: str, seconds: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up within {seconds:.0f}s")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (from /proc), None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _stack_pids(s: Settings) -> dict[str, int]:
     run = s.data_dir.resolve() / "run"
     out = {}
@@ -69,13 +55,26 @@ def _stack_pids(s: Settings) -> dict[str, int]:
     return out
 
 
-def one_run(n: int, workers: int) -> dict[str, float]:
+def _agents(path: Path, sim_port: int, sim_config: Path, in_process: bool) -> None:
+    """The shipped agents, pointed at this run's simulator (server, or in process)."""
+    doc = yaml.safe_load(Path("agents.yaml").read_text())
+    for agent in doc["agents"]:
+        if in_process:
+            agent.update(provider="simulated", simulator_config=str(sim_config))
+            agent.pop("base_url", None)
+        else:
+            agent["base_url"] = f"http://127.0.0.1:{sim_port}/v1"
+    path.write_text(yaml.safe_dump(doc))
+
+
+def one_run(n: int, workers: int, in_process: bool = False) -> dict[str, float]:
+    """One timed run; ``in_process``: agents use the in-process simulated provider."""
     base = Settings()
     s = base.model_copy(
         update={
             "topic_prefix": f"bench-e2e-{uuid.uuid4().hex[:6]}.",
-            "simulator_port": _free_port(),
-            "router_web_port": _free_port(),
+            "simulator_port": free_port(),
+            "router_web_port": free_port(),
         }
     )
     ensure_topics(s)
@@ -85,16 +84,11 @@ def one_run(n: int, workers: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="stormline-e2e-"))
     cfg = tmp / "sim.yaml"
     cfg.write_text(yaml.safe_dump(SIM_CONFIG))
-    # The shipped agents, pointed at this run's simulator.
     agents = tmp / "agents.yaml"
-    agents.write_text(
-        Path("agents.yaml").read_text().replace("127.0.0.1:8700", f"127.0.0.1:{s.simulator_port}")
-    )
+    _agents(agents, s.simulator_port, cfg, in_process)
+    sim_argv = ["simulate-llm", "--config", str(cfg), "--port", str(s.simulator_port)]
     specs = [
-        ServiceSpec(
-            "simulate-llm",
-            ["simulate-llm", "--config", str(cfg), "--port", str(s.simulator_port)],
-        ),
+        *([] if in_process else [ServiceSpec("simulate-llm", sim_argv)]),
         ServiceSpec("router", ["router"]),
         *[
             ServiceSpec(f"worker-{i}", ["worker", "--worker-id", f"e2e-{i}"])
@@ -112,7 +106,8 @@ def one_run(n: int, workers: int) -> dict[str, float]:
     sup = Supervisor(specs, logs=tmp / "logs", env=env)
     sup.start()
     try:
-        _wait_ready(f"http://127.0.0.1:{s.simulator_port}/v1/models")
+        if not in_process:
+            _wait_ready(f"http://127.0.0.1:{s.simulator_port}/v1/models")
         tasks = list(demo_tasks(n))
         watch = EventConsumer(s, serde, f"{s.topic_prefix}e2e-watch", [REWARDS])
         # Warm-up: one task per type so that the router knows the agents (heartbeats) and
@@ -129,7 +124,7 @@ def one_run(n: int, workers: int) -> dict[str, float]:
             )
         # Where the CPU goes per task is the measured explanation of the throughput.
         pids = {**_stack_pids(s), **sup.pids()}
-        cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
+        cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
         self0 = time.process_time()
         start = time.monotonic()
         EventProducer(s, serde).publish(tasks)
@@ -140,7 +135,7 @@ def one_run(n: int, workers: int) -> dict[str, float]:
         while len(done) < n and time.monotonic() < deadline:
             done |= {r.event.task_id for r in watch.poll_batch(5000, 0.5)} & wanted
         elapsed = time.monotonic() - start
-        cpu = {k: _cpu_s(pid) for k, pid in pids.items()}
+        cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
         cpu["publisher+watcher"] = time.process_time() - self0
         cpu0["publisher+watcher"] = 0.0
         watch.close()
@@ -153,23 +148,26 @@ def one_run(n: int, workers: int) -> dict[str, float]:
         if after is not None and before is not None:
             key = "worker" if name.startswith("worker-") else name.replace("-", "_")
             per_task[key] = per_task.get(key, 0.0) + (after - before) * 1000 / max(len(done), 1)
-    figures = {f"end_to_end_cpu_ms_per_task_{k.replace('+', '_')}": v for k, v in per_task.items()}
-    figures["end_to_end_cpu_ms_per_task_total"] = sum(per_task.values())
+    prefix = "end_to_end_in_process_llm_" if in_process else "end_to_end_"
+    figures = {f"{prefix}cpu_ms_per_task_{k.replace('+', '_')}": v for k, v in per_task.items()}
+    figures[f"{prefix}cpu_ms_per_task_total"] = sum(per_task.values())
     return {
         **figures,
-        "end_to_end_tasks_per_s": len(done) / elapsed,
-        "end_to_end_tasks_completed": len(done),
-        "end_to_end_tasks_published": n,
-        "end_to_end_publish_seconds": published,
-        "end_to_end_seconds": elapsed,
+        f"{prefix}tasks_per_s": len(done) / elapsed,
+        f"{prefix}tasks_completed": len(done),
+        f"{prefix}tasks_published": n,
+        f"{prefix}publish_seconds": published,
+        f"{prefix}seconds": elapsed,
     }
 
 
 def run(quick: bool = False) -> dict[str, float | str]:
     n = 1000 if quick else 5000
-    out: dict[str, float | str] = dict(one_run(n, workers=2))
+    out: dict[str, float | str] = {**one_run(n, workers=2), **one_run(n, 2, in_process=True)}
     out["end_to_end_setup"] = (
-        f"{n} tasks, simulated LLM at 0 ms, 1 router, 2 workers, "
-        "1 evaluator, all on this machine's 2 cores"
+        f"{n} tasks, simulated LLM at 0 ms, 1 router, 2 workers, 1 evaluator, all on this "
+        "machine's 2 cores; end_to_end_*: agents reach `stormline simulate-llm` through the "
+        "official OpenAI SDK; end_to_end_in_process_llm_*: the same agents with "
+        "`provider: simulated` (no SDK, no HTTP)"
     )
     return out

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import free_port
 from schemas.models import Reward, RewardSource, TaskSubmitted
 from streams.health import HealthConfig
 from streams.router import Directory, RouterConfig, RouterCore
@@ -121,12 +121,6 @@ def _prompt(ttype: str, i: int) -> str:
     }[ttype]
 
 
-def _free_port() -> int:
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return int(sk.getsockname()[1])
-
-
 def run_e2e(strategy: str, n: int, rate: float = 150.0) -> dict[str, float]:
     """One strategy through broker, router, worker, simulator and evaluator."""
     import httpx
@@ -141,12 +135,12 @@ def run_e2e(strategy: str, n: int, rate: float = 150.0) -> dict[str, float]:
     from stormline.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-learning-{strategy}-"))
-    sim_port = _free_port()
+    sim_port = free_port()
     s = Settings().model_copy(
         update={
             "topic_prefix": f"bench-learn-{uuid.uuid4().hex[:6]}.",
             "data_dir": tmp,
-            "router_web_port": _free_port(),
+            "router_web_port": free_port(),
         }
     )
     ensure_topics(s)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from bench import cpu_seconds, free_port
 from schemas.catalog import AGENT_HEALTH, ASSIGNMENTS
 from schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from schemas.models import (
@@ -45,12 +45,6 @@ AGENTS = [f"bench-agent-{i}" for i in range(5)]
 TYPES = ["math", "reverse", "upper", "sort"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(s: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}
     for name, value in s.model_dump().items():
@@ -59,12 +53,6 @@ def _env(s: Settings, **extra: str) -> dict[str, str]:
                 value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
             )
     return {**env, **extra}
-
-
-def _cpu_s(pid: int) -> float:
-    """User+system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -113,7 +101,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
         update={
             "topic_prefix": f"bench-router-{uuid.uuid4().hex[:6]}.",
             "data_dir": tmp,
-            "router_web_port": _free_port(),
+            "router_web_port": free_port(),
         }
     )
     ensure_topics(s)
@@ -207,7 +195,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
         # -- throughput: a burst --
         burst = 2000 if quick else 10000
         bids = [f"b{i}" for i in range(burst)]
-        cpu0 = _cpu_s(proc.pid)
+        cpu0 = cpu_seconds(proc.pid)
         producer.publish(
             TaskSubmitted(
                 task_id=tid,
@@ -219,7 +207,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
             for i, tid in enumerate(bids)
         )
         col.wait(lambda: all(t in col.assigned for t in bids), 600)
-        cpu_burst = _cpu_s(proc.pid) - cpu0
+        cpu_burst = cpu_seconds(proc.pid) - cpu0
         stamps = [col.assigned[t][0].assigned_at.timestamp() for t in bids if t in col.assigned]
         span = max(stamps) - min(stamps) if len(stamps) > 1 else float("nan")
         counters = httpx.get(url, timeout=5).json()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from bench import cpu_seconds, free_port
 from consumers.agents import parse_registry
 from consumers.providers import openai_provider  # noqa: F401  (slow import, kept out of timings)
 from consumers.worker import Worker
@@ -34,18 +34,6 @@ from schemas.kafka import EventProducer, ensure_topics
 from schemas.models import AssignedTask, PolicyKind, TaskAssigned
 from schemas.serde import Serde
 from stormline.settings import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_s(pid: int) -> float:
-    """User+system CPU seconds of another process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start_simulator(port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -130,9 +118,9 @@ def _phase(
     producer.publish(events, timeout=120)
     producer.close()
     worker = Worker(s, registry, f"bench-{os.getpid()}", serde=serde)
-    cpu0, sim0 = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(sim_pid)
+    cpu0, sim0 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sim_pid)
     stats = asyncio.run(worker.run(until=lambda w: w.stats.processed >= n))
-    cpu1, sim1 = resource.getrusage(resource.RUSAGE_SELF), _cpu_s(sim_pid)
+    cpu1, sim1 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sim_pid)
     elapsed = stats.last_done - stats.first_started
     worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     return {
@@ -149,7 +137,7 @@ def _phase(
 def run(quick: bool = False) -> dict[str, float | str]:
     base = Settings()
     n200, n0 = (1_000, 500) if quick else (4_000, 2_000)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         sim = _start_simulator(port, Path(tmp))
         try:

@@ -1,7 +1,9 @@
 """The agent registry: agents are configuration (``agents.yaml``), not code.
 
 An agent names a provider (``openai`` for OpenAI and any OpenAI-compatible server such as
-vLLM, Ollama or ``stormline simulate-llm``; ``anthropic``), a model, a system prompt, its
+vLLM, Ollama or ``stormline simulate-llm``; ``anthropic``; ``simulated``, the simulator's
+skill table in process, for offline runs and benchmarks that leave out the SDK and HTTP, and
+only where an agent names it), a model, a system prompt, its
 capabilities, concurrency, timeout, max tokens, temperature and an optional fallback
 provider. API keys are never written here: ``api_key_env`` names the environment variable
 that holds the key.
@@ -32,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-PROVIDERS = ("openai", "anthropic")
+PROVIDERS = ("openai", "anthropic", "simulated")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
@@ -45,9 +47,14 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: Literal["openai", "anthropic"]
+    provider: Literal["openai", "anthropic", "simulated"]
     model: str = Field(min_length=1)
     base_url: str | None = None
+    simulator_config: Path | None = Field(
+        default=None,
+        description="provider simulated: the skill/latency YAML of `stormline simulate-llm "
+        "--config`; unset means its built-in table.",
+    )
     api_key_env: str | None = Field(
         default=None,
         description="Env var holding the key. Unset: the provider's usual variable, or no "

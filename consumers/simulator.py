@@ -208,7 +208,44 @@ class SimState:
         return None
 
 
-def _tokens(text: str) -> list[str]:
+@dataclass(frozen=True)
+class Reply:
+    """What the simulated model does with one prompt, before any transport."""
+
+    status: int  # 200, or the HTTP error status
+    text: str  # the answer, or the error message
+    task_type: str = "*"
+    p: float = 0.5  # probability of the answer given (logprobs are derived from it)
+    delay_s: float = 0.0
+
+
+def reply(st: SimState, model: str, prompt: str) -> Reply:
+    """Decide one reply: fault, latency, error rate, then a right answer or a near miss."""
+    st.requests += 1
+    st.by_model[model] += 1
+    st.by_prompt[prompt] += 1
+    profile = st.config.profile(model)
+    fault = st.take_fault(model)
+    if fault is not None:
+        if fault.kind == "hang":
+            # Clients time out long before; should one wait, it gets a gateway timeout.
+            return Reply(504, "simulated hang", delay_s=fault.hang_s)
+        return Reply(int(fault.kind), f"simulated fault {fault.kind}")
+    delay = 0.0
+    if profile.latency_ms or profile.jitter_ms:
+        delay = max(0.0, st.rng.gauss(profile.latency_ms, profile.jitter_ms)) / 1000
+    if profile.error_rate and st.rng.random() < profile.error_rate:
+        return Reply(500, "simulated server error", delay_s=delay)
+    task_type, right = solve(prompt)
+    if right is None:
+        return Reply(200, f"(simulated {model}) I read: {prompt[:80]}", delay_s=delay)
+    p = profile.p_correct(task_type)
+    correct = st.rng.random() < p
+    text = right if correct else near_miss(right)
+    return Reply(200, text, task_type, p if correct else 1 - p, delay)
+
+
+def tokens(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text) or [text]
 
 
@@ -231,28 +268,14 @@ class Simulator:
                 c = m.get("content")
                 prompt = c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
                 break
-        st.requests += 1
-        st.by_model[model] += 1
-        st.by_prompt[prompt] += 1
         cred = request.headers.get("authorization") or request.headers.get("x-api-key") or ""
         st.credentials[hashlib.sha256(cred.removeprefix("Bearer ").encode()).hexdigest()[:16]] += 1
-        profile = st.config.profile(model)
-        fault = st.take_fault(model)
-        if fault is not None:
-            if fault.kind == "hang":
-                await asyncio.sleep(fault.hang_s)
-            return int(fault.kind), f"simulated fault {fault.kind}"
-        if profile.latency_ms or profile.jitter_ms:
-            delay = max(0.0, st.rng.gauss(profile.latency_ms, profile.jitter_ms))
-            await asyncio.sleep(delay / 1000)
-        if profile.error_rate and st.rng.random() < profile.error_rate:
-            return 500, "simulated server error"
-        task_type, right = solve(prompt)
-        if right is None:
-            return "*", f"(simulated {model}) I read: {prompt[:80]}", 0.5
-        p = profile.p_correct(task_type)
-        correct = st.rng.random() < p
-        return task_type, right if correct else near_miss(right), p if correct else 1 - p
+        r = reply(st, model, prompt)
+        if r.delay_s:
+            await asyncio.sleep(r.delay_s)
+        if r.status != 200:
+            return r.status, r.text
+        return r.task_type, r.text, r.p
 
     async def chat_completions(self, request: Request) -> Response:
         body = await _json(request)
@@ -262,8 +285,8 @@ class Simulator:
         if isinstance(res[0], int):
             return _openai_error(res[0], res[1])
         _, text, p = res
-        prompt_tokens = sum(len(_tokens(str(m.get("content", "")))) for m in body["messages"])
-        toks = _tokens(text)
+        prompt_tokens = sum(len(tokens(str(m.get("content", "")))) for m in body["messages"])
+        toks = tokens(text)
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
@@ -306,8 +329,8 @@ class Simulator:
             return _anthropic_error(res[0], res[1])
         _, text, _p = res
         system = body.get("system") or ""
-        prompt_tokens = len(_tokens(str(system))) + sum(
-            len(_tokens(str(m.get("content", "")))) for m in body["messages"]
+        prompt_tokens = len(tokens(str(system))) + sum(
+            len(tokens(str(m.get("content", "")))) for m in body["messages"]
         )
         out = {
             "id": f"msg_{uuid.uuid4().hex[:20]}",
@@ -317,7 +340,7 @@ class Simulator:
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
-            "usage": {"input_tokens": prompt_tokens, "output_tokens": len(_tokens(text))},
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": len(tokens(text))},
         }
         return Response(json.dumps(out), media_type="application/json")
 

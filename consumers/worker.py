@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -116,6 +117,33 @@ class OffsetTracker:
                 self._committed.pop(tp, None)
 
 
+# How long the consume loop waits for a commit before it goes on without the answer.
+COMMIT_WAIT_S = 5.0
+
+
+def _commit_on_daemon_thread(consumer: Any, offsets: list[TopicPartition]) -> Future[None]:
+    """A synchronous commit that nobody has to wait for.
+
+    After a broker restart librdkafka can hold a synchronous commit for as long as it has
+    no group coordinator; in the consume loop that stalled every assignment of the worker
+    (seen in the broker-restart fault test). On a daemon thread it blocks neither consuming
+    nor the process's exit.
+    """
+    fut: Future[None] = Future()
+    fut.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except BaseException as exc:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
+
+    threading.Thread(target=run, name="offset-commit", daemon=True).start()
+    return fut
+
+
 # ------------------------------------------------------------------------- worker --
 @dataclass
 class WorkerStats:
@@ -164,6 +192,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._draining = False
         self._owned: set[TP] = set()
+        self._commit_pending: Future[None] | None = None
 
     # -- set-up -------------------------------------------------------------------------
     def _provider(self, cfg: ProviderConfig) -> LLMProvider:
@@ -311,16 +340,32 @@ class Worker:
 
     # -- commits and rebalances ---------------------------------------------------------
     async def _commit(self, final: bool = False) -> None:
+        if self._commit_pending is not None and not self._commit_pending.done():
+            return  # one commit at a time; the next one carries the newer offsets
         offsets = self.tracker.committable()
         if not offsets:
             return
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        fut = _commit_on_daemon_thread(
+            self.consumer.raw, [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        )
+        self._commit_pending = fut
+
+        def confirmed(f: Future[None]) -> None:
+            if f.exception() is None:
+                self.tracker.committed(offsets)
+
+        fut.add_done_callback(confirmed)
+        wait = COMMIT_WAIT_S * (3 if final else 1)
         try:
-            await asyncio.to_thread(self.consumer.raw.commit, offsets=tps, asynchronous=False)
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), wait)
+        except TimeoutError:
+            log.warning(
+                "offset commit unanswered after %.0fs (group coordinator unavailable?); "
+                "consuming goes on and the commit completes when the broker answers",
+                wait,
+            )
         except Exception as exc:  # a rebalance took them: the new owner re-reads
             log.info("commit skipped: %s", exc)
-            return
-        self.tracker.committed(offsets)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._owned |= {(p.topic, p.partition) for p in partitions}
@@ -329,10 +374,12 @@ class Worker:
         tps = {(p.topic, p.partition) for p in partitions}
         offsets = self.tracker.committable(tps)
         if offsets:
+            # Asynchronous: this runs inside poll(), which a blocked commit would stall. If it
+            # is lost, the new owner re-reads a little and idempotency absorbs the repeats.
             with contextlib.suppress(Exception):
                 consumer.commit(
                     offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    asynchronous=False,
+                    asynchronous=True,
                 )
         self.tracker.forget(tps)
         self._owned -= tps

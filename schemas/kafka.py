@@ -340,8 +340,14 @@ class EventConsumer:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
+            code = exc.args[0].code()
+            if code in _COORDINATOR_AWAY:
+                # The broker (or its group coordinator) is restarting: keep the positions and
+                # commit them with the next batch instead of stopping the consumer.
+                log.info("commit postponed, no group coordinator yet: %s", exc)
+                return
             # A rebalance took the partitions: the new owner re-reads from the last commit.
-            if exc.args[0].code() not in (
+            if code not in (
                 KafkaError.REBALANCE_IN_PROGRESS,
                 KafkaError.ILLEGAL_GENERATION,
                 KafkaError.UNKNOWN_MEMBER_ID,
@@ -403,6 +409,17 @@ class TopicState:
     partitions: int = 0
     end_offsets: list[int] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
+
+
+_COORDINATOR_AWAY = {
+    KafkaError._WAIT_COORD,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REQUEST_TIMED_OUT,
+}
 
 
 def admin_client(settings: Settings) -> AdminClient:

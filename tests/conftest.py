@@ -21,11 +21,19 @@ import pytest
 from deploy.stack import EmbeddedStack
 from stormline.settings import Settings
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on, never the same one twice in this test run (the
+    kernel may hand a just-closed port out again, e.g. Kafka's and its controller's)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_http(url: str, seconds: float = 60.0) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from consumers.agents import ProviderConfig
-from consumers.llm import CompletionRequest, ErrorKind, ProviderError
+from consumers.llm import CompletionRequest, ErrorKind, LLMProvider, ProviderError
 from consumers.providers import make_provider
 from consumers.resilience import CallOutcome, CircuitBreaker, RetryPolicy, call_with_policy
 from consumers.simulator import ModelProfile, ServerThread, SimConfig, Simulator
@@ -178,3 +180,31 @@ async def test_simulator_serves_concurrent_requests(sim: ServerThread) -> None:
     async with httpx.AsyncClient() as c:
         models = (await c.get(f"{sim.url}/v1/models")).json()
     assert {m["id"] for m in models["data"]} == {"sim-perfect", "sim-hopeless"}
+
+
+# ------------------------------------------------------------ in-process simulated --
+def _sim_provider(tmp_path: Path, **profile: object) -> LLMProvider:
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump({"seed": 1, "default": profile}))
+    return make_provider(ProviderConfig(provider="simulated", model="sim-x", simulator_config=path))
+
+
+async def test_simulated_provider_answers_by_skill_in_process(tmp_path: Path) -> None:
+    right = _sim_provider(tmp_path, skill={"*": 1.0})
+    c = await right.complete(_req("sim-x", "What is 17 + 25?"))
+    assert (c.output, c.provider, c.model) == ("42", "simulated", "sim-x")
+    assert c.usage.prompt_tokens > 0 and c.usage.completion_tokens == 1
+    assert [s.role for s in c.steps] == ["system", "user", "assistant"]
+    wrong = _sim_provider(tmp_path, skill={"*": 0.0})
+    assert (await wrong.complete(_req("sim-x", "Reverse: stormline"))).output != "enilmrots"
+
+
+async def test_simulated_provider_errors_and_timeouts_are_provider_errors(tmp_path: Path) -> None:
+    failing = _sim_provider(tmp_path, error_rate=1.0)
+    with pytest.raises(ProviderError) as e:
+        await failing.complete(_req("sim-x", "What is 1 + 1?"))
+    assert e.value.kind is ErrorKind.SERVER and e.value.status == 500
+    slow = _sim_provider(tmp_path, latency_ms=5000)
+    with pytest.raises(ProviderError) as e:
+        await slow.complete(_req("sim-x", "What is 1 + 1?", timeout_s=0.2))
+    assert e.value.kind is ErrorKind.TIMEOUT

@@ -1,4 +1,5 @@
-"""LLM providers: OpenAI (and any OpenAI-compatible base_url), Anthropic.
+"""LLM providers: OpenAI (and any OpenAI-compatible base_url), Anthropic, and the in-process
+simulated LLM (only where an agent names it).
 
 :func:`make_provider` builds the right :class:`~consumers.llm.LLMProvider` for an agent or a
 bare provider config (evaluators use it for LLM-as-judge). The SDKs' own retries are off:
@@ -21,7 +22,11 @@ def make_provider(config: ProviderConfig, *, max_connections: int = 1024) -> LLM
         from consumers.providers.anthropic_provider import AnthropicProvider
 
         return AnthropicProvider(config, max_connections=max_connections)
-    raise ValueError(f"unknown provider {config.provider!r}; use openai or anthropic")
+    if config.provider == "simulated":
+        from consumers.providers.simulated_provider import SimulatedProvider
+
+        return SimulatedProvider(config)
+    raise ValueError(f"unknown provider {config.provider!r}; use openai, anthropic or simulated")
 
 
 __all__ = ["make_provider"]
