@@ -2,7 +2,8 @@
 
 ``stormline simulate-llm`` serves ``POST /v1/chat/completions``, ``GET /v1/models`` and
 Anthropic's ``POST /v1/messages``, so agents reach it through the real SDKs by base_url.
-It is never a silent fallback: an agent uses it only when its base_url says so.
+It is never a silent fallback: an agent uses it only when its base_url says so, or, in
+process and without HTTP, when its provider is ``simulated`` (``consumers/providers``).
 
 Grading convention (how the simulator knows the right answer): verifiable demo tasks are
 *solvable by a deterministic solver*. A prompt may start with a tag ``[type=NAME]``; NAME is

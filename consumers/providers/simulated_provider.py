@@ -41,11 +41,11 @@ class SimulatedProvider:
                 kind = ErrorKind.CLIENT
             raise ProviderError(kind, r.text, status=r.status)
         latency_ms = (time.perf_counter() - t0) * 1000
-        pt = len(tokens(request.system_prompt)) + len(tokens(request.prompt))
-        ct = len(tokens(r.text))
         steps = [Step(role="user", content=request.prompt)]
         if request.system_prompt:
             steps.insert(0, Step(role="system", content=request.system_prompt))
+        pt = sum(len(tokens(s.content)) for s in steps)
+        ct = len(tokens(r.text))
         steps.append(
             Step(
                 role="assistant",
