@@ -14,7 +14,7 @@ File format::
       - id: math-fast
         provider: openai
         model: gpt-4o-mini
-        base_url: http://127.0.0.1:8700/v1   # optional
+        base_url: http://127.0.0.1:${STORMLINE_SIMULATOR_PORT}/v1   # optional
         api_key_env: OPENAI_API_KEY          # optional when base_url needs no key
         system_prompt: You solve arithmetic.
         capabilities: [math]
@@ -23,16 +23,38 @@ File format::
         max_tokens: 256
         temperature: 0.0
         fallback: {provider: anthropic, model: claude-haiku-4-5, api_key_env: ANTHROPIC_API_KEY}
+
+Interpolation: ``${NAME}`` and ``${NAME:-default}`` in any string value are replaced when the
+registry is loaded. ``STORMLINE_*`` names that are settings come from the effective
+:class:`~stormline.settings.Settings` (CLI flag, environment, ``.env``, default), so
+``base_url: http://127.0.0.1:${STORMLINE_SIMULATOR_PORT}/v1`` follows the simulator's port;
+other names come from the environment. ``:-default`` applies when the variable is unset or
+empty; ``$${`` is a literal ``${``. An unknown variable without a default is an error naming
+the variable, the agent and the file. Secrets are never interpolated (names such as
+``*_API_KEY``, ``*_TOKEN``, ``*_PASSWORD`` and secret settings are refused): values of this
+file end up in logs and events, keys are referenced by ``api_key_env`` instead.
+
+:func:`endpoint_problems` checks that every agent's ``base_url`` answers (a TCP connect), so a
+worker, the demo or ``stormline doctor`` can say "nothing listens there" before any task fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+if TYPE_CHECKING:
+    from stormline.settings import Settings
 
 PROVIDERS = ("openai", "anthropic", "simulated")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -141,8 +163,137 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_registry(data: Any, path: str = "<memory>") -> Registry:
-    """Validate registry data (the YAML document), with errors naming file and agent id."""
+# ------------------------------------------------------------------ interpolation --
+# `$${` (a literal `${`) or `${...}`; an unclosed `${` matches with an empty "close".
+_REF = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)(?P<close>\}?)")
+_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
+_SECRET_WORDS = {"KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
+SETTINGS_PREFIX = "STORMLINE_"
+
+
+def _is_secret_name(name: str) -> bool:
+    return bool(_SECRET_WORDS & set(name.upper().split("_")))
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+class _Variables:
+    """Looks variables up: settings for STORMLINE_* fields (built lazily), else the environment."""
+
+    def __init__(self, settings: Settings | None, environ: Mapping[str, str] | None) -> None:
+        self._settings = settings
+        self._environ = os.environ if environ is None else environ
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from stormline.settings import Settings
+
+            self._settings = Settings()
+        return self._settings
+
+    def get(self, name: str) -> str | None:
+        if name.startswith(SETTINGS_PREFIX):
+            from stormline.settings import Settings
+
+            field = name[len(SETTINGS_PREFIX) :].lower()
+            if field in Settings.model_fields:
+                value = getattr(self.settings(), field)
+                return None if value is None else _setting_text(value)
+        return self._environ.get(name)
+
+    def is_secret_setting(self, name: str) -> bool:
+        if not name.startswith(SETTINGS_PREFIX):
+            return False
+        from stormline.settings import Settings
+
+        info = Settings.model_fields.get(name[len(SETTINGS_PREFIX) :].lower())
+        if info is None:
+            return False
+        return info.annotation is SecretStr or SecretStr in get_args(info.annotation)
+
+
+def _interpolate_text(text: str, variables: _Variables, where: str) -> str:
+    def replace(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        body = m.group("body")
+        if not m.group("close"):
+            raise AgentConfigError(
+                f"{where}: unclosed '${{' in {text!r}; write $${{ for a literal '${{'"
+            )
+        ref = _BODY.fullmatch(body)
+        if ref is None:
+            raise AgentConfigError(
+                f"{where}: invalid reference '${{{body}}}'; use ${{NAME}} or ${{NAME:-default}} "
+                "(NAME: letters, digits, underscores), or $${ for a literal '${'"
+            )
+        name, default = ref.group("name"), ref.group("default")
+        if _is_secret_name(name) or variables.is_secret_setting(name):
+            raise AgentConfigError(
+                f"{where}: ${{{name}}} looks like a secret; secrets are never interpolated "
+                "into the agent registry (its values are logged): name the variable in "
+                "api_key_env instead"
+            )
+        value = variables.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        if value is not None:
+            return value  # set but empty, and no default: empty, as in a shell
+        raise AgentConfigError(
+            f"{where}: ${{{name}}} is not set: export {name}, or give a default "
+            f"with ${{{name}:-value}}"
+        )
+
+    return _REF.sub(replace, text)
+
+
+def _interpolate(value: Any, variables: _Variables, where: str) -> Any:
+    if isinstance(value, str):
+        return _interpolate_text(value, variables, where) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, variables, where) for v in value]
+    return value
+
+
+def interpolate(
+    data: Any,
+    *,
+    settings: Settings | None = None,
+    environ: Mapping[str, str] | None = None,
+    where: str = "<memory>",
+) -> Any:
+    """``data`` with ``${NAME}`` / ``${NAME:-default}`` replaced in every string value.
+
+    ``STORMLINE_*`` names that are settings come from ``settings`` (default: ``Settings()``,
+    i.e. environment, ``.env`` and defaults), others from ``environ`` (default: the process
+    environment). Raises :class:`AgentConfigError` naming ``where`` and the variable.
+    """
+    return _interpolate(data, _Variables(settings, environ), where)
+
+
+def parse_registry(
+    data: Any,
+    path: str = "<memory>",
+    *,
+    settings: Settings | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Registry:
+    """Validate registry data (the YAML document), with errors naming file and agent id.
+
+    String values are interpolated first (``${NAME}``, ``${NAME:-default}``; see the module
+    docstring): ``STORMLINE_*`` settings from ``settings`` (default ``Settings()``), other
+    names from ``environ`` (default ``os.environ``).
+    """
     if isinstance(data, dict) and "agents" in data:
         entries = data["agents"]
     else:
@@ -151,6 +302,7 @@ def parse_registry(data: Any, path: str = "<memory>") -> Registry:
         raise AgentConfigError(f"{path}: 'agents' must be a non-empty list of agents")
     agents: dict[str, AgentConfig] = {}
     problems: list[str] = []
+    variables = _Variables(settings, environ)
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             problems.append(
@@ -158,6 +310,11 @@ def parse_registry(data: Any, path: str = "<memory>") -> Registry:
             )
             continue
         agent_id = entry.get("id", f"<entry {i + 1} without id>")
+        try:
+            entry = _interpolate(entry, variables, f"{path}: agent {agent_id!r}")
+        except AgentConfigError as exc:
+            problems.append(str(exc))
+            continue
         try:
             agent = AgentConfig.model_validate(entry)
         except ValidationError as exc:
@@ -172,7 +329,14 @@ def parse_registry(data: Any, path: str = "<memory>") -> Registry:
     return Registry(agents=agents, path=path)
 
 
-def load_registry(path: Path | str) -> Registry:
+def load_registry(
+    path: Path | str,
+    settings: Settings | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Registry:
+    """Read and validate the registry file; ``settings``: the effective settings that
+    ``${STORMLINE_*}`` references resolve from (default ``Settings()``)."""
     p = Path(path)
     if not p.exists():
         raise AgentConfigError(
@@ -183,4 +347,100 @@ def load_registry(path: Path | str) -> Registry:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise AgentConfigError(f"{p}: not valid YAML: {exc}") from exc
-    return parse_registry(data, str(p))
+    return parse_registry(data, str(p), settings=settings, environ=environ)
+
+
+# ---------------------------------------------------------------- endpoint checks --
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+def _probe(host: str, port: int, timeout_s: float) -> str | None:
+    """None when something accepts a TCP connection at host:port, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except socket.gaierror:
+        return f"host {host!r} does not resolve"
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def _shown(url: str) -> str:
+    """The URL without user:password, for messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _endpoint(url: str) -> tuple[str, int] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.hostname, port
+
+
+def endpoint_problems(
+    agents: Registry | Iterable[AgentConfig],
+    *,
+    timeout_s: float = 1.0,
+    settings: Settings | None = None,
+    probe: Callable[[str, int, float], str | None] = _probe,
+) -> list[str]:
+    """One message per agent (and per fallback) whose ``base_url`` does not answer.
+
+    The check is a TCP connect to the URL's host and port (each distinct endpoint once, in
+    parallel, ``timeout_s`` each), so it costs about ``timeout_s`` at most and needs no key.
+    Agents without ``base_url`` (the providers' hosted APIs) and ``provider: simulated`` are
+    not checked. Each message names the agent, the URL, why, and what to do; ``settings``
+    (optional) lets it name the simulator port in effect. An empty list: every endpoint answers.
+    """
+    where = agents.path if isinstance(agents, Registry) and agents.path else "the agent registry"
+    items = agents.agents.values() if isinstance(agents, Registry) else agents
+    checks: list[tuple[str, str]] = []  # (who, base_url)
+    for agent in items:
+        for who, cfg in (
+            (f"agent {agent.id!r}", agent),
+            (f"agent {agent.id!r} (fallback)", agent.fallback),
+        ):
+            if cfg is not None and cfg.provider != "simulated" and cfg.base_url:
+                checks.append((who, cfg.base_url))
+    targets = list(dict.fromkeys(e for _, url in checks if (e := _endpoint(url)) is not None))
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
+        answers = dict(
+            zip(targets, pool.map(lambda e: probe(e[0], e[1], timeout_s), targets), strict=True)
+        )
+    port = f"={settings.simulator_port}" if settings is not None else ""
+    problems = []
+    for who, url in checks:
+        target = _endpoint(url)
+        if target is None:
+            problems.append(
+                f"{who}: base_url {_shown(url)!r} is not an http(s) URL with a host; "
+                f"fix it in {where}"
+            )
+            continue
+        why = answers[target]
+        if why is None:
+            continue
+        if target[0] in _LOCAL_HOSTS:
+            fix = (
+                "start `stormline simulate-llm` (it listens on "
+                f"STORMLINE_SIMULATOR_PORT{port}) or the local server meant to answer there, "
+                f"or fix base_url in {where} "
+                "(http://127.0.0.1:${STORMLINE_SIMULATOR_PORT}/v1 follows the simulator's port)"
+            )
+        else:
+            fix = f"check that the server runs and is reachable, or fix base_url in {where}"
+        problems.append(f"{who}: nothing answers at {_shown(url)} ({why}); {fix}")
+    return problems

@@ -636,7 +636,10 @@ class Worker:
 
 def run_worker(settings: Settings, worker_id: str | None = None) -> WorkerStats:
     """Entry point of `stormline worker`: load the registry, run until SIGTERM/SIGINT."""
-    from consumers.agents import load_registry
+    from consumers.agents import endpoint_problems, load_registry
 
-    registry = load_registry(settings.agents_file)
+    registry = load_registry(settings.agents_file, settings)
+    # Say once, loudly, what would otherwise be one warning per task and every circuit open.
+    for problem in endpoint_problems(registry, settings=settings):
+        log.warning(problem)
     return asyncio.run(Worker(settings, registry, worker_id).run())

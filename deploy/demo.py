@@ -23,10 +23,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from consumers.agents import AgentConfigError, endpoint_problems, load_registry
 from deploy.stack import EmbeddedStack
-from deploy.supervisor import Supervisor, default_services
+from deploy.supervisor import Supervisor, default_services, settings_environ
 from producers.demo_tasks import demo_tasks
 from schemas.catalog import CATALOG, CHECKPOINTS, REWARDS
 from schemas.kafka import EventConsumer, EventProducer, ensure_topics
@@ -88,16 +90,9 @@ class Progress:
 
 
 def _env_for(s: Settings) -> dict[str, str]:
-    env = {
-        "STORMLINE_DATA_DIR": str(s.data_dir.resolve()),
-        "STORMLINE_TOPIC_PREFIX": s.topic_prefix,
-        "STORMLINE_AGENTS_FILE": str(s.agents_file),
-        "STORMLINE_TRAINER_BATCH_SIZE": str(s.trainer_batch_size),
-        "STORMLINE_TRAINER_BATCH_MAX_WAIT_S": str(s.trainer_batch_max_wait_s),
-    }
-    if s.sink_parts_dir is not None:
-        env["STORMLINE_SINK_PARTS_DIR"] = str(s.sink_parts_dir)
-    return env
+    """Every setting of the run (its topic prefix, parts dir, trainer batch, simulator port…),
+    so that every service, and the agent registry each loads, sees what the demo sees."""
+    return {**settings_environ(s), "STORMLINE_DATA_DIR": str(s.data_dir.resolve())}
 
 
 def run_demo(
@@ -125,6 +120,10 @@ def run_demo(
             raise DemoError("--real needs OPENAI_API_KEY or ANTHROPIC_API_KEY in the environment")
         updates["agents_file"] = REAL_AGENTS
     s = settings.model_copy(update=updates)
+    try:
+        registry = load_registry(s.agents_file, s)
+    except AgentConfigError as exc:
+        raise DemoError(f"bad agent registry: {exc}") from exc
 
     stack = EmbeddedStack(s, report=lambda m: console.print(f"[dim]· {m}[/dim]"))
     with console.status("starting the embedded stack"):
@@ -143,6 +142,8 @@ def run_demo(
     console.print(f"run [bold]{run_id}[/bold]: topics {prefix}*, logs in {logs}")
     sup.start()
     try:
+        for problem in endpoint_problems(registry, settings=s):
+            console.print(f"[yellow]warning:[/yellow] {escape(problem)}")
         return _drive(s, serde, sup, tasks, timeout_s, console, run_id, rate, checkpoint_wait_s)
     finally:
         with console.status("stopping the demo's services"):

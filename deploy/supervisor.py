@@ -5,6 +5,12 @@ runs it in the foreground. Each child is a ``stormline <command>``; a child that
 restarted with exponential backoff (1 s doubling to 30 s). On SIGTERM the supervisor sends
 SIGTERM to every child (they shut down gracefully), waits, then SIGKILLs stragglers.
 The current children are written to ``run/services.json`` for ``stormline status``.
+
+Every child sees the supervisor's settings: they are passed down as ``STORMLINE_*`` variables
+(:func:`settings_environ`), so a child resolves ``${STORMLINE_SIMULATOR_PORT}`` in the agent
+registry, and every other setting, exactly as the supervisor did, whatever set them. The
+simulator starts first, on ``settings.simulator_port``, and the others once it answers, so
+that the workers' first calls find it.
 """
 
 from __future__ import annotations
@@ -13,22 +19,52 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from stormline.settings import Settings
 
 MARKER = "deploy.supervisor"
 
 
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """The ``STORMLINE_*`` variables that make a child process see exactly ``settings``.
+
+    Unset (None) settings are left out. The values include secret settings (a child needs
+    them); pass them in a child's environment only, never to a log.
+    """
+    env = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, dict | list | tuple | set):
+            text = json.dumps(value if isinstance(value, dict) else list(value), default=str)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, Enum):
+            text = str(value.value)
+        else:
+            text = str(value)
+        env[f"STORMLINE_{name.upper()}"] = text
+    return env
+
+
 @dataclass
 class ServiceSpec:
     name: str
     args: list[str]  # arguments after `stormline`
+    ready_port: int | None = None  # the services after it start once this loopback port answers
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "stormline.cli", *self.args]
@@ -49,7 +85,8 @@ def default_services(
 ) -> list[ServiceSpec]:
     specs = []
     if simulator:
-        specs.append(ServiceSpec("simulate-llm", ["simulate-llm"]))
+        port = settings.simulator_port
+        specs.append(ServiceSpec("simulate-llm", ["simulate-llm", "--port", str(port)], port))
     specs.append(ServiceSpec("router", ["router"]))
     specs += [
         ServiceSpec(f"worker-{i + 1}", ["worker", "--worker-id", f"worker-{i + 1}"])
@@ -68,6 +105,7 @@ class Supervisor:
     logs: Path
     state_file: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 30.0
     _children: list[_Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -76,7 +114,29 @@ class Supervisor:
         self._children = [_Child(s) for s in self.specs]
         for child in self._children:
             self._spawn(child)
+            if child.spec.ready_port is not None:
+                self._wait_ready(child, child.spec.ready_port)
         self._write_state()
+
+    def _wait_ready(self, child: _Child, port: int) -> bool:
+        """Wait until the child accepts connections on 127.0.0.1:port (or exits, or times out)."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            except OSError:
+                pass
+            if child.proc is None or child.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        print(
+            f"{child.spec.name} does not answer on 127.0.0.1:{port}; starting the other "
+            f"services anyway (see {self.logs / (child.spec.name + '.log')})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
 
     def _spawn(self, child: _Child) -> None:
         log = open(self.logs / f"{child.spec.name}.log", "ab")  # noqa: SIM115 - owned by child
@@ -119,7 +179,8 @@ class Supervisor:
         }
 
     def run(self) -> None:
-        self.start()
+        if not self._children:
+            self.start()
         while not self._stop.wait(0.5):
             self.tick()
         self.stop()
@@ -166,17 +227,34 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, required=True)
     args = ap.parse_args()
     settings = Settings(data_dir=args.data_dir)
-    run = settings.data_dir.resolve() / "run"
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    run = settings.data_dir / "run"
     run.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(
         default_services(settings, args.workers, not args.no_simulator, not args.no_trainer),
-        logs=settings.data_dir.resolve() / "logs",
+        logs=settings.data_dir / "logs",
         state_file=run / "services.json",
-        env={"STORMLINE_DATA_DIR": str(settings.data_dir.resolve())},
+        env=settings_environ(settings),
     )
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
+    sup.start()
+    _report_endpoints(settings)
     sup.run()
+
+
+def _report_endpoints(settings: Settings) -> None:
+    """Say in the supervisor's log when an agent's endpoint does not answer."""
+    from consumers.agents import AgentConfigError, endpoint_problems, load_registry
+
+    try:
+        problems = endpoint_problems(
+            load_registry(settings.agents_file, settings), settings=settings
+        )
+    except AgentConfigError as exc:
+        problems = [f"bad agent registry: {exc}"]
+    for problem in problems:
+        print(f"WARNING {problem}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

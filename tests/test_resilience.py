@@ -18,6 +18,7 @@ from consumers.resilience import (
     call_with_policy,
 )
 from consumers.worker import OffsetTracker
+from stormline.settings import Settings
 
 
 class Clock:
@@ -190,9 +191,9 @@ AGENT = {"id": "a", "provider": "openai", "model": "m", "base_url": "http://x/v1
 
 
 def test_registry_loads_the_shipped_example() -> None:
-    reg = load_registry(Path(__file__).parent.parent / "agents.yaml")
+    reg = load_registry(Path(__file__).parent.parent / "agents.yaml", Settings(simulator_port=8701))
     assert len(reg) == 5
-    assert all(a.base_url == "http://127.0.0.1:8700/v1" for a in reg.agents.values())
+    assert all(a.base_url == "http://127.0.0.1:8701/v1" for a in reg.agents.values())
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """`stormline up --all` runs the loop's services without the demo; `stormline down` ends them.
 
 The shared test stack is external to this test's data directory, so `up --all` starts only
-the supervisor (and its children) here, and `down` stops only that.
+the supervisor (and its children) here, and `down` stops only that. The simulator runs on a
+port other than 8700 and the agents are the shipped agents.yaml, unchanged: its
+``${STORMLINE_SIMULATOR_PORT}`` must follow the setting, or no LLM call would succeed.
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
-
 from deploy import process
 from producers.demo_tasks import demo_tasks
 from schemas.catalog import REWARDS
 from schemas.kafka import EventConsumer, EventProducer
+from schemas.models import RewardSource
 from schemas.serde import Serde
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 
 CLI = [sys.executable, "-m", "stormline.cli"]
+EXAMPLE_AGENTS = Path(__file__).parent.parent / "agents.yaml"
 SERVICES = {"simulate-llm", "router", "worker-1", "evaluator", "sink"}
 
 
@@ -32,27 +34,9 @@ def test_up_all_runs_the_loop_and_down_stops_every_service(
     settings: Settings, tmp_path: Path
 ) -> None:
     s = settings.model_copy(update={"simulator_port": free_port(), "router_web_port": free_port()})
-    agents = tmp_path / "agents.yaml"
-    agents.write_text(
-        yaml.safe_dump(
-            {
-                "agents": [
-                    {
-                        "id": f"agent-{i}",
-                        "provider": "openai",
-                        "model": "sim-generalist",
-                        "base_url": f"http://127.0.0.1:{s.simulator_port}/v1",
-                        "capabilities": ["math", "reverse", "upper", "sort"],
-                        "timeout_s": 5,
-                    }
-                    for i in range(2)
-                ]
-            }
-        )
-    )
     env = {
         **settings_env(s),
-        "STORMLINE_AGENTS_FILE": str(agents),
+        "STORMLINE_AGENTS_FILE": str(EXAMPLE_AGENTS),
         "STORMLINE_WORKER_HEARTBEAT_INTERVAL_S": "1",
     }
 
@@ -70,14 +54,19 @@ def test_up_all_runs_the_loop_and_down_stops_every_service(
         tasks = list(demo_tasks(20, run_id=uuid.uuid4().hex[:6]))
         EventProducer(s, serde).publish(tasks)
         scored: set[str] = set()
+        verified: set[str] = set()  # scored by the verifier: the LLM call succeeded
         rewards = EventConsumer(s, serde, f"{s.topic_prefix}watch", [REWARDS])
         try:
             deadline = time.monotonic() + 180
             while len(scored) < len(tasks) and time.monotonic() < deadline:
-                scored |= {r.event.task_id for r in rewards.poll_batch(500, 1.0)}
+                for r in rewards.poll_batch(500, 1.0):
+                    scored.add(r.event.task_id)
+                    if r.event.source == RewardSource.VERIFIER:
+                        verified.add(r.event.task_id)
         finally:
             rewards.close()
         assert scored == {t.task_id for t in tasks}
+        assert len(verified) > len(tasks) // 2, f"{len(verified)} of {len(tasks)} verified"
 
         st = cli("status", "--json", "--services-only")
         assert st.returncode == 0, st.stderr
