@@ -39,7 +39,7 @@ down:  ## stop the embedded stack
 setup: system .venv/.installed  ## install everything (quiet and quick when already done)
 
 system:
-	@bash deploy/install-system.sh
+	@PYTHON=$(PYTHON) bash deploy/install-system.sh
 
 $(UV):
 	@echo "[setup 1/3] installing uv $(UV_VERSION) into $(CACHE)/uv-$(UV_VERSION)"

