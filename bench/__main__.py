@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -155,10 +154,13 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "absent"
-    try:
-        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
-        versions["java"] = java.splitlines()[0] if java else "absent"
-    except OSError:
+    from deploy.errors import StackError
+    from deploy.java import find_java
+
+    try:  # the Java that runs the stack, not whichever is on PATH
+        java = find_java(os.environ.get("STORMLINE_JAVA"))
+        versions["java"] = f"{java.version_text} ({java.origin})"
+    except StackError:
         versions["java"] = "absent"
     from deploy.jars import pom_versions
 

@@ -176,7 +176,7 @@ def run_e2e(strategy: str, n: int, rate: float = 150.0) -> dict[str, float]:
         )
 
     spawn("sim", ["simulate-llm", "--port", str(sim_port), "--config", str(tmp / "sim.yaml")])
-    spawn("router", ["router", "--loglevel", "warning"])
+    spawn("router", ["router", "--log-level", "warning"])
     spawn("worker", ["worker", "--agents", str(tmp / "agents.yaml")])
     spawn("evaluator", ["evaluator"])
     serde = Serde.from_settings(s)

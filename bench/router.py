@@ -124,7 +124,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
 
     log = (tmp / "router.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stormline.cli", "router", "--loglevel", "warning"],
+        [sys.executable, "-m", "stormline.cli", "router", "--log-level", "warning"],
         env=_env(
             s,
             STORMLINE_ROUTER_ASSIGNMENT_TTL_S="3600",

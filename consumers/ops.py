@@ -280,14 +280,15 @@ def _recent_dead_letters(
 
 def print_ops(console: Any, st: OpsStatus) -> None:
     """Rich tables for a terminal."""
+    from rich.markup import escape
     from rich.table import Table
 
     if st.error:
-        console.print(f"[red]{st.error}[/red]")
+        console.print(f"[red]{escape(st.error)}[/red]")
         return
     t = Table(title=f"topics on {st.bootstrap_servers}")
     for col in ("topic", "partitions", "end offsets", "messages"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # ids stay whole
     for ti in st.topics:
         if not ti.exists:
             t.add_row(ti.name, "[red]missing[/red]", "", "")
@@ -297,27 +298,31 @@ def print_ops(console: Any, st: OpsStatus) -> None:
 
     t = Table(title="consumer groups: lag per partition")
     for col in ("group", "state", "topic", "partition", "committed", "end", "lag"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # ids stay whole
     for g in st.lag:
         lag = f"[yellow]{g.lag}[/yellow]" if g.lag else "0"
         committed = str(g.committed) if g.committed >= 0 else "-"
-        t.add_row(g.group, g.state, g.topic, str(g.partition), committed, str(g.end_offset), lag)
+        t.add_row(
+            escape(g.group), g.state, g.topic, str(g.partition), committed, str(g.end_offset), lag
+        )
     for group, total in _group_totals(st.lag).items():
-        t.add_row(f"[bold]{group}[/bold]", "", "", "", "", "total", f"[bold]{total}[/bold]")
+        t.add_row(f"[bold]{escape(group)}[/bold]", "", "", "", "", "total", f"[bold]{total}[/bold]")
     console.print(t)
 
     t = Table(title="agent health (latest agent-health event per agent)")
     for col in ("agent", "status", "previous", "reason", "since"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # ids stay whole
     colour = {"healthy": "green", "degraded": "yellow", "down": "red"}
     for a in st.agents:
         c = colour.get(a.status, "white")
-        t.add_row(a.agent_id, f"[{c}]{a.status}[/{c}]", a.previous, a.reason, a.since)
+        t.add_row(
+            escape(a.agent_id), f"[{c}]{a.status}[/{c}]", a.previous, escape(a.reason), a.since
+        )
     console.print(t)
 
     t = Table(title="latest checkpoint per policy")
     for col in ("policy", "version", "promoted", "published", "uri"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # ids stay whole
     for c in st.checkpoints:
         t.add_row(c.policy, str(c.version), "yes" if c.promoted else "no", c.published_at, c.uri)
     console.print(t)

@@ -354,10 +354,10 @@ def run_publish_command(
             )
     except DeliveryError as exc:
         err.print(f"[red]publish failed:[/red] {exc}")
-        return 2
+        return 3
     except Exception as exc:  # registry down, bad credentials, ...
         err.print(f"[red]publish failed:[/red] {type(exc).__name__}: {exc}")
-        return 2
+        return 3
     finally:
         if stream is not sys.stdin:
             stream.close()

@@ -1,28 +1,117 @@
 """The `stormline` command line: one Typer app, each command a thin shell over a part's API.
 
 Global options override settings (CLI flag > STORMLINE_* environment > .env > default).
+
+Exit codes mean the same for every command (:class:`ExitCode`): 0 ok; 1 a finding (drift, an
+unhealthy service, an incompatible schema, invalid lines, a failed doctor check); 2 a usage
+error (bad option, argument or settings; click's own code); 3 infrastructure that did not answer
+(Kafka, the schema registry, Redis, ClickHouse).
 """
 
 from __future__ import annotations
 
 import json
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from deploy.doctor import Group as CheckGroup
 from stormline.settings import Settings
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FINDING = 1  # drift, unhealthy service, incompatible schema, invalid lines, failed check
+    USAGE = 2  # bad option/argument/settings (click exits 2 for its own usage errors too)
+    UNREACHABLE = 3  # Kafka, the registry, Redis or ClickHouse did not answer
+
+
+class Strategy(StrEnum):
+    thompson = "thompson"
+    epsilon_greedy = "epsilon_greedy"
+    ucb1 = "ucb1"
+    random = "random"
+    round_robin = "round_robin"
+
+
+class Store(StrEnum):
+    memory = "memory"
+    rocksdb = "rocksdb"
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class RewardSourceChoice(StrEnum):
+    human = "human"
+    verifier = "verifier"
+    judge = "judge"
+    timeout = "timeout"
+    failure = "failure"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+    critical = "critical"
+
 
 app = typer.Typer(
     help="Stormline: route tasks to LLM agents over Kafka, record, score and learn.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
-console = Console()
-err = Console(stderr=True)
+# When stdout is not a terminal (a pipe, a file), rich would fit tables to 80 columns and cut
+# ids short; print them whole instead (tables are only as wide as their content).
+PIPE_WIDTH = 4096
+
+
+def _make_console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+console = _make_console()
+err = _make_console(stderr=True)
+
+
+def _table(title: str, *columns: str) -> Table:
+    """A table whose cells fold instead of being cut with an ellipsis: ids survive whole."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _print_json(doc: Any) -> None:
+    text = json.dumps(doc, default=str)
+    if console.is_terminal:
+        console.print_json(text)
+    else:
+        print(json.dumps(doc, indent=2, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("stormline")
+        except PackageNotFoundError:
+            v = "unknown (not installed: pip install -e .)"
+        print(f"stormline {v}")
+        raise typer.Exit(ExitCode.OK)
 
 
 def settings_of(ctx: typer.Context) -> Settings:
@@ -40,7 +129,16 @@ def _global(
     registry_url: Annotated[str | None, typer.Option(help="STORMLINE_SCHEMA_REGISTRY_URL")] = None,
     redis_url: Annotated[str | None, typer.Option(help="STORMLINE_REDIS_URL")] = None,
     clickhouse_url: Annotated[str | None, typer.Option(help="STORMLINE_CLICKHOUSE_URL")] = None,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
+    global console, err
+    # Decided per run (a test runner or a pipe may have replaced stdout since import).
+    console, err = _make_console(), _make_console(stderr=True)
     overrides = {
         "data_dir": data_dir,
         "topic_prefix": topic_prefix,
@@ -52,8 +150,8 @@ def _global(
     try:
         ctx.obj = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
-        err.print(f"[red]invalid settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        err.print(f"[red]invalid settings:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
 
 
 # ------------------------------------------------------------------------- the stack --
@@ -77,18 +175,19 @@ def up(
     from deploy.errors import StackError
     from deploy.stack import EmbeddedStack
 
-    stack = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"[dim]·[/dim] {m}"))
+    stack = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"[dim]·[/dim] {escape(m)}"))
     try:
         with err.status("starting the embedded stack…"):
             statuses = stack.up()
             if all_services:
                 stack.up_services(workers=workers, simulator=simulator, trainer=trainer)
     except StackError as exc:
-        err.print(f"[red]stormline up failed:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]stormline up failed:[/red] {escape(str(exc))}")
+        err.print("`stormline doctor` checks Java, Maven, ports and disk space in one go.")
+        raise typer.Exit(ExitCode.FINDING) from exc
     _print_services(statuses)
     if not all(s.healthy for s in statuses):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FINDING)
 
 
 @app.command()
@@ -96,7 +195,7 @@ def down(ctx: typer.Context) -> None:
     """Stop what `stormline up` started. Data stays in the data directory."""
     from deploy.stack import EmbeddedStack
 
-    stopped = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"· {m}")).down()
+    stopped = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"· {escape(m)}")).down()
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
@@ -118,10 +217,11 @@ def status(
         bool, typer.Option("--services-only", help="skip topics, lag, agents, checkpoints")
     ] = False,
 ) -> None:
-    """Services (and those `up --all` supervises), topics, consumer lag, agent health,
-    checkpoints, recent dead letters.
+    """Services, topics, consumer lag, agent health and endpoints, checkpoints, dead letters.
 
-    Exits 1 if any service is unhealthy.
+    Shows the services `up --all` supervises too; dead letters of the last hour. Exits 1 if
+    a service is unhealthy (an agent endpoint that does not answer is shown, not counted:
+    `stormline doctor` fails on it).
     """
     import time
 
@@ -133,15 +233,23 @@ def status(
         statuses = stack.status()
         supervised = stack.services()
         ops = None
+        endpoints = None
         if not services_only:
             from consumers.ops import collect
+            from deploy.doctor import check_agents
 
             ops = collect(s)
+            endpoints = check_agents(s)
         if as_json:
-            doc = {"services": [x.as_dict() for x in statuses], "supervised": supervised}
+            doc: dict[str, Any] = {
+                "services": [x.as_dict() for x in statuses],
+                "supervised": supervised,
+            }
             if ops is not None:
                 doc.update(ops.as_dict())
-            console.print_json(json.dumps(doc, default=str))
+            if endpoints is not None:
+                doc["agent_endpoints"] = [c.as_dict() for c in endpoints]
+            _print_json(doc)
         else:
             if watch:
                 console.clear()
@@ -152,6 +260,8 @@ def status(
                 from consumers.ops import print_ops
 
                 print_ops(console, ops)
+            if endpoints is not None:
+                _print_checks(endpoints, "agent endpoints (agent registry base_url)")
         if not watch:
             break
         try:
@@ -159,7 +269,7 @@ def status(
         except KeyboardInterrupt:
             break
     if not all(x.healthy for x in statuses):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FINDING)
 
 
 # ------------------------------------------------------------------ schemas, topics --
@@ -171,24 +281,36 @@ app.add_typer(schemas_app, name="schemas")
 app.add_typer(topics_app, name="topics")
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output (JSON)")]
+
+
 @schemas_app.command("register")
-def schemas_register(ctx: typer.Context) -> None:
-    """Register every event schema under <topic>-value in the schema registry."""
+def schemas_register(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Register every event schema under <topic>-value in the schema registry.
+
+    Exit 3 if the registry does not answer.
+    """
     from schemas.catalog import CATALOG
     from schemas.serde import RegistryUnavailable, Serde
 
     s = settings_of(ctx)
     serde = Serde.from_settings(s)
-    table = Table(title=f"schemas in {s.registry_url}")
-    for col in ("subject", "event", "id"):
-        table.add_column(col)
+    rows = []
     try:
         for spec in CATALOG:
             sid = serde.register(spec.name(s), spec.event)
-            table.add_row(f"{spec.name(s)}-value", spec.event.__name__, str(sid))
+            rows.append(
+                {"subject": f"{spec.name(s)}-value", "event": spec.event.__name__, "id": sid}
+            )
     except RegistryUnavailable as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
+    if as_json:
+        _print_json(rows)
+        return
+    table = _table(f"schemas in {s.registry_url}", "subject", "event", "id")
+    for r in rows:
+        table.add_row(r["subject"], r["event"], str(r["id"]))
     console.print(table)
 
 
@@ -196,77 +318,168 @@ def schemas_register(ctx: typer.Context) -> None:
 def schemas_check(
     ctx: typer.Context,
     offline: Annotated[bool, typer.Option(help="skip the registry, use fastavro only")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Prove every schema backward compatible with the last released version. Exit 1 if not."""
+    """Prove every schema backward compatible with the last released version.
+
+    Exit 1 if one is not; 3 if the registry does not answer (--offline skips it).
+    """
     from schemas.compat import check
 
     s = settings_of(ctx)
-    results = check(registry_url=None if offline else s.registry_url)
-    table = Table(title="backward compatibility with the last release")
-    for col in ("event", "release", "method", "compatible", "problem"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(
-            r.event,
-            r.released,
-            r.method,
-            "[green]yes[/green]" if r.compatible else "[red]no[/red]",
-            r.problem,
+    registry = None if offline else s.registry_url
+    try:
+        results = check(registry_url=registry)
+    except Exception as exc:
+        if registry is None or not _unreachable(exc):
+            raise
+        err.print(
+            f"[red]the schema registry at {registry} did not answer[/red] "
+            f"({type(exc).__name__}: {escape(str(exc))}). Run `stormline up`, set "
+            "STORMLINE_SCHEMA_REGISTRY_URL, or check with fastavro alone: --offline"
         )
-    console.print(table)
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
+    if as_json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        table = _table(
+            "backward compatibility with the last release",
+            "event",
+            "release",
+            "method",
+            "compatible",
+            "problem",
+        )
+        for r in results:
+            table.add_row(
+                r.event,
+                r.released,
+                r.method,
+                "[green]yes[/green]" if r.compatible else "[red]no[/red]",
+                escape(r.problem),
+            )
+        console.print(table)
     if not all(r.compatible for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FINDING)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the service did not answer" (rather than "said no")."""
+    import httpx
+
+    from schemas.serde import RegistryUnavailable
+
+    if isinstance(exc, RegistryUnavailable | httpx.TransportError | ConnectionError | TimeoutError):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, requests.ConnectionError | requests.Timeout):
+            return True
+    except ImportError:
+        pass
+    from confluent_kafka import KafkaError, KafkaException
+
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0].code() in {
+            KafkaError._TRANSPORT,
+            KafkaError._TIMED_OUT,
+            KafkaError._ALL_BROKERS_DOWN,
+            KafkaError._RESOLVE,
+            KafkaError.NETWORK_EXCEPTION,
+            KafkaError.REQUEST_TIMED_OUT,
+        }
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and _unreachable(cause)
 
 
 @topics_app.command("create")
-def topics_create(ctx: typer.Context) -> None:
-    """Create the catalog's topics that are missing (idempotent); report drift."""
-    _topics(settings_of(ctx), create=True)
+def topics_create(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Create the catalog's topics that are missing (idempotent); report drift.
+
+    Exit 1 on drift; 3 if Kafka does not answer.
+    """
+    _topics(settings_of(ctx), create=True, as_json=as_json)
 
 
 @topics_app.command("list")
-def topics_list(ctx: typer.Context) -> None:
-    """List the catalog's topics: partitions, end offsets, retention, drift. Exit 1 on drift."""
-    _topics(settings_of(ctx), create=False)
+def topics_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List the catalog's topics: partitions, end offsets, retention, drift.
+
+    Exit 1 on drift or a missing topic; 3 if Kafka does not answer.
+    """
+    _topics(settings_of(ctx), create=False, as_json=as_json)
 
 
-def _topics(s: Settings, *, create: bool) -> None:
+def _topics(s: Settings, *, create: bool, as_json: bool = False) -> None:
     from schemas.kafka import end_offsets, ensure_topics
 
     try:
         states = ensure_topics(s, create=create, timeout=15)
     except Exception as exc:
+        if not _unreachable(exc):
+            err.print(
+                f"[red]topics on {s.bootstrap_servers}:[/red] {type(exc).__name__}: "
+                + escape(str(exc))
+            )
+            raise typer.Exit(ExitCode.FINDING) from exc
         err.print(
-            f"[red]Kafka at {s.bootstrap_servers} did not answer: {exc}[/red] "
+            f"[red]Kafka at {s.bootstrap_servers} did not answer:[/red] {escape(str(exc))} "
             "Run `stormline up` or set STORMLINE_KAFKA_BOOTSTRAP_SERVERS."
         )
-        raise typer.Exit(1) from exc
-    table = Table(title=f"topics on {s.bootstrap_servers}")
-    for col in ("topic", "event", "key", "partitions", "messages", "retention.ms", "state"):
-        table.add_column(col)
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
+    rows = []
     for st in states:
-        msgs = sum(end_offsets(s, st.name, st.partitions)) if st.exists else 0
         state = (
-            "[red]missing[/red]"
+            "missing"
             if not st.exists
-            else "[yellow]drift: " + "; ".join(st.drift) + "[/yellow]"
+            else "drift"
             if st.drift
-            else "[green]created[/green]"
+            else "created"
             if st.created
             else "ok"
         )
-        table.add_row(
-            st.name,
-            st.spec.event.__name__,
-            st.spec.key,
-            str(st.partitions),
-            str(msgs),
-            str(st.spec.retention(s)),
-            state,
+        rows.append(
+            {
+                "topic": st.name,
+                "event": st.spec.event.__name__,
+                "key": st.spec.key,
+                "partitions": st.partitions,
+                "messages": sum(end_offsets(s, st.name, st.partitions)) if st.exists else 0,
+                "retention_ms": st.spec.retention(s),
+                "state": state,
+                "drift": list(st.drift),
+            }
         )
-    console.print(table)
-    if any(st.drift or not st.exists for st in states):
-        raise typer.Exit(1)
+    if as_json:
+        _print_json(rows)
+    else:
+        table = _table(
+            f"topics on {s.bootstrap_servers}",
+            "topic",
+            "event",
+            "key",
+            "partitions",
+            "messages",
+            "retention.ms",
+            "state",
+        )
+        colour = {"missing": "red", "drift": "yellow", "created": "green"}
+        for r in rows:
+            text = escape("drift: " + "; ".join(r["drift"])) if r["drift"] else r["state"]
+            c = colour.get(r["state"])
+            table.add_row(
+                r["topic"],
+                r["event"],
+                r["key"],
+                str(r["partitions"]),
+                str(r["messages"]),
+                str(r["retention_ms"]),
+                f"[{c}]{text}[/{c}]" if c else text,
+            )
+        console.print(table)
+    if any(r["state"] in ("drift", "missing") for r in rows):
+        raise typer.Exit(ExitCode.FINDING)
 
 
 # ------------------------------------------------- producers and workers (issue 4) --
@@ -284,8 +497,8 @@ def publish(
     """Publish tasks from JSONL, one TaskSubmitted per line (task_id generated if absent).
 
     Exit 0: every line sent and acknowledged. 1: some lines were invalid (reported with
-    their line numbers; the valid ones were still sent). 2: the file cannot be read or the
-    brokers did not acknowledge the tasks.
+    their line numbers; the valid ones were still sent). 2: the file cannot be read.
+    3: the brokers (or the registry) did not acknowledge the tasks.
     """
     from producers.publish import run_publish_command
 
@@ -298,15 +511,21 @@ def publish(
 def reward(
     ctx: typer.Context,
     task_id: Annotated[str, typer.Argument(help="the task the feedback is about")],
-    value: Annotated[float, typer.Argument(help="0 (bad) .. 1 (good)")],
-    source: Annotated[str, typer.Option(help="human, verifier, judge, ...")] = "human",
+    value: Annotated[float, typer.Argument(help="0 (bad) .. 1 (good)", min=0.0, max=1.0)],
+    source: Annotated[
+        RewardSourceChoice, typer.Option(help="who gave the feedback")
+    ] = RewardSourceChoice.human,
     trajectory_id: Annotated[
         str | None, typer.Option(help="default: the task's latest trajectory")
     ] = None,
     agent_id: Annotated[str | None, typer.Option(help="default: that trajectory's agent")] = None,
     reason: Annotated[str | None, typer.Option(help="free text kept with the reward")] = None,
 ) -> None:
-    """Record feedback on a task as a Reward event (looks up its latest trajectory)."""
+    """Record feedback on a task as a Reward event (looks up its latest trajectory).
+
+    Exit 1 if the task has no trajectory to attach it to; 3 if Kafka or the registry does not
+    answer.
+    """
     from producers.feedback import FeedbackError, record_reward
 
     try:
@@ -314,15 +533,20 @@ def reward(
             settings_of(ctx),
             task_id,
             value,
-            source=source,
+            source=source.value,
             trajectory_id=trajectory_id,
             agent_id=agent_id,
             reason=reason,
         )
     except FeedbackError as exc:
-        err.print(f"[red]reward not recorded:[/red] {exc}")
-        raise typer.Exit(1) from exc
-    console.print_json(rw.model_dump_json())
+        err.print(f"[red]reward not recorded:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.FINDING) from exc
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        err.print(f"[red]reward not recorded:[/red] {type(exc).__name__}: {escape(str(exc))}")
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
+    _print_json(json.loads(rw.model_dump_json()))
 
 
 @app.command()
@@ -361,8 +585,8 @@ def worker(
     try:
         run_worker(s, worker_id)
     except AgentConfigError as exc:
-        err.print(f"[red]bad agent registry:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        err.print(f"[red]bad agent registry:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
 
 
 @app.command("simulate-llm")
@@ -380,10 +604,12 @@ def simulate_llm(
     try:
         cfg = load_config(config)
     except (FileNotFoundError, ValueError) as exc:
-        err.print(f"[red]bad simulator config:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        err.print(f"[red]bad simulator config:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
     p = port or settings_of(ctx).simulator_port
-    err.print(f"simulated LLM on http://{host}:{p}/v1 (models: {', '.join(cfg.models)})")
+    err.print(
+        f"simulated LLM on http://{host}:{p}/v1 (models: {', '.join(cfg.models)})", markup=False
+    )
     serve(cfg, host, p)
 
 
@@ -392,19 +618,28 @@ def task(
     ctx: typer.Context,
     task_id: Annotated[str, typer.Argument(help="the task's id")],
 ) -> None:
-    """Show a task's status from Redis: state, attempt, agent, output or error, reward."""
+    """Show a task's status from Redis: state, attempt, agent, output or error, reward.
+
+    Exit 1 for an unknown (or expired) task id; 3 if Redis does not answer.
+    """
+    import redis
+
     from consumers.state import task_status
 
     s = settings_of(ctx)
     try:
         st = task_status(s, task_id)
-    except Exception as exc:
-        err.print(f"[red]Redis did not answer:[/red] {type(exc).__name__}; is it running?")
-        raise typer.Exit(2) from exc
+    except (redis.RedisError, OSError) as exc:
+        err.print(
+            f"[red]Redis at {s.redis_address} did not answer:[/red] {type(exc).__name__}: "
+            f"{escape(str(exc))}. "
+            "Run `stormline up` or set STORMLINE_REDIS_URL."
+        )
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
     if st is None:
-        err.print(f"no status for task {task_id!r} (unknown id, or expired)")
-        raise typer.Exit(1)
-    console.print_json(json.dumps({"task_id": task_id, **st}))
+        err.print(f"no status for task {escape(repr(task_id))} (unknown id, or expired)")
+        raise typer.Exit(ExitCode.FINDING)
+    _print_json({"task_id": task_id, **st})
 
 
 # ------------------------------------------------------------------ router (issue 5) --
@@ -414,17 +649,31 @@ def task(
 def router(
     ctx: typer.Context,
     strategy: Annotated[
-        str | None,
-        typer.Option(help="epsilon_greedy|ucb1|thompson|random|round_robin (ROUTER_STRATEGY)"),
+        Strategy | None,
+        typer.Option(help="routing strategy (default: STORMLINE_ROUTER_STRATEGY)"),
     ] = None,
-    web_port: Annotated[int | None, typer.Option(help="STORMLINE_ROUTER_WEB_PORT")] = None,
-    store: Annotated[str | None, typer.Option(help="memory|rocksdb (ROUTER_STORE)")] = None,
-    loglevel: Annotated[str, typer.Option(help="Faust worker log level")] = "info",
+    web_port: Annotated[
+        int | None, typer.Option(help="web views' port (STORMLINE_ROUTER_WEB_PORT)")
+    ] = None,
+    store: Annotated[
+        Store | None, typer.Option(help="table store (default: STORMLINE_ROUTER_STORE)")
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(case_sensitive=False, help="Faust worker log level (STORMLINE_LOG_LEVEL)"),
+    ] = None,
+    loglevel: Annotated[
+        LogLevel | None, typer.Option("--loglevel", case_sensitive=False, hidden=True)
+    ] = None,
 ) -> None:
     """Run the router (a Faust worker): route tasks, learn Q-tables, track agent health."""
     from streams.app import run_worker
 
-    overrides = {"router_strategy": strategy, "router_web_port": web_port, "router_store": store}
+    overrides = {
+        "router_strategy": strategy.value if strategy else None,
+        "router_web_port": web_port,
+        "router_store": store.value if store else None,
+    }
     try:
         s = Settings(
             **{
@@ -433,9 +682,10 @@ def router(
             }
         )
     except ValueError as exc:
-        err.print(f"[red]invalid router settings:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    run_worker(s, loglevel=loglevel)
+        err.print(f"[red]invalid router settings:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
+    level = log_level or loglevel
+    run_worker(s, loglevel=level.value if level else s.log_level.lower())
 
 
 # ----------------------------------------------------------------- trainer (issue 6) --
@@ -479,7 +729,7 @@ def replay(
 
     if (since or until) and (from_offset or to_offset):
         err.print("[red]give a time range (--since/--until) or offsets, not both[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.USAGE)
     try:
         rng = Range(parse_time(since), parse_time(until), from_offset, to_offset)
         with Progress(console=err, transient=True) as bar:
@@ -494,15 +744,18 @@ def replay(
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except ReplayError as exc:
-        err.print(f"[red]replay:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    console.print_json(json.dumps(summary, default=str))
+        err.print(f"[red]replay:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.USAGE) from exc
+    _print_json(summary)
 
 
 # ------------------------------------------------------- sink and analytics (issue 7) --
 @app.command()
 def sink(ctx: typer.Context) -> None:
-    """Consume every Stormline topic into ClickHouse (chDB Parquet parts or a server)."""
+    """Consume every Stormline topic into ClickHouse (chDB Parquet parts or a server).
+
+    Exit 3 if the ClickHouse server is not usable or the parts directory cannot be written.
+    """
     from consumers.clickhouse import StoreError
     from consumers.sink import run_sink
     from stormline import logs
@@ -511,8 +764,8 @@ def sink(ctx: typer.Context) -> None:
     try:
         run_sink(settings_of(ctx))
     except StoreError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(ExitCode.UNREACHABLE) from exc
 
 
 @app.command()
@@ -524,56 +777,118 @@ def analytics(
     since: Annotated[
         str | None, typer.Option(help="only events since: 30m, 6h, 7d, or an ISO time")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="output format")] = (
+        OutputFormat.table
+    ),
     plot: Annotated[Path | None, typer.Option(help="write a PNG of a time series")] = None,
-    bucket: Annotated[int, typer.Option(help="time-series bucket in seconds")] = 60,
+    bucket: Annotated[int, typer.Option(help="time-series bucket in seconds", min=1)] = 60,
     sql: Annotated[
         str | None, typer.Option(help="run your own SQL over the tables (tasks, rewards, ...)")
     ] = None,
 ) -> None:
-    """Canned analytics over the sink's tables, or your own SQL; table/json/csv, PNG plots."""
-    from consumers import analytics as an
-    from consumers.clickhouse import StoreError, open_store
+    """Canned analytics over the sink's tables, or your own SQL; table/json/csv, PNG plots.
 
-    if fmt not in ("table", "json", "csv"):
-        err.print(f"[red]--format {fmt!r}: use table, json or csv[/red]")
-        raise typer.Exit(2)
+    Exit 2 for a bad query name, time or SQL; 3 if the ClickHouse server does not answer.
+    """
+    from consumers import analytics as an
+    from consumers.clickhouse import Result, StoreError
+
     if name is None and sql is None:
-        table = Table(title="canned queries (stormline analytics NAME)")
-        table.add_column("name")
-        table.add_column("what")
-        for c in an.CANNED.values():
-            table.add_row(c.name, c.doc)
-        console.print(table)
+        listing = Result(["name", "what"], [(c.name, c.doc) for c in an.CANNED.values()])
+        _print_result(listing, fmt, "canned queries (stormline analytics NAME)")
         return
     if name is not None and sql is not None:
         err.print("[red]give a canned query NAME or --sql, not both[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.USAGE)
+    if name is not None and name not in an.CANNED:
+        err.print(
+            f"[red]no canned query {escape(repr(name))}[/red]; "
+            f"choose one of: {', '.join(an.CANNED)}"
+        )
+        raise typer.Exit(ExitCode.USAGE)
+    s = settings_of(ctx)
     try:
-        store = open_store(settings_of(ctx))
         start = an.parse_since(since)
-        if sql is not None:
-            if plot is not None:
-                raise an.AnalyticsError("--plot draws canned time series, not --sql results")
-            res = store.query(an.render_sql(sql, start, bucket))
-        else:
-            res = an.run_canned(store, name or "", since=start, bucket_seconds=bucket)
-            if plot is not None:
-                an.plot(res, an.CANNED[name or ""], plot)
-                err.print(f"wrote {plot}")
-    except (an.AnalyticsError, StoreError) as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2 if isinstance(exc, an.AnalyticsError) else 1) from exc
-    if fmt == "json":
+        if sql is not None and plot is not None:
+            raise an.AnalyticsError("--plot draws canned time series, not --sql results")
+    except an.AnalyticsError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(ExitCode.USAGE) from exc
+    with _read_only_store(s) as store:
+        try:
+            if sql is not None:
+                res = store.query(an.render_sql(sql, start, bucket))
+            else:
+                res = an.run_canned(store, name or "", since=start, bucket_seconds=bucket)
+                if plot is not None:
+                    an.plot(res, an.CANNED[name or ""], plot)
+                    err.print(f"wrote {plot}", markup=False)
+        except an.AnalyticsError as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(ExitCode.USAGE) from exc
+        except StoreError as exc:
+            err.print(f"[red]{escape(str(exc))}[/red]")
+            # Your own SQL failing is most likely the SQL; a canned query failing is a finding.
+            raise typer.Exit(ExitCode.USAGE if sql is not None else ExitCode.FINDING) from exc
+    _print_result(res, fmt, name or "query")
+
+
+class _read_only_store:
+    """The analytics store, opened without creating anything under the data directory.
+
+    chDB's parts directory is made by the sink; before the sink ever ran there is nothing to
+    read, so the queries run over empty tables in a throwaway directory instead. A ClickHouse
+    server that does not answer exits 3.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tmp: str | None = None
+
+    def __enter__(self) -> Any:
+        from consumers.clickhouse import ParquetStore, StoreError, open_store, parts_dir
+
+        s = self.settings
+        if s.clickhouse_url:
+            store = open_store(s)
+            try:
+                store.client()  # type: ignore[attr-defined]
+            except StoreError as exc:
+                err.print(f"[red]{escape(str(exc))}[/red]")
+                raise typer.Exit(ExitCode.UNREACHABLE) from exc
+            return store
+        root = parts_dir(s)
+        if root.is_dir():
+            return open_store(s)
+        import tempfile
+
+        err.print(
+            f"[dim]no events stored yet ({root} does not exist; `stormline sink` writes it): "
+            "the tables are empty[/dim]"
+        )
+        self.tmp = tempfile.mkdtemp(prefix="stormline-empty-")
+        return ParquetStore(Path(self.tmp))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _print_result(res: Any, fmt: OutputFormat, title: str) -> None:
+    from rich.text import Text
+
+    from consumers import analytics as an
+
+    if fmt is OutputFormat.json:
         print(an.to_json(res))
-    elif fmt == "csv":
+    elif fmt is OutputFormat.csv:
         print(an.to_csv(res), end="")
     else:
-        table = Table(title=name or "query")
-        for c in res.columns:
-            table.add_column(c)
+        table = _table(title, *res.columns)
         for r in res.rows:
-            table.add_row(*(an.cell(v) for v in r))
+            table.add_row(*(Text(an.cell(v)) for v in r))
         console.print(table)
 
 
@@ -612,18 +927,73 @@ def demo(
             console=console,
         )
     except (DemoError, StackError) as exc:
-        err.print(f"[red]demo failed:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        err.print(f"[red]demo failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(ExitCode.FINDING) from exc
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["scored"] < result["tasks"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FINDING)
+
+
+# ------------------------------------------------------------------- doctor (issue 12) --
+@app.command()
+def doctor(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    only: Annotated[
+        list[CheckGroup] | None,
+        typer.Option("--only", help="run only this group of checks (repeatable)"),
+    ] = None,
+    skip: Annotated[
+        list[CheckGroup] | None,
+        typer.Option("--skip", help="leave out this group of checks (repeatable)"),
+    ] = None,
+) -> None:
+    """Check the machine before anything starts: Java, Maven and its repository, free ports,
+    the data directory (writable, disk space), the venv's packages, the agent endpoints.
+
+    Each failed check says what to do. Exit 0 when every check passes, 1 otherwise. Creates
+    and starts nothing.
+    """
+    from deploy.doctor import run_checks
+
+    chosen = [g for g in CheckGroup if (only is None or g in only) and g not in (skip or ())]
+    checks = run_checks(settings_of(ctx), chosen)
+    ok = all(c.ok for c in checks)
+    if as_json:
+        _print_json({"ok": ok, "checks": [c.as_dict() for c in checks]})
+    else:
+        _print_checks(checks, "stormline doctor")
+        failed = sum(not c.ok for c in checks)
+        console.print(
+            "[green]all checks passed[/green]"
+            if ok
+            else f"[red]{failed} check{'s' if failed > 1 else ''} failed[/red]: see 'what to do'"
+        )
+    if not ok:
+        raise typer.Exit(ExitCode.FINDING)
+
+
+def _print_checks(checks: list[Any], title: str) -> None:
+    from rich.text import Text
+
+    table = _table(title, "check", "result", "detail", "what to do")
+    for c in checks:
+        result = (
+            "[dim]skipped[/dim]"
+            if c.skipped
+            else "[green]ok[/green]"
+            if c.ok
+            else "[red]FAILED[/red]"
+        )
+        table.add_row(Text(c.name), result, Text(c.detail), Text(c.fix))
+    console.print(table)
 
 
 def _print_services(statuses: list) -> None:  # type: ignore[type-arg]
-    table = Table(title="Stormline services")
-    for col in ("service", "healthy", "version", "address", "mode", "detail"):
-        table.add_column(col)
+    table = _table(
+        "Stormline services", "service", "healthy", "version", "address", "mode", "detail"
+    )
     for s in statuses:
         table.add_row(
             s.name,
@@ -631,22 +1001,27 @@ def _print_services(statuses: list) -> None:  # type: ignore[type-arg]
             s.version,
             s.address,
             "embedded" if s.managed else "external",
-            s.detail,
+            escape(s.detail),
         )
     console.print(table)
 
 
 def _print_supervised(rows: list[dict[str, object]]) -> None:
-    table = Table(title="supervised services (stormline up --all; logs in <data_dir>/logs/)")
-    for col in ("service", "running", "pid", "restarts", "command"):
-        table.add_column(col)
+    table = _table(
+        "supervised services (stormline up --all; logs in <data_dir>/logs/)",
+        "service",
+        "running",
+        "pid",
+        "restarts",
+        "command",
+    )
     for r in rows:
         table.add_row(
             str(r["name"]),
             "[green]yes[/green]" if r["running"] else "[yellow]restarting[/yellow]",
             str(r["pid"]),
             str(r["restarts"]),
-            f"stormline {r['command']}",
+            escape(f"stormline {r['command']}"),
         )
     console.print(table)
 

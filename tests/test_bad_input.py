@@ -84,7 +84,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 def test_unreachable_bootstrap_server_is_a_clear_error(settings: Settings) -> None:
     env = {**settings_env(settings), "STORMLINE_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
     out = _cli(["topics", "list"], env)
-    assert out.returncode == 1
+    assert out.returncode == 3  # infrastructure unreachable
     flat = " ".join(out.stderr.split())
     assert "127.0.0.1:1" in flat and "STORMLINE_KAFKA_BOOTSTRAP_SERVERS" in flat
 
@@ -92,7 +92,7 @@ def test_unreachable_bootstrap_server_is_a_clear_error(settings: Settings) -> No
 def test_bad_registry_url_is_a_clear_error(settings: Settings) -> None:
     env = {**settings_env(settings), "STORMLINE_SCHEMA_REGISTRY_URL": "http://127.0.0.1:9/nope"}
     out = _cli(["schemas", "register"], env)
-    assert out.returncode == 1
+    assert out.returncode == 3  # infrastructure unreachable
     assert "STORMLINE_SCHEMA_REGISTRY_URL" in " ".join(out.stderr.split())
 
 

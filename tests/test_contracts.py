@@ -166,5 +166,5 @@ def test_schema_cli_commands(settings: Settings) -> None:
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 3  # infrastructure unreachable
     assert "did not answer" in " ".join(bad.stderr.split())

@@ -29,3 +29,10 @@ def test_every_command_is_in_the_readme() -> None:
         names = [f"stormline {name} {sub}" for sub in subs] if subs else [f"stormline {name}"]
         missing += [n for n in names if f"`{n}" not in README]
     assert not missing, f"document these commands in README.md: {missing}"
+
+
+def test_exit_codes_are_in_the_readme() -> None:
+    from stormline.cli import ExitCode
+
+    missing = [f"| {int(c)} |" for c in ExitCode if f"| {int(c)} |" not in README]
+    assert not missing, f"document the exit codes (stormline.cli.ExitCode) in README.md: {missing}"

@@ -70,7 +70,7 @@ class RouterProcess:
     def start(self) -> RouterProcess:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stormline.cli", "router", "--loglevel", "warning"],
+            [sys.executable, "-m", "stormline.cli", "router", "--log-level", "warning"],
             env=self.env,
             stdout=out,
             stderr=subprocess.STDOUT,
