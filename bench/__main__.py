@@ -154,15 +154,15 @@ def machine() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "absent"
-    from deploy.errors import StackError
-    from deploy.java import find_java
+    from stormline.deploy.errors import StackError
+    from stormline.deploy.java import find_java
 
     try:  # the Java that runs the stack, not whichever is on PATH
         java = find_java(os.environ.get("STORMLINE_JAVA"))
         versions["java"] = f"{java.version_text} ({java.origin})"
     except StackError:
         versions["java"] = "absent"
-    from deploy.jars import pom_versions
+    from stormline.deploy.jars import pom_versions
 
     pv = pom_versions()
     versions["kafka"] = pv["kafka.version"]

@@ -26,18 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from bench import cpu_seconds, free_port
-from schemas.catalog import AGENT_HEALTH, ASSIGNMENTS
-from schemas.kafka import EventConsumer, EventProducer, ensure_topics
-from schemas.models import (
+from stormline.schemas.catalog import AGENT_HEALTH, ASSIGNMENTS
+from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     TaskAssigned,
     TaskSubmitted,
     WorkerStatus,
 )
-from schemas.serde import Serde
+from stormline.schemas.serde import Serde
+
+from bench import cpu_seconds, free_port
 from stormline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from schemas import models as m
-from schemas.serde import FingerprintRegistry, Serde
+from stormline.schemas import models as m
+from stormline.schemas.serde import FingerprintRegistry, Serde
 
 
 def task() -> m.TaskSubmitted:

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from stormline.consumers.sink.analytics import run_canned
+from stormline.consumers.sink.store import ParquetStore
+from stormline.consumers.sink.tables import SCHEMAS, Origin, rows_of
+from stormline.schemas import models as m
 
-from consumers.analytics import run_canned
-from consumers.clickhouse import ParquetStore
-from consumers.sink_tables import SCHEMAS, Origin, rows_of
-from schemas import models as m
 from stormline.settings import Settings
 
 AGENTS = [f"agent-{i:02d}" for i in range(20)]
@@ -91,9 +91,9 @@ def _events(n_tasks: int) -> list[m.Event]:
 
 
 def bench_ingest(n_tasks: int) -> dict[str, float]:
-    from consumers.sink import Sink
-    from schemas.kafka import EventProducer, ensure_topics
-    from schemas.serde import Serde
+    from stormline.consumers.sink.service import Sink
+    from stormline.schemas.kafka import EventProducer, ensure_topics
+    from stormline.schemas.serde import Serde
 
     base = Settings()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from schemas.models import (
+from stormline.schemas.models import (
     AssignedTask,
     PolicyKind,
     Reward,
@@ -31,9 +31,10 @@ from schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
+from stormline.trainer.join import Experience, Joiner, SourceRef
+from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences
+
 from stormline.settings import Settings
-from trainer.join import Experience, Joiner, SourceRef
-from trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences
 
 # --------------------------------------------------------------- simulated environment --
 # Two families of task types; agents' hidden success probabilities depend on the family,
@@ -185,13 +186,12 @@ def bench_latency_and_generalisation(
     settings: Settings, lrn: Any, quick: bool
 ) -> dict[str, float | str]:
     from confluent_kafka import Consumer, KafkaException
-
-    from schemas.catalog import CHECKPOINTS
-    from schemas.kafka import EventProducer, admin_client, client_logger, ensure_topics
-    from schemas.models import CheckpointPublished
-    from schemas.serde import Serde
-    from trainer.policy import load_checkpoint
-    from trainer.service import TrainerService
+    from stormline.schemas.catalog import CHECKPOINTS
+    from stormline.schemas.kafka import EventProducer, admin_client, client_logger, ensure_topics
+    from stormline.schemas.models import CheckpointPublished
+    from stormline.schemas.serde import Serde
+    from stormline.trainer.checkpoints import load_checkpoint
+    from stormline.trainer.service import TrainerService
 
     out: dict[str, float | str] = {}
     cfg = lrn.cfg
@@ -282,7 +282,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
     results: dict[str, float | str] = {}
     results["join_experiences_per_s"] = bench_join(5_000 if quick else 50_000)
     t0 = time.perf_counter()
-    from trainer.distributed import RayLearner, start_ray
+    from stormline.trainer.distributed import RayLearner, start_ray
 
     start_ray(settings)
     results["ray_init_s"] = time.perf_counter() - t0

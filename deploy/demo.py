@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from stormline.consumers.llm.agents import AgentConfigError, endpoint_problems, load_registry
+from stormline.deploy.demo_tasks import demo_tasks
+from stormline.deploy.stack import EmbeddedStack
+from stormline.deploy.supervisor import Supervisor, default_services, settings_environ
+from stormline.schemas.catalog import CATALOG, CHECKPOINTS, REWARDS
+from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
+from stormline.schemas.models import CheckpointPublished, Reward
+from stormline.schemas.serde import Serde
 
-from consumers.agents import AgentConfigError, endpoint_problems, load_registry
-from deploy.stack import EmbeddedStack
-from deploy.supervisor import Supervisor, default_services, settings_environ
-from producers.demo_tasks import demo_tasks
-from schemas.catalog import CATALOG, CHECKPOINTS, REWARDS
-from schemas.kafka import EventConsumer, EventProducer, ensure_topics
-from schemas.models import CheckpointPublished, Reward
-from schemas.serde import Serde
 from stormline.settings import Settings
 
 REAL_AGENTS = Path(__file__).parent / "agents.real.yaml"
@@ -283,8 +283,8 @@ def _analytics(
     s: Settings, png: Path, console: Console, expect_rewards: int
 ) -> list[dict[str, Any]]:
     """Wait up to 30 s for the sink to catch up, then print per-agent figures and plot."""
-    from consumers.analytics import CANNED, plain, plot, run_canned
-    from consumers.clickhouse import open_store
+    from stormline.consumers.sink.analytics import CANNED, plain, plot, run_canned
+    from stormline.consumers.sink.store import open_store
 
     store = open_store(s)
     try:

@@ -80,8 +80,8 @@ class Check:
 
 # ===================================================================================== Java ==
 def check_java(settings: Settings) -> list[Check]:
-    from deploy.errors import StackError
-    from deploy.java import MIN_JAVA, find_java, locate_java
+    from stormline.deploy.errors import StackError
+    from stormline.deploy.java import MIN_JAVA, find_java, locate_java
 
     try:
         java = find_java(settings.java)
@@ -126,7 +126,7 @@ def pinned_versions(settings: Settings) -> tuple[str, str]:
     """(Kafka, Apicurio) versions the stack will run: the settings, else the POM's pins."""
     pins: dict[str, str] = {}
     with contextlib.suppress(Exception):
-        from deploy.jars import pom_versions
+        from stormline.deploy.jars import pom_versions
 
         pins = pom_versions()
     return (
@@ -139,10 +139,10 @@ def missing_jars(settings: Settings) -> list[str]:
     """What of the pinned jars is not in the cache yet (empty: Maven is not needed).
 
     Uses the resolver's own ``missing()`` where it has one; otherwise looks where
-    :class:`deploy.jars.JarResolver` keeps them: ``<cache>/kafka-<v>.classpath`` (every entry
-    present) and ``<cache>/apicurio-registry-<v>/quarkus-run.jar``.
+    :class:`stormline.deploy.jars.JarResolver` keeps them: ``<cache>/kafka-<v>.classpath``
+    (every entry present) and ``<cache>/apicurio-registry-<v>/quarkus-run.jar``.
     """
-    from deploy import jars
+    from stormline.deploy import jars
 
     resolver_cls = getattr(jars, "JarResolver", None)
     if callable(getattr(resolver_cls, "missing", None)) and hasattr(resolver_cls, "from_settings"):
@@ -208,8 +208,7 @@ def check_maven(settings: Settings) -> list[Check]:
 def check_repository(mirror_url: str | None, timeout: float = REPOSITORY_TIMEOUT_S) -> Check:
     """Any HTTP answer from the repository's root counts (Central answers 404 there)."""
     import httpx
-
-    from deploy.jars import MAVEN_CENTRAL as central
+    from stormline.deploy.jars import MAVEN_CENTRAL as central
 
     url = (mirror_url or central).rstrip("/") + "/"
     setting = "STORMLINE_MAVEN_MIRROR_URL" if mirror_url else "Maven Central"
@@ -274,7 +273,7 @@ def embedded_ports(settings: Settings) -> list[PortUse]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    from deploy.process import port_is_free as free
+    from stormline.deploy.process import port_is_free as free
 
     return free(port, host)
 
@@ -541,7 +540,7 @@ def check_packages(names: Iterable[str] = PACKAGES) -> list[Check]:
 # =================================================================================== agents ==
 def check_agents(settings: Settings, timeout: float = ENDPOINT_TIMEOUT_S) -> list[Check]:
     """Every agent endpoint of the registry answers (any HTTP answer to GET base_url/models)."""
-    from consumers.agents import AgentConfigError, load_registry
+    from stormline.consumers.llm.agents import AgentConfigError, load_registry
 
     path = Path(settings.agents_file).expanduser()
     shown = path if path.is_absolute() else f"{path} (in {Path.cwd()})"

@@ -11,8 +11,8 @@ repository over TLS here); the jars it fetches run on :func:`deploy.java.find_ja
 
 A resolution that fails says which artifact and version, whether the repository answers at
 all, whether it serves that version, and which setting picks another one. CI runs
-``python -m deploy.jars --cache-dir "$(mktemp -d)"`` so that a pin that disappears from the
-repository fails the day it disappears, not on the day the warm cache is cleared.
+``python -m stormline.deploy.jars --cache-dir "$(mktemp -d)"`` so that a pin that disappears
+from the repository fails the day it disappears, not on the day the warm cache is cleared.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
-from deploy.errors import StackError
+from stormline.deploy.errors import StackError
 
 if TYPE_CHECKING:
     import httpx
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from stormline.settings import Settings
 
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.jars",
+        prog="python -m stormline.deploy.jars",
         description="Resolve the embedded stack's jars (Kafka classpath, Apicurio archive) into "
         "a cache directory. Honours STORMLINE_KAFKA_VERSION, STORMLINE_APICURIO_VERSION and "
         "STORMLINE_MAVEN_MIRROR_URL.",

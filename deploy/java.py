@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.errors import StackError
+from stormline.deploy.errors import StackError
 
 MIN_JAVA = 21
 _HOW_TO = (

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy import process
-from deploy.errors import StackError
-from deploy.jars import JarResolver, Jars
-from deploy.java import Java, find_java
-from deploy.kafka_probe import metadata_version_level, release_of_metadata_level
+from stormline.deploy import process
+from stormline.deploy.errors import StackError
+from stormline.deploy.jars import JarResolver, Jars
+from stormline.deploy.java import Java, find_java
+from stormline.deploy.kafka_probe import metadata_version_level, release_of_metadata_level
+
 from stormline.settings import Settings
 
 Report = Callable[[str], None]
@@ -96,12 +97,12 @@ class EmbeddedStack:
 
     # ------------------------------------------------------------- Stormline services --
     def _supervisor_marker(self) -> tuple[str, ...]:
-        return ("deploy.supervisor", f"--data-dir {self.paths.root}")
+        return ("stormline.deploy.supervisor", f"--data-dir {self.paths.root}")
 
     def up_services(self, workers: int = 2, simulator: bool = True, trainer: bool = True) -> int:
         """Start the supervisor of router, workers, evaluator, sink, trainer (and simulator)."""
-        from schemas.kafka import ensure_topics
-        from schemas.serde import Serde
+        from stormline.schemas.kafka import ensure_topics
+        from stormline.schemas.serde import Serde
 
         pid = self._alive("supervisor", self._supervisor_marker())
         if pid is not None:
@@ -109,14 +110,14 @@ class EmbeddedStack:
             return pid
         ensure_topics(self.s)
         serde = Serde.from_settings(self.s)
-        from schemas.catalog import CATALOG
+        from stormline.schemas.catalog import CATALOG
 
         for spec in CATALOG:
             serde.register(spec.name(self.s), spec.event)
         argv = [
             sys.executable,
             "-m",
-            "deploy.supervisor",
+            "stormline.deploy.supervisor",
             "--data-dir",
             str(self.paths.root),
             "--workers",
@@ -129,7 +130,7 @@ class EmbeddedStack:
             + (", trainer" if trainer else "")
             + (", simulate-llm" if simulator else "")
         )
-        from deploy.supervisor import settings_environ
+        from stormline.deploy.supervisor import settings_environ
 
         # The supervisor and its children see exactly these settings, CLI flags included.
         proc = process.start_daemon(

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from stormline.settings import Settings
 
-MARKER = "deploy.supervisor"
+MARKER = "stormline.deploy.supervisor"
 
 
 def settings_environ(settings: Settings) -> dict[str, str]:
@@ -220,7 +220,7 @@ class Supervisor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m deploy.supervisor")
+    ap = argparse.ArgumentParser(prog="python -m stormline.deploy.supervisor")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-simulator", action="store_true")
     ap.add_argument("--no-trainer", action="store_true")
@@ -245,7 +245,7 @@ def main() -> None:
 
 def _report_endpoints(settings: Settings) -> None:
     """Say in the supervisor's log when an agent's endpoint does not answer."""
-    from consumers.agents import AgentConfigError, endpoint_problems, load_registry
+    from stormline.consumers.llm.agents import AgentConfigError, endpoint_problems, load_registry
 
     try:
         problems = endpoint_problems(

@@ -17,11 +17,11 @@ import zlib
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from stormline.schemas.catalog import REWARDS, TRAJECTORIES
+from stormline.schemas.kafka import EventProducer, client_logger
+from stormline.schemas.models import Reward, RewardSource, Trajectory
+from stormline.schemas.serde import DecodeError, Serde
 
-from schemas.catalog import REWARDS, TRAJECTORIES
-from schemas.kafka import EventProducer, client_logger
-from schemas.models import Reward, RewardSource, Trajectory
-from schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.feedback")
@@ -265,7 +265,7 @@ def _record_status(settings: Settings, reward: Reward) -> None:
     """The reward in the task's Redis status too (best effort: the event is the record)."""
     import redis
 
-    from consumers.state import record_reward as record_status
+    from stormline.state import record_reward as record_status
 
     try:
         record_status(settings, reward.task_id, reward.value, reward.source.value)

@@ -23,11 +23,11 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 from rich.console import Console
+from stormline.schemas.catalog import TASKS
+from stormline.schemas.kafka import EventProducer
+from stormline.schemas.models import TaskFields, TaskSubmitted
+from stormline.schemas.serde import Serde
 
-from schemas.catalog import TASKS
-from schemas.kafka import EventProducer
-from schemas.models import TaskFields, TaskSubmitted
-from schemas.serde import Serde
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.publish")
@@ -289,7 +289,7 @@ class _StatusMarker:
             return
         import redis
 
-        from consumers.state import mark_submitted
+        from stormline.state import mark_submitted
 
         try:
             mark_submitted(self.settings, self.ids)
@@ -319,8 +319,7 @@ def run_publish_command(
         TextColumn,
         TimeElapsedColumn,
     )
-
-    from schemas.kafka import DeliveryError
+    from stormline.schemas.kafka import DeliveryError
 
     if source == "-":
         stream: IO[str] = sys.stdin

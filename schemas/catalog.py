@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.models import (
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,
@@ -20,6 +20,7 @@ from schemas.models import (
     TaskSubmitted,
     Trajectory,
 )
+
 from stormline.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import fastavro
 from fastavro.utils import generate_many
-
-from schemas.models import EVENT_TYPES, Event
-from schemas.serde import AVRO_DIR, RELEASED_DIR, schema_file
+from stormline.schemas.models import EVENT_TYPES, Event
+from stormline.schemas.serde import AVRO_DIR, RELEASED_DIR, schema_file
 
 
 @dataclass

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from deploy.doctor import Group as CheckGroup
+from stormline.deploy.doctor import Group as CheckGroup
 from stormline.settings import Settings
 
 
@@ -172,8 +172,8 @@ def up(
     With --all, also create the topics, register the schemas and start Stormline's services
     under a supervisor that restarts them when they crash (logs in <data_dir>/logs/).
     """
-    from deploy.errors import StackError
-    from deploy.stack import EmbeddedStack
+    from stormline.deploy.errors import StackError
+    from stormline.deploy.stack import EmbeddedStack
 
     stack = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"[dim]·[/dim] {escape(m)}"))
     try:
@@ -193,7 +193,7 @@ def up(
 @app.command()
 def down(ctx: typer.Context) -> None:
     """Stop what `stormline up` started. Data stays in the data directory."""
-    from deploy.stack import EmbeddedStack
+    from stormline.deploy.stack import EmbeddedStack
 
     stopped = EmbeddedStack(settings_of(ctx), report=lambda m: err.print(f"· {escape(m)}")).down()
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -225,7 +225,7 @@ def status(
     """
     import time
 
-    from deploy.stack import EmbeddedStack
+    from stormline.deploy.stack import EmbeddedStack
 
     s = settings_of(ctx)
     while True:
@@ -235,8 +235,8 @@ def status(
         ops = None
         endpoints = None
         if not services_only:
-            from consumers.ops import collect
-            from deploy.doctor import check_agents
+            from stormline.deploy.doctor import check_agents
+            from stormline.deploy.ops import collect
 
             ops = collect(s)
             endpoints = check_agents(s)
@@ -257,7 +257,7 @@ def status(
             if supervised:
                 _print_supervised(supervised)
             if ops is not None:
-                from consumers.ops import print_ops
+                from stormline.deploy.ops import print_ops
 
                 print_ops(console, ops)
             if endpoints is not None:
@@ -290,8 +290,8 @@ def schemas_register(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
     Exit 3 if the registry does not answer.
     """
-    from schemas.catalog import CATALOG
-    from schemas.serde import RegistryUnavailable, Serde
+    from stormline.schemas.catalog import CATALOG
+    from stormline.schemas.serde import RegistryUnavailable, Serde
 
     s = settings_of(ctx)
     serde = Serde.from_settings(s)
@@ -324,7 +324,7 @@ def schemas_check(
 
     Exit 1 if one is not; 3 if the registry does not answer (--offline skips it).
     """
-    from schemas.compat import check
+    from stormline.schemas.compat import check
 
     s = settings_of(ctx)
     registry = None if offline else s.registry_url
@@ -367,7 +367,7 @@ def _unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` means "the service did not answer" (rather than "said no")."""
     import httpx
 
-    from schemas.serde import RegistryUnavailable
+    from stormline.schemas.serde import RegistryUnavailable
 
     if isinstance(exc, RegistryUnavailable | httpx.TransportError | ConnectionError | TimeoutError):
         return True
@@ -412,7 +412,7 @@ def topics_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 
 def _topics(s: Settings, *, create: bool, as_json: bool = False) -> None:
-    from schemas.kafka import end_offsets, ensure_topics
+    from stormline.schemas.kafka import end_offsets, ensure_topics
 
     try:
         states = ensure_topics(s, create=create, timeout=15)
@@ -500,7 +500,7 @@ def publish(
     their line numbers; the valid ones were still sent). 2: the file cannot be read.
     3: the brokers (or the registry) did not acknowledge the tasks.
     """
-    from producers.publish import run_publish_command
+    from stormline.producers.publish import run_publish_command
 
     raise typer.Exit(
         run_publish_command(settings_of(ctx), source, console, err, as_json, mark_submitted=status)
@@ -526,7 +526,7 @@ def reward(
     Exit 1 if the task has no trajectory to attach it to; 3 if Kafka or the registry does not
     answer.
     """
-    from producers.feedback import FeedbackError, record_reward
+    from stormline.producers.feedback import FeedbackError, record_reward
 
     try:
         rw = record_reward(
@@ -552,8 +552,8 @@ def reward(
 @app.command()
 def evaluator(ctx: typer.Context) -> None:
     """Score trajectories into Reward events (verifiers, LLM-as-judge, failure policy)."""
-    from consumers.evaluator_service import run
     from stormline import logs
+    from stormline.consumers.evaluator.service import run
 
     logs.setup(service="evaluator")
     run(settings_of(ctx))
@@ -574,9 +574,9 @@ def worker(
     ] = None,
 ) -> None:
     """Run an agent worker on `assignments` until SIGTERM (graceful: drains, commits, leaves)."""
-    from consumers.agents import AgentConfigError
-    from consumers.worker import run_worker
     from stormline import logs
+    from stormline.consumers.llm.agents import AgentConfigError
+    from stormline.consumers.worker.service import run_worker
 
     logs.setup(service="worker")
     s = settings_of(ctx)
@@ -599,7 +599,7 @@ def simulate_llm(
     ] = None,
 ) -> None:
     """Serve the simulated LLM (OpenAI- and Anthropic-compatible) for offline runs."""
-    from consumers.simulator import load_config, serve
+    from stormline.consumers.llm.simulator import load_config, serve
 
     try:
         cfg = load_config(config)
@@ -624,7 +624,7 @@ def task(
     """
     import redis
 
-    from consumers.state import task_status
+    from stormline.state import task_status
 
     s = settings_of(ctx)
     try:
@@ -667,7 +667,7 @@ def router(
     ] = None,
 ) -> None:
     """Run the router (a Faust worker): route tasks, learn Q-tables, track agent health."""
-    from streams.app import run_worker
+    from stormline.streams.app import run_worker
 
     overrides = {
         "router_strategy": strategy.value if strategy else None,
@@ -692,7 +692,7 @@ def router(
 @app.command()
 def trainer(ctx: typer.Context) -> None:
     """Run the trainer: join trajectories + rewards, train on Ray, publish checkpoints."""
-    from trainer.service import serve
+    from stormline.trainer.service import serve
 
     serve(settings_of(ctx))
 
@@ -724,8 +724,8 @@ def replay(
     """Re-read trajectories + rewards for a range and retrain; live offsets stay untouched."""
     from rich.progress import Progress
 
-    from trainer.replay import Range, ReplayError, parse_time
-    from trainer.replay import replay as run_replay
+    from stormline.trainer.replay import Range, ReplayError, parse_time
+    from stormline.trainer.replay import replay as run_replay
 
     if (since or until) and (from_offset or to_offset):
         err.print("[red]give a time range (--since/--until) or offsets, not both[/red]")
@@ -756,9 +756,9 @@ def sink(ctx: typer.Context) -> None:
 
     Exit 3 if the ClickHouse server is not usable or the parts directory cannot be written.
     """
-    from consumers.clickhouse import StoreError
-    from consumers.sink import run_sink
     from stormline import logs
+    from stormline.consumers.sink.service import run_sink
+    from stormline.consumers.sink.store import StoreError
 
     logs.setup(service="sink")
     try:
@@ -790,8 +790,8 @@ def analytics(
 
     Exit 2 for a bad query name, time or SQL; 3 if the ClickHouse server does not answer.
     """
-    from consumers import analytics as an
-    from consumers.clickhouse import Result, StoreError
+    from stormline.consumers.sink import analytics as an
+    from stormline.consumers.sink.store import Result, StoreError
 
     if name is None and sql is None:
         listing = Result(["name", "what"], [(c.name, c.doc) for c in an.CANNED.values()])
@@ -846,7 +846,7 @@ class _read_only_store:
         self.tmp: str | None = None
 
     def __enter__(self) -> Any:
-        from consumers.clickhouse import ParquetStore, StoreError, open_store, parts_dir
+        from stormline.consumers.sink.store import ParquetStore, StoreError, open_store, parts_dir
 
         s = self.settings
         if s.clickhouse_url:
@@ -879,7 +879,7 @@ class _read_only_store:
 def _print_result(res: Any, fmt: OutputFormat, title: str) -> None:
     from rich.text import Text
 
-    from consumers import analytics as an
+    from stormline.consumers.sink import analytics as an
 
     if fmt is OutputFormat.json:
         print(an.to_json(res))
@@ -912,8 +912,8 @@ def demo(
 ) -> None:
     """Run the whole loop: stack, simulator, router, workers, evaluator, sink, trainer; publish
     verifiable tasks; show live progress; end with analytics, a reward curve and learning."""
-    from deploy.demo import DemoError, run_demo
-    from deploy.errors import StackError
+    from stormline.deploy.demo import DemoError, run_demo
+    from stormline.deploy.errors import StackError
 
     try:
         result = run_demo(
@@ -955,7 +955,7 @@ def doctor(
     Each failed check says what to do. Exit 0 when every check passes, 1 otherwise. Creates
     and starts nothing.
     """
-    from deploy.doctor import run_checks
+    from stormline.deploy.doctor import run_checks
 
     chosen = [g for g in CheckGroup if (only is None or g in only) and g not in (skip or ())]
     checks = run_checks(settings_of(ctx), chosen)

@@ -45,8 +45,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 from faust.types.auth import CredentialsT
-
-from schemas.catalog import (
+from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
     CHECKPOINTS,
@@ -56,7 +55,7 @@ from schemas.catalog import (
     TASKS,
     TRAJECTORIES,
 )
-from schemas.models import (
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,
@@ -68,12 +67,11 @@ from schemas.models import (
     Trajectory,
     WorkerStatus,
 )
-from schemas.serde import DecodeError, Serde
-from stormline.settings import Settings
-from streams.health import AgentHealth, HealthConfig
-from streams.policy import load_policy
-from streams.qtable import split_key
-from streams.router import (
+from stormline.schemas.serde import DecodeError, Serde
+from stormline.streams.health import AgentHealth, HealthConfig
+from stormline.streams.policy import load_policy
+from stormline.streams.qtable import split_key
+from stormline.streams.router import (
     Directory,
     Outcome,
     RouterConfig,
@@ -82,7 +80,9 @@ from streams.router import (
     by_priority,
     epoch,
 )
-from streams.strategies import StrategyConfig
+from stormline.streams.strategies import StrategyConfig
+
+from stormline.settings import Settings
 
 log = logging.getLogger("stormline.router")
 
@@ -624,8 +624,7 @@ def ensure_internal_topics(settings: Settings) -> None:
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
-
-    from schemas.kafka import admin_client
+    from stormline.schemas.kafka import admin_client
 
     admin = admin_client(settings)
     n = settings.router_partitions or settings.default_partitions
@@ -653,7 +652,7 @@ def ensure_internal_topics(settings: Settings) -> None:
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Ensure the catalog and internal topics exist, then run the Faust worker (blocks)."""
-    from schemas.kafka import ensure_topics
+    from stormline.schemas.kafka import ensure_topics
 
     ensure_topics(settings)
     ensure_internal_topics(settings)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from schemas.models import HealthStatus
+from stormline.schemas.models import HealthStatus
 
 H = HealthStatus
 ALLOWED: dict[HealthStatus, frozenset[HealthStatus]] = {

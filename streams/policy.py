@@ -1,27 +1,25 @@
 """Loading a trainer checkpoint as a scorer for the router, behind one function.
 
-The contract with ``trainer/`` is a function name: ``trainer.policy.load_checkpoint(event)``
-(or ``load_scorer(event)``) returns an object with
+The contract with ``trainer/`` is one function,
+``stormline.trainer.checkpoints.load_checkpoint(event)``, which returns an object with
 ``score(task, agent_ids, capabilities) -> {agent_id: score}``, in reward units, which the
 router blends with the Q-table (``STORMLINE_ROUTER_POLICY_WEIGHT``). The trainer's loader
 verifies the published sha256 of the weights before anything is deserialised.
 
-:func:`load_policy` never raises: on any problem (no trainer module, unreadable file, sha256
-mismatch, not promoted) it logs why and returns None, and the router goes on with its
+:func:`load_policy` never raises: on any problem (unreadable file, sha256 mismatch, not
+promoted) it logs why and returns None, and the router goes on with its
 Q-table alone.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping
 from typing import Protocol
 
-from schemas.models import CheckpointPublished, TaskSubmitted
+from stormline.schemas.models import CheckpointPublished, TaskSubmitted
 
 log = logging.getLogger("stormline.router.policy")
-LOADERS = ("load_checkpoint", "load_scorer")
 
 
 class Scorer(Protocol):
@@ -38,17 +36,11 @@ def load_policy(event: CheckpointPublished) -> Scorer | None:
     if not event.promoted:
         log.info("checkpoint %s not promoted (%s); ignored", event.policy_version, event.decision)
         return None
+    # Imported here: torch is only paid for once a checkpoint is promoted.
+    from stormline.trainer.checkpoints import load_checkpoint
+
     try:
-        module = importlib.import_module("trainer.policy")
-    except ImportError as exc:
-        log.warning("no trainer.policy module (%s); keeping the Q-table", exc)
-        return None
-    loader = next((getattr(module, n) for n in LOADERS if hasattr(module, n)), None)
-    if loader is None:
-        log.warning("trainer.policy has none of %s; keeping the Q-table", ", ".join(LOADERS))
-        return None
-    try:
-        scorer = loader(event)
+        scorer = load_checkpoint(event)
     except Exception as exc:  # a checksum mismatch lands here too, with its explanation
         log.warning("policy %s not loaded: %s; keeping the Q-table", event.policy_version, exc)
         return None

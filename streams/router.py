@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from schemas.models import (
+from stormline.schemas.models import (
     AssignedTask,
     Event,
     HealthStatus,
@@ -37,10 +37,10 @@ from schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
-from streams.health import HealthConfig, ProbeBudget
-from streams.policy import Scorer
-from streams.qtable import QCell, RewardLedger, cell_key, reward_key
-from streams.strategies import Choice, StrategyConfig, choose
+from stormline.streams.health import HealthConfig, ProbeBudget
+from stormline.streams.policy import Scorer
+from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key
+from stormline.streams.strategies import Choice, StrategyConfig, choose
 
 ROUTER_AGENT = "stormline-router"  # agent_id/provider on what the router itself emits
 NO_AGENT = "no capable healthy agent"

@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from streams.qtable import QCell
+from stormline.streams.qtable import QCell
 
 STRATEGIES = ("epsilon_greedy", "ucb1", "thompson", "random", "round_robin")
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stormline.deploy.stack import EmbeddedStack
 
-from deploy.stack import EmbeddedStack
 from stormline.settings import Settings
 
 _HANDED_OUT: set[int] = set()
@@ -88,7 +88,7 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
 @pytest.fixture
 def topics(settings: Settings) -> Settings:
     """``settings`` with every catalog topic created under this test's prefix."""
-    from schemas.kafka import ensure_topics
+    from stormline.schemas.kafka import ensure_topics
 
     ensure_topics(settings)
     return settings
@@ -96,7 +96,7 @@ def topics(settings: Settings) -> Settings:
 
 @pytest.fixture
 def serde(settings: Settings):  # type: ignore[no-untyped-def]
-    from schemas.serde import Serde
+    from stormline.schemas.serde import Serde
 
     return Serde.from_settings(settings)
 

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from schemas.models import (
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     AssignedTask,

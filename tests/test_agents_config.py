@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stormline.consumers.llm.agents import (
+    AgentConfigError,
+    endpoint_problems,
+    load_registry,
+    parse_registry,
+)
+from stormline.deploy.supervisor import default_services, settings_environ
 
-from consumers.agents import AgentConfigError, endpoint_problems, load_registry, parse_registry
-from deploy.supervisor import default_services, settings_environ
 from stormline.settings import Settings
 
 EXAMPLE = Path(__file__).parent.parent / "agents.yaml"

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from consumers import analytics as an
-from consumers.clickhouse import (
+from stormline.consumers.sink import analytics as an
+from stormline.consumers.sink.store import (
     _SESSION_LOCK,
     ParquetStore,
     Result,
@@ -33,10 +32,11 @@ from consumers.clickhouse import (
     parts_dir,
     schema_statements,
 )
-from consumers.sink_tables import SCHEMAS, TABLES, clickhouse_type
-from schemas.catalog import spec_for
-from schemas.kafka import EventProducer, ensure_topics
-from schemas.serde import Serde
+from stormline.consumers.sink.tables import SCHEMAS, TABLES, clickhouse_type
+from stormline.schemas.catalog import spec_for
+from stormline.schemas.kafka import EventProducer, ensure_topics
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
 from tests import sink_data
 from tests.conftest import settings_env

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
-
-from schemas.catalog import (
+from stormline.schemas.catalog import (
     ASSIGNMENTS,
     CHECKPOINTS,
     DEAD_LETTERS,
@@ -25,7 +24,8 @@ from schemas.catalog import (
     TASKS,
     TRAJECTORIES,
 )
-from schemas.kafka import EventConsumer
+from stormline.schemas.kafka import EventConsumer
+
 from stormline.settings import Settings
 from tests.conftest import settings_env
 from tests.loop import Loop

@@ -130,7 +130,7 @@ def test_analytics_lists_its_queries_as_json(tmp_path: Path) -> None:
 
 
 def test_topics_list_json_and_table_keep_full_names_when_piped(settings: Settings) -> None:
-    from schemas.kafka import ensure_topics
+    from stormline.schemas.kafka import ensure_topics
 
     # A long prefix: full names are far wider than the 80 columns of a pipe.
     s = settings.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex}{uuid.uuid4().hex}."})

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from consumers import evaluators as ev
-from consumers.evaluators import Evaluation, EvaluationError, Spec
-from consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
-from schemas.models import RewardSource, Step, Trajectory, TrajectoryStatus
+from stormline.consumers.evaluator import rules as ev
+from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
+from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
+from stormline.schemas.models import RewardSource, Step, Trajectory, TrajectoryStatus
 
 
 def traj(**kw: object) -> Trajectory:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stormline.deploy import process
+from stormline.deploy.stack import EmbeddedStack
+from stormline.schemas.catalog import REWARDS
+from stormline.schemas.kafka import end_offsets
 
-from deploy import process
-from deploy.stack import EmbeddedStack
-from schemas.catalog import REWARDS
-from schemas.kafka import end_offsets
 from stormline.settings import Settings
 from tests.conftest import free_port
 from tests.loop import Loop, Outcomes
@@ -127,7 +127,7 @@ def test_broker_restart_mid_load(private, tmp_path: Path) -> None:  # type: igno
 
 
 def test_kill9_sink_and_trainer_and_clickhouse_down(private, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from consumers.clickhouse import open_store, parts_dir
+    from stormline.consumers.sink.store import open_store, parts_dir
 
     _, s = private
     with Loop(s, tmp_path, sink=True, trainer=True) as loop:

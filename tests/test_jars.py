@@ -14,10 +14,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from stormline.deploy import jars
+from stormline.deploy.errors import StackError
+from stormline.deploy.jars import MAVEN_CENTRAL, JarResolver, pom_versions
 
-from deploy import jars
-from deploy.errors import StackError
-from deploy.jars import MAVEN_CENTRAL, JarResolver, pom_versions
 from stormline.settings import Settings
 from tests.conftest import free_port
 
@@ -58,7 +58,7 @@ def test_cli_exits_1_for_a_kafka_version_that_does_not_exist(real_cache: Path) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}
     env["STORMLINE_KAFKA_VERSION"] = "4.1.99"
     out = subprocess.run(
-        [sys.executable, "-m", "deploy.jars", "--cache-dir", str(real_cache)],
+        [sys.executable, "-m", "stormline.deploy.jars", "--cache-dir", str(real_cache)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from stormline.schemas.models import AgentHeartbeat, PolicyKind, Step, TaskSubmitted, WorkerStatus
+from stormline.trainer import state as state_io
+from stormline.trainer.checkpoints import gate
+from stormline.trainer.join import Joiner, SourceRef, propensity_of
+from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences, task_keys
+from stormline.trainer.replay import ReplayError, parse_offsets
+from stormline.trainer.update import split_holdout, trained_on
 
-from schemas.models import AgentHeartbeat, PolicyKind, Step, TaskSubmitted, WorkerStatus
 from tests.trainer_events import assignment, reward, trajectory, world
-from trainer import state as state_io
-from trainer.checkpoints import gate
-from trainer.join import Joiner, SourceRef, propensity_of
-from trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences, task_keys
-from trainer.replay import ReplayError, parse_offsets
-from trainer.update import split_holdout, trained_on
 
 T, R, A = "trajectories", "rewards", "assignments"
 

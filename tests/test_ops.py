@@ -9,17 +9,17 @@ import time
 from typing import Any
 
 from confluent_kafka import Producer, TopicPartition
-
-from consumers.ops import collect
-from schemas.catalog import DEAD_LETTERS, TASKS
-from schemas.kafka import EventConsumer, EventProducer
-from schemas.models import (
+from stormline.deploy.ops import collect
+from stormline.schemas.catalog import DEAD_LETTERS, TASKS
+from stormline.schemas.kafka import EventConsumer, EventProducer
+from stormline.schemas.models import (
     AgentHealthChanged,
     CheckpointPublished,
     DeadLetter,
     HealthStatus,
     TaskSubmitted,
 )
+
 from stormline.settings import Settings
 from tests.conftest import settings_env
 

@@ -9,12 +9,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from stormline.consumers.llm import CompletionRequest, ErrorKind, LLMProvider, ProviderError
+from stormline.consumers.llm.agents import ProviderConfig
+from stormline.consumers.llm.providers import make_provider
+from stormline.consumers.llm.resilience import (
+    CallOutcome,
+    CircuitBreaker,
+    RetryPolicy,
+    call_with_policy,
+)
+from stormline.consumers.llm.simulator import ModelProfile, ServerThread, SimConfig, Simulator
 
-from consumers.agents import ProviderConfig
-from consumers.llm import CompletionRequest, ErrorKind, LLMProvider, ProviderError
-from consumers.providers import make_provider
-from consumers.resilience import CallOutcome, CircuitBreaker, RetryPolicy, call_with_policy
-from consumers.simulator import ModelProfile, ServerThread, SimConfig, Simulator
 from tests.conftest import free_port
 
 KEY_VAR = "STORMLINE_TEST_PROVIDER_KEY"

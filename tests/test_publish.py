@@ -22,18 +22,17 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-
-from consumers.evaluator_service import EvaluatorService
-from producers.feedback import (
+from stormline.consumers.evaluator.service import EvaluatorService
+from stormline.producers.feedback import (
     FeedbackError,
     find_latest_trajectory,
     partition_for,
     record_reward,
 )
-from producers.publish import publish_tasks
-from schemas.catalog import DEAD_LETTERS, REWARDS, TASKS, TRAJECTORIES, TopicSpec
-from schemas.kafka import EventProducer, end_offsets
-from schemas.models import (
+from stormline.producers.publish import publish_tasks
+from stormline.schemas.catalog import DEAD_LETTERS, REWARDS, TASKS, TRAJECTORIES, TopicSpec
+from stormline.schemas.kafka import EventProducer, end_offsets
+from stormline.schemas.models import (
     DeadLetter,
     Reward,
     RewardSource,
@@ -42,7 +41,8 @@ from schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
-from schemas.serde import Serde
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 
@@ -168,7 +168,7 @@ def test_publish_cli_sends_valid_lines_reports_invalid_ones(
         uuid.UUID(tid)  # generated ids are uuid4s
     assert by_id["task-5"].expected == "5"
 
-    from consumers.state import task_status
+    from stormline.state import task_status
 
     assert (task_status(topics, "task-3") or {}).get("state") == "submitted"
 
@@ -242,7 +242,7 @@ def test_reward_cli_finds_latest_trajectory_of_the_task(topics: Settings, serde:
     assert (r.value, r.source, r.reason) == (0.9, RewardSource.HUMAN, "good answer")
     assert (rewards["nope"].trajectory_id, rewards["nope"].agent_id) == ("nope/7", "agent-z")
 
-    from consumers.state import task_status
+    from stormline.state import task_status
 
     assert (task_status(topics, "T") or {}).get("reward") == "0.9"
 
@@ -437,8 +437,8 @@ async def test_judge_through_the_official_sdks(
     path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from consumers import evaluators
-    from consumers.evaluator_service import make_judge
+    from stormline.consumers.evaluator import rules as evaluators
+    from stormline.consumers.evaluator.service import make_judge
 
     key = f"sk-judge-{uuid.uuid4().hex}"
     monkeypatch.setenv(key_env, key)

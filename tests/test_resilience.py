@@ -7,17 +7,17 @@ import random
 from pathlib import Path
 
 import pytest
-
-from consumers.agents import AgentConfigError, load_registry, parse_registry
-from consumers.llm import ErrorKind, ProviderError
-from consumers.resilience import (
+from stormline.consumers.llm import ErrorKind, ProviderError
+from stormline.consumers.llm.agents import AgentConfigError, load_registry, parse_registry
+from stormline.consumers.llm.resilience import (
     BreakerState,
     CallOutcome,
     CircuitBreaker,
     RetryPolicy,
     call_with_policy,
 )
-from consumers.worker import OffsetTracker
+from stormline.consumers.worker.service import OffsetTracker
+
 from stormline.settings import Settings
 
 

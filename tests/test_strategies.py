@@ -6,11 +6,10 @@ import math
 import random
 
 import pytest
-
-from schemas.models import HealthStatus as H
-from streams.health import ALLOWED, AgentHealth, HealthConfig, ProbeBudget, probe_ready_at
-from streams.qtable import QCell, RewardLedger, cell_key, reward_key, split_key
-from streams.strategies import STRATEGIES, StrategyConfig, choose, decayed_epsilon
+from stormline.schemas.models import HealthStatus as H
+from stormline.streams.health import ALLOWED, AgentHealth, HealthConfig, ProbeBudget, probe_ready_at
+from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key, split_key
+from stormline.streams.strategies import STRATEGIES, StrategyConfig, choose, decayed_epsilon
 
 PROBS = {"a": 0.2, "b": 0.45, "c": 0.8, "d": 0.5}  # c is best by a 0.3 gap
 

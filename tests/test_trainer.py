@@ -14,22 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 from confluent_kafka import Consumer, TopicPartition
+from stormline.schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
+from stormline.schemas.kafka import EventProducer, client_logger
+from stormline.schemas.models import CheckpointPublished, TaskSubmitted
+from stormline.schemas.serde import Serde
+from stormline.streams.policy import load_policy
+from stormline.trainer.checkpoints import ChecksumMismatch, load_checkpoint
+from stormline.trainer.distributed import RayLearner
+from stormline.trainer.join import Experience, Joiner, SourceRef
+from stormline.trainer.policy import (
+    PolicyConfig,
+    RouterNet,
+    encode_experiences,
+    evaluate,
+)
+from stormline.trainer.replay import Range, read_range, replay
+from stormline.trainer.service import TrainerService
+from stormline.trainer.update import UpdateOutcome
 
-from schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
-from schemas.kafka import EventProducer, client_logger
-from schemas.models import CheckpointPublished, TaskSubmitted
-from schemas.serde import Serde
 from stormline.settings import Settings
-from streams.policy import load_policy
 from tests.conftest import settings_env
 from tests.trainer_events import AGENTS, BEST, world
-from trainer.checkpoints import ChecksumMismatch
-from trainer.distributed import RayLearner
-from trainer.join import Experience, Joiner, SourceRef
-from trainer.policy import PolicyConfig, RouterNet, encode_experiences, evaluate, load_checkpoint
-from trainer.replay import Range, read_range, replay
-from trainer.service import TrainerService
-from trainer.update import UpdateOutcome
 
 CFG = PolicyConfig(buckets=4096, dim=16, hidden=32)
 pytestmark = pytest.mark.timeout(600)

@@ -16,12 +16,13 @@ import time
 import uuid
 from pathlib import Path
 
-from deploy import process
-from producers.demo_tasks import demo_tasks
-from schemas.catalog import REWARDS
-from schemas.kafka import EventConsumer, EventProducer
-from schemas.models import RewardSource
-from schemas.serde import Serde
+from stormline.deploy import process
+from stormline.deploy.demo_tasks import demo_tasks
+from stormline.schemas.catalog import REWARDS
+from stormline.schemas.kafka import EventConsumer, EventProducer
+from stormline.schemas.models import RewardSource
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

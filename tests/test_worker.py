@@ -25,14 +25,18 @@ import pytest
 import redis
 import yaml
 from confluent_kafka import Consumer, TopicPartition
-
-from consumers.agents import load_registry
-from consumers.simulator import ModelProfile, ServerThread, SimConfig, Simulator, solve
-from consumers.state import key_prefix, task_status
-from consumers.worker import Worker, trajectory_id
-from schemas.catalog import ASSIGNMENTS, CATALOG, HEARTBEATS, TRAJECTORIES, TopicSpec
-from schemas.kafka import EventConsumer, EventProducer, end_offsets
-from schemas.models import (
+from stormline.consumers.llm.agents import load_registry
+from stormline.consumers.llm.simulator import (
+    ModelProfile,
+    ServerThread,
+    SimConfig,
+    Simulator,
+    solve,
+)
+from stormline.consumers.worker.service import Worker, trajectory_id
+from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, HEARTBEATS, TRAJECTORIES, TopicSpec
+from stormline.schemas.kafka import EventConsumer, EventProducer, end_offsets
+from stormline.schemas.models import (
     AgentHeartbeat,
     AssignedTask,
     PolicyKind,
@@ -41,8 +45,10 @@ from schemas.models import (
     TrajectoryStatus,
     WorkerStatus,
 )
-from schemas.serde import Serde
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
+from stormline.state import key_prefix, task_status
 from tests.conftest import free_port, settings_env
 
 CLI = [sys.executable, "-m", "stormline.cli"]
@@ -465,7 +471,7 @@ async def test_response_cache_serves_a_repeated_prompt_without_a_call(
 
 
 async def test_rate_limiter_is_a_shared_token_bucket_in_redis(settings: Settings) -> None:
-    from consumers.state import RedisState
+    from stormline.state import RedisState
 
     a, b = RedisState(settings), RedisState(settings)  # two workers, one bucket
     try:

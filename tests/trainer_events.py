@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-from schemas.models import (
+from stormline.schemas.models import (
     AssignedTask,
     PolicyKind,
     Reward,

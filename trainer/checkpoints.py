@@ -9,7 +9,7 @@ Layout under ``checkpoint_uri`` (a directory, ``file://``, ``s3://``, ``memory:/
 
 Versions are the next integer after the highest one present, so a restarted trainer
 continues the sequence. A consumer verifies the weights' sha256 against the published one
-before deserialising anything (:func:`load_verified`).
+before deserialising anything (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import fsspec
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from schemas.models import CheckpointPublished, OffsetRange
-from trainer.policy import PolicyConfig, RouterNet, Scorer
+from stormline.schemas.models import CheckpointPublished, OffsetRange
+from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
@@ -180,9 +179,15 @@ def load_state_verified(
     return st_load(blob), read_meta(uri)
 
 
-def load_verified(
+def load_checkpoint(
     event_or_uri: CheckpointPublished | str, expected_sha256: str | None = None
 ) -> Scorer:
+    """Load a published checkpoint as a :class:`Scorer`, verifying its sha256 first.
+
+    Pass the :class:`CheckpointPublished` event (its ``sha256`` is the expectation) or a
+    checkpoint URI plus ``expected_sha256``. Raises :class:`ChecksumMismatch` if the weights
+    file is not the one that was published; nothing is deserialised before the hash matches.
+    """
     if isinstance(event_or_uri, CheckpointPublished):
         uri = event_or_uri.uri
         expected_sha256 = expected_sha256 or event_or_uri.sha256

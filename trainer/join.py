@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from schemas.models import (
+from stormline.schemas.models import (
     AgentHeartbeat,
     PolicyKind,
     Reward,

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from schemas.models import AssignedTask, CheckpointPublished, TaskSubmitted
-    from trainer.join import Experience
+    from stormline.schemas.models import AssignedTask, TaskSubmitted
+    from stormline.trainer.join import Experience
 
 _WORD = re.compile(r"[a-z0-9]+")
 MIN_PROPENSITY = 0.05  # clip: a logged 1% exploration must not weigh 100x
@@ -197,16 +197,3 @@ class Scorer:
         with torch.no_grad():
             out = self.model(task_t, agent_t).tolist()
         return dict(zip(agent_ids, (float(x) for x in out), strict=True))
-
-
-def load_checkpoint(event_or_uri: CheckpointPublished | str, expected_sha256: str | None = None):  # type: ignore[no-untyped-def]
-    """Load a published checkpoint as a :class:`Scorer`, verifying its sha256 first.
-
-    Pass the :class:`CheckpointPublished` event (its ``sha256`` is the expectation) or a
-    checkpoint URI plus ``expected_sha256``. Raises
-    :class:`trainer.checkpoints.ChecksumMismatch` if the weights file is not the one that
-    was published; nothing is deserialised before the hash matches.
-    """
-    from trainer.checkpoints import load_verified
-
-    return load_verified(event_or_uri, expected_sha256)

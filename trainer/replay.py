@@ -26,13 +26,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
+from stormline.schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicSpec
+from stormline.schemas.kafka import Received, admin_client, client_logger
+from stormline.schemas.serde import DecodeError, Serde
+from stormline.trainer.join import Experience, Joiner
+from stormline.trainer.service import feed, make_joiner
 
-from schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicSpec
-from schemas.kafka import Received, admin_client, client_logger
-from schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
-from trainer.join import Experience, Joiner
-from trainer.service import feed, make_joiner
 
 Progress = Callable[[int, int], None]  # (records read, records to read)
 
@@ -265,11 +265,11 @@ def replay(
         summary["written"] = write_topic(settings, to_topic, res.experiences)
     if not train or not res.experiences:
         return summary
-    from schemas.kafka import EventProducer
-    from trainer.checkpoints import CheckpointStore, load_state_verified
-    from trainer.distributed import RayLearner
-    from trainer.policy import PolicyConfig
-    from trainer.update import checkpoint_uri, run_update
+    from stormline.schemas.kafka import EventProducer
+    from stormline.trainer.checkpoints import CheckpointStore, load_state_verified
+    from stormline.trainer.distributed import RayLearner
+    from stormline.trainer.policy import PolicyConfig
+    from stormline.trainer.update import checkpoint_uri, run_update
 
     store = CheckpointStore(checkpoint_uri(settings), settings.trainer_policy_name)
     init = None

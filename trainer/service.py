@@ -17,18 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from stormline.schemas.catalog import ASSIGNMENTS, HEARTBEATS, REWARDS, TRAJECTORIES
+from stormline.schemas.kafka import EventConsumer, EventProducer, Received
+from stormline.schemas.models import AgentHeartbeat, Reward, TaskAssigned, Trajectory
+from stormline.schemas.serde import Serde
+from stormline.trainer import state as state_io
+from stormline.trainer.checkpoints import CheckpointStore, load_state_verified
+from stormline.trainer.distributed import RayLearner
+from stormline.trainer.join import Experience, Joiner, SourceRef
+from stormline.trainer.policy import PolicyConfig
+from stormline.trainer.update import UpdateOutcome, checkpoint_uri, run_update
 
-from schemas.catalog import ASSIGNMENTS, HEARTBEATS, REWARDS, TRAJECTORIES
-from schemas.kafka import EventConsumer, EventProducer, Received
-from schemas.models import AgentHeartbeat, Reward, TaskAssigned, Trajectory
-from schemas.serde import Serde
 from stormline.settings import Settings
-from trainer import state as state_io
-from trainer.checkpoints import CheckpointStore, load_state_verified
-from trainer.distributed import RayLearner
-from trainer.join import Experience, Joiner, SourceRef
-from trainer.policy import PolicyConfig
-from trainer.update import UpdateOutcome, checkpoint_uri, run_update
 
 log = logging.getLogger("stormline.trainer")
 
@@ -188,7 +188,8 @@ class TrainerService:
 
 def serve(settings: Settings) -> None:
     """`stormline trainer`: run until SIGTERM/SIGINT."""
-    from schemas.kafka import ensure_topics
+    from stormline.schemas.kafka import ensure_topics
+
     from stormline import logs
 
     logs.setup(service="trainer")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.join import Experience, Joiner
+from stormline.trainer.join import Experience, Joiner
 
 
 @dataclass

@@ -32,15 +32,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import TopicPartition
-
-from consumers.agents import AgentConfig, ProviderConfig, Registry
-from consumers.llm import Completion, CompletionRequest, ErrorKind, LLMProvider, ProviderError
-from consumers.providers import make_provider
-from consumers.resilience import CallOutcome, CircuitBreaker, RetryPolicy, call_with_policy
-from consumers.state import RedisState
-from schemas.catalog import ASSIGNMENTS, HEARTBEATS
-from schemas.kafka import DeliveryError, EventConsumer, EventProducer, Received
-from schemas.models import (
+from stormline.consumers.llm import (
+    Completion,
+    CompletionRequest,
+    ErrorKind,
+    LLMProvider,
+    ProviderError,
+)
+from stormline.consumers.llm.agents import AgentConfig, ProviderConfig, Registry
+from stormline.consumers.llm.providers import make_provider
+from stormline.consumers.llm.resilience import (
+    CallOutcome,
+    CircuitBreaker,
+    RetryPolicy,
+    call_with_policy,
+)
+from stormline.schemas.catalog import ASSIGNMENTS, HEARTBEATS
+from stormline.schemas.kafka import DeliveryError, EventConsumer, EventProducer, Received
+from stormline.schemas.models import (
     AgentHeartbeat,
     Step,
     TaskAssigned,
@@ -49,9 +58,11 @@ from schemas.models import (
     Usage,
     WorkerStatus,
 )
-from schemas.serde import Serde
+from stormline.schemas.serde import Serde
+
 from stormline.logs import redact
 from stormline.settings import Settings
+from stormline.state import RedisState
 
 log = logging.getLogger("stormline.worker")
 TP = tuple[str, int]
@@ -636,7 +647,7 @@ class Worker:
 
 def run_worker(settings: Settings, worker_id: str | None = None) -> WorkerStats:
     """Entry point of `stormline worker`: load the registry, run until SIGTERM/SIGINT."""
-    from consumers.agents import endpoint_problems, load_registry
+    from stormline.consumers.llm.agents import endpoint_problems, load_registry
 
     registry = load_registry(settings.agents_file, settings)
     # Say once, loudly, what would otherwise be one warning per task and every circuit open.

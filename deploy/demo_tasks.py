@@ -12,8 +12,8 @@ import string
 import uuid
 from collections.abc import Iterator
 
-from consumers.simulator import solve
-from schemas.models import TaskSubmitted
+from stormline.consumers.llm.simulator import solve
+from stormline.schemas.models import TaskSubmitted
 
 TASK_TYPES = ("math", "reverse", "upper", "sort")
 _WORDS = ["storm", "line", "kafka", "agent", "reward", "router", "faust", "policy", "event"]

@@ -24,14 +24,15 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-from consumers import evaluators
-from consumers.evaluators import Evaluation, EvaluationError, Spec
-from consumers.llm import ErrorKind, LLMProvider, ProviderError
-from consumers.resilience import CircuitBreaker, RetryPolicy, call_with_policy
-from schemas.catalog import REWARDS, TRAJECTORIES
-from schemas.kafka import EventConsumer, EventProducer, Received
-from schemas.models import Reward, Trajectory
-from schemas.serde import Serde
+from stormline.consumers.evaluator import rules as evaluators
+from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
+from stormline.consumers.llm import ErrorKind, LLMProvider, ProviderError
+from stormline.consumers.llm.resilience import CircuitBreaker, RetryPolicy, call_with_policy
+from stormline.schemas.catalog import REWARDS, TRAJECTORIES
+from stormline.schemas.kafka import EventConsumer, EventProducer, Received
+from stormline.schemas.models import Reward, Trajectory
+from stormline.schemas.serde import Serde
+
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.evaluator")
@@ -45,8 +46,8 @@ def make_judge(settings: Settings) -> LLMProvider | None:
     """The configured LLM-as-judge provider, or None when STORMLINE_JUDGE_PROVIDER is unset."""
     if not settings.judge_provider:
         return None
-    from consumers.agents import ProviderConfig
-    from consumers.providers import make_provider
+    from stormline.consumers.llm.agents import ProviderConfig
+    from stormline.consumers.llm.providers import make_provider
 
     config = ProviderConfig(
         provider=settings.judge_provider,  # type: ignore[arg-type]
@@ -143,7 +144,7 @@ class EvaluatorService:
             return
         import redis
 
-        from consumers.state import record_reward
+        from stormline.state import record_reward
 
         try:
             for rw in rewards:

@@ -7,11 +7,10 @@ import re
 import time
 
 import openai
-
-from consumers.agents import ProviderConfig
-from consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
-from consumers.providers._errors import client_pool, to_provider_error
-from schemas.models import Step, ToolCall, Usage
+from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
+from stormline.consumers.llm.agents import ProviderConfig
+from stormline.consumers.llm.providers._errors import client_pool, to_provider_error
+from stormline.schemas.models import Step, ToolCall, Usage
 
 # vLLM's `return_tokens_as_token_ids` (and the simulator) spell tokens as "token_id:123".
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")

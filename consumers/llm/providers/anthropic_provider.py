@@ -7,11 +7,10 @@ import json
 import time
 
 import anthropic
-
-from consumers.agents import ProviderConfig
-from consumers.llm import Completion, CompletionRequest
-from consumers.providers._errors import client_pool, to_provider_error
-from schemas.models import Step, ToolCall, Usage
+from stormline.consumers.llm import Completion, CompletionRequest
+from stormline.consumers.llm.agents import ProviderConfig
+from stormline.consumers.llm.providers._errors import client_pool, to_provider_error
+from stormline.schemas.models import Step, ToolCall, Usage
 
 
 class AnthropicProvider:

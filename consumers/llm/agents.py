@@ -65,7 +65,7 @@ class AgentConfigError(ValueError):
 
 
 class ProviderConfig(BaseModel):
-    """How to reach one model: enough to build an :class:`~consumers.llm.LLMProvider`."""
+    """How to reach one model: enough to build an :class:`~stormline.consumers.llm.LLMProvider`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

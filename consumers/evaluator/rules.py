@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+from stormline.consumers.llm import CompletionRequest, LLMProvider
+from stormline.schemas.models import Reward, RewardSource, Trajectory, TrajectoryStatus
 
-from consumers.llm import CompletionRequest, LLMProvider
-from schemas.models import Reward, RewardSource, Trajectory, TrajectoryStatus
 from stormline.logs import redact
 
 MAX_REASON_CHARS = 2_000

@@ -21,8 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-
-from schemas.catalog import (
+from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
     CHECKPOINTS,
@@ -33,7 +32,7 @@ from schemas.catalog import (
     TRAJECTORIES,
     TopicSpec,
 )
-from schemas.models import (
+from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,

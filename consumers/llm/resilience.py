@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
-from consumers.llm import ErrorKind, ProviderError
+from stormline.consumers.llm import ErrorKind, ProviderError
 
 T = TypeVar("T")
 

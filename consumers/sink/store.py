@@ -35,11 +35,11 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from stormline.consumers.sink.tables import SCHEMAS, TABLES, arrow_table
 
-from consumers.sink_tables import SCHEMAS, TABLES, arrow_table
 from stormline.settings import Settings
 
-SCHEMA_SQL = Path(__file__).resolve().parent.parent / "deploy" / "clickhouse" / "schema.sql"
+SCHEMA_SQL = Path(__file__).resolve().parent.parent.parent / "deploy" / "clickhouse" / "schema.sql"
 EMPTY_PART = "_empty.parquet"
 _PART = re.compile(r"^(?P<topic>.+)\.(?P<partition>\d+)\.(?P<first>\d+)\.(?P<last>\d+)\.parquet$")
 

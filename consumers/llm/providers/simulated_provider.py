@@ -11,10 +11,10 @@ import asyncio
 import random
 import time
 
-from consumers.agents import ProviderConfig
-from consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
-from consumers.simulator import SimState, load_config, reply, tokens
-from schemas.models import Step, Usage
+from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
+from stormline.consumers.llm.agents import ProviderConfig
+from stormline.consumers.llm.simulator import SimState, load_config, reply, tokens
+from stormline.schemas.models import Step, Usage
 
 
 class SimulatedProvider:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from schemas.models import Step, Usage
+from stormline.schemas.models import Step, Usage
 
 
 class ErrorKind(StrEnum):

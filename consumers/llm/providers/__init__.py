@@ -8,22 +8,22 @@ retries, timeouts and breakers are policy in :mod:`consumers.resilience`.
 
 from __future__ import annotations
 
-from consumers.agents import ProviderConfig
-from consumers.llm import LLMProvider
+from stormline.consumers.llm import LLMProvider
+from stormline.consumers.llm.agents import ProviderConfig
 
 
 def make_provider(config: ProviderConfig, *, max_connections: int = 1024) -> LLMProvider:
     """The provider for ``config`` (an AgentConfig is a ProviderConfig too)."""
     if config.provider == "openai":
-        from consumers.providers.openai_provider import OpenAIProvider
+        from stormline.consumers.llm.providers.openai_provider import OpenAIProvider
 
         return OpenAIProvider(config, max_connections=max_connections)
     if config.provider == "anthropic":
-        from consumers.providers.anthropic_provider import AnthropicProvider
+        from stormline.consumers.llm.providers.anthropic_provider import AnthropicProvider
 
         return AnthropicProvider(config, max_connections=max_connections)
     if config.provider == "simulated":
-        from consumers.providers.simulated_provider import SimulatedProvider
+        from stormline.consumers.llm.providers.simulated_provider import SimulatedProvider
 
         return SimulatedProvider(config)
     raise ValueError(f"unknown provider {config.provider!r}; use openai, anthropic or simulated")

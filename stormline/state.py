@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
-from schemas.models import Trajectory
 from stormline.logs import redact
+from stormline.schemas.models import Trajectory
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.state")

@@ -39,7 +39,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from consumers.clickhouse import Result, Store
+from stormline.consumers.sink.store import Result, Store
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
