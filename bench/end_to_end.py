@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from bench import cpu_seconds, free_port
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.supervisor import ServiceSpec, Supervisor
 from stormline.schemas.catalog import CATALOG, REWARDS
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.serde import Serde
-
-from bench import cpu_seconds, free_port
 from stormline.settings import Settings
 
 SIM_CONFIG = {"seed": 1, "default": {"skill": {"*": 0.8}, "latency_ms": 0}}

@@ -35,12 +35,11 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import free_port
 from stormline.schemas.models import Reward, RewardSource, TaskSubmitted
 from stormline.streams.health import HealthConfig
 from stormline.streams.router import Directory, RouterConfig, RouterCore
 from stormline.streams.strategies import STRATEGIES, StrategyConfig
-
-from bench import free_port
 
 AGENTS = [f"agent-{i}" for i in range(5)]
 TYPES = ["math", "reverse", "upper", "sort"]
@@ -126,13 +125,13 @@ def run_e2e(strategy: str, n: int, rate: float = 150.0) -> dict[str, float]:
     """One strategy through broker, router, worker, simulator and evaluator."""
     import httpx
     import yaml
+
+    from bench.router import _env
     from stormline.consumers.llm.simulator import solve
     from stormline.schemas.catalog import ASSIGNMENTS, REWARDS
     from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
     from stormline.schemas.models import TaskAssigned
     from stormline.schemas.serde import Serde
-
-    from bench.router import _env
     from stormline.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-learning-{strategy}-"))

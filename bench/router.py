@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench import cpu_seconds, free_port
 from stormline.schemas.catalog import AGENT_HEALTH, ASSIGNMENTS
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import (
@@ -36,8 +38,6 @@ from stormline.schemas.models import (
     WorkerStatus,
 )
 from stormline.schemas.serde import Serde
-
-from bench import cpu_seconds, free_port
 from stormline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

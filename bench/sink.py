@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from stormline.consumers.sink.analytics import run_canned
 from stormline.consumers.sink.store import ParquetStore
 from stormline.consumers.sink.tables import SCHEMAS, Origin, rows_of
 from stormline.schemas import models as m
-
 from stormline.settings import Settings
 
 AGENTS = [f"agent-{i:02d}" for i in range(20)]

@@ -31,10 +31,9 @@ from stormline.schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
+from stormline.settings import Settings
 from stormline.trainer.join import Experience, Joiner, SourceRef
 from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences
-
-from stormline.settings import Settings
 
 # --------------------------------------------------------------- simulated environment --
 # Two families of task types; agents' hidden success probabilities depend on the family,
@@ -186,6 +185,7 @@ def bench_latency_and_generalisation(
     settings: Settings, lrn: Any, quick: bool
 ) -> dict[str, float | str]:
     from confluent_kafka import Consumer, KafkaException
+
     from stormline.schemas.catalog import CHECKPOINTS
     from stormline.schemas.kafka import EventProducer, admin_client, client_logger, ensure_topics
     from stormline.schemas.models import CheckpointPublished

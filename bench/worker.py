@@ -25,14 +25,14 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from bench import cpu_seconds, free_port
 from stormline.consumers.llm.agents import parse_registry
 from stormline.consumers.llm.providers import openai_provider  # noqa: F401  (slow import, kept out of timings)
 from stormline.consumers.worker.service import Worker
 from stormline.schemas.kafka import EventProducer, ensure_topics
 from stormline.schemas.models import AssignedTask, PolicyKind, TaskAssigned
 from stormline.schemas.serde import Serde
-
-from bench import cpu_seconds, free_port
 from stormline.settings import Settings
 
 

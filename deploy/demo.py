@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+
 from stormline.consumers.llm.agents import AgentConfigError, endpoint_problems, load_registry
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.stack import EmbeddedStack
@@ -33,7 +34,6 @@ from stormline.schemas.catalog import CATALOG, CHECKPOINTS, REWARDS
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import CheckpointPublished, Reward
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 
 REAL_AGENTS = Path(__file__).parent / "agents.real.yaml"

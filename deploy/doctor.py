@@ -208,6 +208,7 @@ def check_maven(settings: Settings) -> list[Check]:
 def check_repository(mirror_url: str | None, timeout: float = REPOSITORY_TIMEOUT_S) -> Check:
     """Any HTTP answer from the repository's root counts (Central answers 404 there)."""
     import httpx
+
     from stormline.deploy.jars import MAVEN_CENTRAL as central
 
     url = (mirror_url or central).rstrip("/") + "/"

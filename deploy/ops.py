@@ -16,11 +16,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
+
 from stormline.schemas.catalog import AGENT_HEALTH, CATALOG, CHECKPOINTS, DEAD_LETTERS
 from stormline.schemas.kafka import admin_client, client_logger
 from stormline.schemas.models import AgentHealthChanged, CheckpointPublished
 from stormline.schemas.serde import DecodeError, Serde
-
 from stormline.settings import Settings
 
 

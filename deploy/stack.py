@@ -29,7 +29,6 @@ from stormline.deploy.errors import StackError
 from stormline.deploy.jars import JarResolver, Jars
 from stormline.deploy.java import Java, find_java
 from stormline.deploy.kafka_probe import metadata_version_level, release_of_metadata_level
-
 from stormline.settings import Settings
 
 Report = Callable[[str], None]

@@ -17,11 +17,11 @@ import zlib
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventProducer, client_logger
 from stormline.schemas.models import Reward, RewardSource, Trajectory
 from stormline.schemas.serde import DecodeError, Serde
-
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.feedback")

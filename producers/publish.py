@@ -23,11 +23,11 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 from rich.console import Console
+
 from stormline.schemas.catalog import TASKS
 from stormline.schemas.kafka import EventProducer
 from stormline.schemas.models import TaskFields, TaskSubmitted
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.publish")
@@ -319,6 +319,7 @@ def run_publish_command(
         TextColumn,
         TimeElapsedColumn,
     )
+
     from stormline.schemas.kafka import DeliveryError
 
     if source == "-":

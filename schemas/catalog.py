@@ -20,7 +20,6 @@ from stormline.schemas.models import (
     TaskSubmitted,
     Trajectory,
 )
-
 from stormline.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fastavro
 from fastavro.utils import generate_many
+
 from stormline.schemas.models import EVENT_TYPES, Event
 from stormline.schemas.serde import AVRO_DIR, RELEASED_DIR, schema_file
 

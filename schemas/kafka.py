@@ -25,10 +25,10 @@ from typing import Any, Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
 from stormline.schemas.catalog import CATALOG, DEAD_LETTERS, TopicSpec, spec_for
 from stormline.schemas.models import DeadLetter, Event
 from stormline.schemas.serde import DecodeError, Serde
-
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.kafka")

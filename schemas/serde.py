@@ -26,8 +26,8 @@ from typing import Any, Protocol, TypeVar
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 from pydantic import ValidationError
-from stormline.schemas.models import EVENT_TYPES, Event
 
+from stormline.schemas.models import EVENT_TYPES, Event
 from stormline.settings import Settings
 
 AVRO_DIR = Path(__file__).parent / "avro"

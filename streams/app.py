@@ -45,6 +45,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 from faust.types.auth import CredentialsT
+
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
@@ -68,6 +69,7 @@ from stormline.schemas.models import (
     WorkerStatus,
 )
 from stormline.schemas.serde import DecodeError, Serde
+from stormline.settings import Settings
 from stormline.streams.health import AgentHealth, HealthConfig
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import split_key
@@ -81,8 +83,6 @@ from stormline.streams.router import (
     epoch,
 )
 from stormline.streams.strategies import StrategyConfig
-
-from stormline.settings import Settings
 
 log = logging.getLogger("stormline.router")
 
@@ -624,6 +624,7 @@ def ensure_internal_topics(settings: Settings) -> None:
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
+
     from stormline.schemas.kafka import admin_client
 
     admin = admin_client(settings)

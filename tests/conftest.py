@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stormline.deploy.stack import EmbeddedStack
 
+from stormline.deploy.stack import EmbeddedStack
 from stormline.settings import Settings
 
 _HANDED_OUT: set[int] = set()

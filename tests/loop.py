@@ -17,13 +17,13 @@ from typing import Any
 
 import httpx
 import yaml
+
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.supervisor import ServiceSpec, Supervisor
 from stormline.schemas.catalog import CATALOG, REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import Reward, TaskSubmitted, Trajectory
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from tests.conftest import free_port, wait_http
 

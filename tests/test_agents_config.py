@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from stormline.consumers.llm.agents import (
     AgentConfigError,
     endpoint_problems,
@@ -16,7 +17,6 @@ from stormline.consumers.llm.agents import (
     parse_registry,
 )
 from stormline.deploy.supervisor import default_services, settings_environ
-
 from stormline.settings import Settings
 
 EXAMPLE = Path(__file__).parent.parent / "agents.yaml"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stormline.consumers.sink import analytics as an
 from stormline.consumers.sink.store import (
     _SESSION_LOCK,
@@ -36,7 +37,6 @@ from stormline.consumers.sink.tables import SCHEMAS, TABLES, clickhouse_type
 from stormline.schemas.catalog import spec_for
 from stormline.schemas.kafka import EventProducer, ensure_topics
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from tests import sink_data
 from tests.conftest import settings_env

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+
 from stormline.schemas.catalog import (
     ASSIGNMENTS,
     CHECKPOINTS,
@@ -25,7 +26,6 @@ from stormline.schemas.catalog import (
     TRAJECTORIES,
 )
 from stormline.schemas.kafka import EventConsumer
-
 from stormline.settings import Settings
 from tests.conftest import settings_env
 from tests.loop import Loop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from stormline.consumers.evaluator import rules as ev
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
 from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError

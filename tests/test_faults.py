@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from stormline.deploy import process
 from stormline.deploy.stack import EmbeddedStack
 from stormline.schemas.catalog import REWARDS
 from stormline.schemas.kafka import end_offsets
-
 from stormline.settings import Settings
 from tests.conftest import free_port
 from tests.loop import Loop, Outcomes

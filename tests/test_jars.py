@@ -14,10 +14,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from stormline.deploy import jars
 from stormline.deploy.errors import StackError
 from stormline.deploy.jars import MAVEN_CENTRAL, JarResolver, pom_versions
-
 from stormline.settings import Settings
 from tests.conftest import free_port
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from stormline.schemas.models import AgentHeartbeat, PolicyKind, Step, TaskSubmitted, WorkerStatus
 from stormline.trainer import state as state_io
 from stormline.trainer.checkpoints import gate
@@ -13,7 +14,6 @@ from stormline.trainer.join import Joiner, SourceRef, propensity_of
 from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences, task_keys
 from stormline.trainer.replay import ReplayError, parse_offsets
 from stormline.trainer.update import split_holdout, trained_on
-
 from tests.trainer_events import assignment, reward, trajectory, world
 
 T, R, A = "trajectories", "rewards", "assignments"

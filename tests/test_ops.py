@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from confluent_kafka import Producer, TopicPartition
+
 from stormline.deploy.ops import collect
 from stormline.schemas.catalog import DEAD_LETTERS, TASKS
 from stormline.schemas.kafka import EventConsumer, EventProducer
@@ -19,7 +20,6 @@ from stormline.schemas.models import (
     HealthStatus,
     TaskSubmitted,
 )
-
 from stormline.settings import Settings
 from tests.conftest import settings_env
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
 from stormline.consumers.llm import CompletionRequest, ErrorKind, LLMProvider, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
 from stormline.consumers.llm.providers import make_provider
@@ -19,7 +20,6 @@ from stormline.consumers.llm.resilience import (
     call_with_policy,
 )
 from stormline.consumers.llm.simulator import ModelProfile, ServerThread, SimConfig, Simulator
-
 from tests.conftest import free_port
 
 KEY_VAR = "STORMLINE_TEST_PROVIDER_KEY"

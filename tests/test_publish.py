@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
 from stormline.consumers.evaluator.service import EvaluatorService
 from stormline.producers.feedback import (
     FeedbackError,
@@ -42,7 +43,6 @@ from stormline.schemas.models import (
     TrajectoryStatus,
 )
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

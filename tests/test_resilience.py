@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from stormline.consumers.llm import ErrorKind, ProviderError
 from stormline.consumers.llm.agents import AgentConfigError, load_registry, parse_registry
 from stormline.consumers.llm.resilience import (
@@ -16,8 +17,7 @@ from stormline.consumers.llm.resilience import (
     RetryPolicy,
     call_with_policy,
 )
-from stormline.consumers.worker.service import OffsetTracker
-
+from stormline.runtime.commits import OffsetTracker
 from stormline.settings import Settings
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer
+
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
@@ -47,7 +48,6 @@ from stormline.schemas.models import (
     WorkerStatus,
 )
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ValidationError
+
 from stormline.schemas import models as m
 from stormline.schemas.compat import check, resolution_problem
 from stormline.schemas.serde import (

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+
 from stormline.consumers.sink.service import Sink
 from stormline.consumers.sink.store import ParquetStore, ServerStore, StoreError, parts_dir
 from stormline.consumers.sink.tables import TABLE_OF_TOPIC, TABLES
 from stormline.schemas.catalog import CATALOG
 from stormline.schemas.kafka import EventProducer, end_offsets
-
 from stormline.settings import Settings
 from tests import sink_data
 from tests.conftest import settings_env

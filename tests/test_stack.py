@@ -16,9 +16,9 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
 from stormline.deploy import process
 from stormline.deploy.kafka_probe import metadata_version_level, release_of_metadata_level
-
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

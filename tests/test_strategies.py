@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+
 from stormline.schemas.models import HealthStatus as H
 from stormline.streams.health import ALLOWED, AgentHealth, HealthConfig, ProbeBudget, probe_ready_at
 from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key, split_key

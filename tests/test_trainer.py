@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from confluent_kafka import Consumer, TopicPartition
+
 from stormline.schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventProducer, client_logger
 from stormline.schemas.models import CheckpointPublished, TaskSubmitted
 from stormline.schemas.serde import Serde
+from stormline.settings import Settings
 from stormline.streams.policy import load_policy
 from stormline.trainer.checkpoints import ChecksumMismatch, load_checkpoint
 from stormline.trainer.distributed import RayLearner
@@ -31,8 +33,6 @@ from stormline.trainer.policy import (
 from stormline.trainer.replay import Range, read_range, replay
 from stormline.trainer.service import TrainerService
 from stormline.trainer.update import UpdateOutcome
-
-from stormline.settings import Settings
 from tests.conftest import settings_env
 from tests.trainer_events import AGENTS, BEST, world
 

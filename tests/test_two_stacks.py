@@ -16,10 +16,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
 from stormline.deploy import process
 from stormline.deploy.jars import JarResolver
 from stormline.deploy.stack import EmbeddedStack
-
 from stormline.settings import Settings
 from tests.conftest import free_port
 

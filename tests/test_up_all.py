@@ -22,7 +22,6 @@ from stormline.schemas.catalog import REWARDS
 from stormline.schemas.kafka import EventConsumer, EventProducer
 from stormline.schemas.models import RewardSource
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from tests.conftest import free_port, settings_env
 

@@ -25,6 +25,7 @@ import pytest
 import redis
 import yaml
 from confluent_kafka import Consumer, TopicPartition
+
 from stormline.consumers.llm.agents import load_registry
 from stormline.consumers.llm.simulator import (
     ModelProfile,
@@ -46,7 +47,6 @@ from stormline.schemas.models import (
     WorkerStatus,
 )
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 from stormline.state import key_prefix, task_status
 from tests.conftest import free_port, settings_env

@@ -25,6 +25,7 @@ import fsspec
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
 from stormline.schemas.models import CheckpointPublished, OffsetRange
 from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer
 

@@ -26,9 +26,9 @@ from typing import Any
 import ray
 import torch
 from ray.util.queue import Empty, Queue
-from stormline.trainer.policy import Dataset, PolicyConfig, RouterNet, state_to_cpu, weighted_mse
 
 from stormline.settings import Settings
+from stormline.trainer.policy import Dataset, PolicyConfig, RouterNet, state_to_cpu, weighted_mse
 
 log = logging.getLogger("stormline.trainer.ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent

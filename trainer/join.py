@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
 from stormline.schemas.models import (
     AgentHeartbeat,
     PolicyKind,

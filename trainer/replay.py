@@ -26,13 +26,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
+
 from stormline.schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicSpec
 from stormline.schemas.kafka import Received, admin_client, client_logger
 from stormline.schemas.serde import DecodeError, Serde
+from stormline.settings import Settings
 from stormline.trainer.join import Experience, Joiner
 from stormline.trainer.service import feed, make_joiner
-
-from stormline.settings import Settings
 
 Progress = Callable[[int, int], None]  # (records read, records to read)
 

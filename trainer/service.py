@@ -17,18 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from stormline.schemas.catalog import ASSIGNMENTS, HEARTBEATS, REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received
 from stormline.schemas.models import AgentHeartbeat, Reward, TaskAssigned, Trajectory
 from stormline.schemas.serde import Serde
+from stormline.settings import Settings
 from stormline.trainer import state as state_io
 from stormline.trainer.checkpoints import CheckpointStore, load_state_verified
 from stormline.trainer.distributed import RayLearner
 from stormline.trainer.join import Experience, Joiner, SourceRef
 from stormline.trainer.policy import PolicyConfig
 from stormline.trainer.update import UpdateOutcome, checkpoint_uri, run_update
-
-from stormline.settings import Settings
 
 log = logging.getLogger("stormline.trainer")
 
@@ -188,9 +188,8 @@ class TrainerService:
 
 def serve(settings: Settings) -> None:
     """`stormline trainer`: run until SIGTERM/SIGINT."""
-    from stormline.schemas.kafka import ensure_topics
-
     from stormline import logs
+    from stormline.schemas.kafka import ensure_topics
 
     logs.setup(service="trainer")
     ensure_topics(settings)

@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from stormline.schemas.catalog import CHECKPOINTS
 from stormline.schemas.kafka import EventProducer
 from stormline.schemas.models import CheckpointPublished, OffsetRange
+from stormline.settings import Settings
 from stormline.trainer.checkpoints import CheckpointStore, gate, load_state_verified
 from stormline.trainer.distributed import RayLearner
 from stormline.trainer.join import Experience
 from stormline.trainer.policy import PolicyConfig, RouterNet, encode_experiences, evaluate
-
-from stormline.settings import Settings
 
 log = logging.getLogger("stormline.trainer.update")
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
-from stormline.consumers.llm import CompletionRequest, LLMProvider
-from stormline.schemas.models import Reward, RewardSource, Trajectory, TrajectoryStatus
 
+from stormline.consumers.llm import CompletionRequest, LLMProvider
 from stormline.logs import redact
+from stormline.schemas.models import Reward, RewardSource, Trajectory, TrajectoryStatus
 
 MAX_REASON_CHARS = 2_000
 # Python's re has no timeout; bounding what a task-supplied pattern may scan bounds the

@@ -32,7 +32,6 @@ from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received
 from stormline.schemas.models import Reward, Trajectory
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.evaluator")

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import TopicPartition
+
 from stormline.consumers.sink.store import Store, open_store
 from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
 from stormline.schemas.kafka import EventConsumer, Received
 from stormline.schemas.serde import Serde
-
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.sink")

@@ -35,8 +35,8 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from stormline.consumers.sink.tables import SCHEMAS, TABLES, arrow_table
 
+from stormline.consumers.sink.tables import SCHEMAS, TABLES, arrow_table
 from stormline.settings import Settings
 
 SCHEMA_SQL = Path(__file__).resolve().parent.parent.parent / "deploy" / "clickhouse" / "schema.sql"

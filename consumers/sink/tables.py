@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,

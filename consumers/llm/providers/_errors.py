@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
-from stormline.consumers.llm import ErrorKind, ProviderError
 
+from stormline.consumers.llm import ErrorKind, ProviderError
 from stormline.logs import redact
 
 CONNECTIONS_PER_CLIENT = 64

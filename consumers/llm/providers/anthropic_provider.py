@@ -7,6 +7,7 @@ import json
 import time
 
 import anthropic
+
 from stormline.consumers.llm import Completion, CompletionRequest
 from stormline.consumers.llm.agents import ProviderConfig
 from stormline.consumers.llm.providers._errors import client_pool, to_provider_error

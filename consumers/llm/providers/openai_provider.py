@@ -7,6 +7,7 @@ import re
 import time
 
 import openai
+
 from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
 from stormline.consumers.llm.providers._errors import client_pool, to_provider_error
