@@ -1,6 +1,7 @@
 # Stormline: the two set-up commands are `make demo` and `make test`.
-# Each installs what it needs: system packages (apt-get), a Python venv keyed by
-# requirements.lock and kept outside the clone, and the stack's jars (Maven Central, cached).
+# Each installs what it needs: system packages (apt-get), a Python venv in .venv built by uv from
+# requirements.lock (packages hard-linked from uv's cache outside the clone, so a second clone
+# costs seconds and no extra disk), and the stack's jars (Maven Central, cached).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -9,7 +10,6 @@ CACHE   ?= $(HOME)/.cache/stormline
 PYTHON  ?= python3
 PY_TAG  := $(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])' 2>/dev/null)
 LOCK_ID := $(PY_TAG)-$(shell sha256sum requirements.lock | cut -c1-16)
-VENV    := $(CACHE)/venvs/$(LOCK_ID)
 BIN     := .venv/bin
 # uv builds the venv (about 10x faster than pip from an empty cache, with per-package progress).
 UV_VERSION := 0.13.8
@@ -30,8 +30,14 @@ bench: setup  ## run the benchmark suite; writes bench/results.md and bench/resu
 	$(BIN)/stormline up
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-lint:  ## ruff check and format check
+lint: setup  ## ruff (lint, format) and mypy (strict on the pure modules)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	@# mypy reads the installed layout through links: stormline/schemas -> schemas/, ...
+	@rm -rf .typecheck && mkdir -p .typecheck/stormline
+	@for f in stormline/*; do ln -s "$(CURDIR)/$$f" .typecheck/stormline/; done
+	@for d in schemas producers consumers streams trainer deploy; do \
+	  ln -s "$(CURDIR)/$$d" .typecheck/stormline/$$d; done
+	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml stormline
 
 down:  ## stop the embedded stack
 	$(BIN)/stormline down
@@ -47,24 +53,22 @@ $(UV):
 	@$(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION)
 	@$(CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
 
-# No prerequisite on the lock on purpose: the path holds the lock's hash, so a venv is never
-# stale, and a fresh clone (all files new) must reuse it rather than rebuild it.
-$(VENV)/.complete: | $(UV)
+# Each clone has its own venv (an editable install is per clone); the marker names the Python and
+# the lock's hash, so a new lock or another PYTHON rebuilds it, and nothing else does.
+.venv/.complete-$(LOCK_ID): | $(UV)
 	@[ -n "$(PY_TAG)" ] || { echo "$(PYTHON) not found: set PYTHON=python3.11 or python3.12" >&2; exit 1; }
-	@echo "[setup 2/3] creating venv $(VENV) from requirements.lock (first time only: torch and ray are about 3.5 GB)"
-	@rm -rf $(VENV) && mkdir -p $(CACHE)/venvs
-	@$(UV) venv -q --python $(PYTHON) $(VENV)
-	@$(UV) pip install --python $(VENV)/bin/python -r requirements.lock
+	@echo "[setup 2/3] creating .venv ($(PY_TAG)) from requirements.lock (first time on this machine: torch and ray are about 3.5 GB, cached in $(UV_CACHE_DIR))"
+	@rm -rf .venv
+	@$(UV) venv -q --python $(PYTHON) .venv
+	@$(UV) pip install --python $(BIN)/python -r requirements.lock
 	@touch $@
 
-SRC_ID = $(CURDIR) $(shell sha256sum pyproject.toml | cut -c1-16)
-.venv/.installed: $(VENV)/.complete
-	@ln -sfn $(VENV) .venv
-	@# The venv is shared by clones of the same lock; point its editable install at this one.
-	@[ "$$(cat $(VENV)/.installed-from 2>/dev/null)" = "$(SRC_ID)" ] || { \
-	  echo "[setup 3/3] installing this clone into the venv (editable)" && \
+SRC_ID = $(shell sha256sum pyproject.toml | cut -c1-16)
+.venv/.installed: .venv/.complete-$(LOCK_ID)
+	@[ "$$(cat .venv/.installed-from 2>/dev/null)" = "$(SRC_ID)" ] || { \
+	  echo "[setup 3/3] installing this clone into .venv (editable)" && \
 	  $(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e . && \
-	  echo "$(SRC_ID)" > $(VENV)/.installed-from; }
+	  echo "$(SRC_ID)" > .venv/.installed-from; }
 
 lock: | $(UV)  ## re-resolve dependencies from pyproject.toml into requirements.lock
 	@$(UV) pip compile -q --python-version 3.11 --extra dev --no-header --no-annotate \

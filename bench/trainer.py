@@ -184,10 +184,12 @@ def bench_training(lrn: Any, n: int, started: float) -> dict[str, float]:
 def bench_latency_and_generalisation(
     settings: Settings, lrn: Any, quick: bool
 ) -> dict[str, float | str]:
-    from confluent_kafka import Consumer, KafkaException
+    from confluent_kafka import KafkaException
 
+    from stormline.runtime.admin import admin_client
+    from stormline.runtime.consumer import reader
     from stormline.schemas.catalog import CHECKPOINTS
-    from stormline.schemas.kafka import EventProducer, admin_client, client_logger, ensure_topics
+    from stormline.schemas.kafka import EventProducer, ensure_topics
     from stormline.schemas.models import CheckpointPublished
     from stormline.schemas.serde import Serde
     from stormline.trainer.checkpoints import load_checkpoint
@@ -240,14 +242,7 @@ def bench_latency_and_generalisation(
     eps = [episode(i, rng) for i in range(batch)]
     prod = EventProducer(s, serde)
     prod.publish([e for a, t, _ in eps for e in (a, t)])
-    watcher = Consumer(
-        {
-            **s.kafka_client_config(),
-            "group.id": f"bench-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-        },
-        logger=client_logger(),
-    )
+    watcher = reader(s, "bench")
     watcher.subscribe([CHECKPOINTS.name(s)])
     watcher.consume(1, 1.0)  # join the group before the clock starts
     prod.publish([r for _, _, r in eps])

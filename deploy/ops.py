@@ -10,15 +10,15 @@ trace on the cluster.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from stormline.runtime.admin import admin_client
+from stormline.runtime.consumer import reader as status_reader
 from stormline.schemas.catalog import AGENT_HEALTH, CATALOG, CHECKPOINTS, DEAD_LETTERS
-from stormline.schemas.kafka import admin_client, client_logger
 from stormline.schemas.models import AgentHealthChanged, CheckpointPublished
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
@@ -110,16 +110,7 @@ def collect(settings: Settings, serde: Serde | None = None, timeout: float = 10.
             "or set STORMLINE_KAFKA_BOOTSTRAP_SERVERS"
         )
         return st
-    reader = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"stormline-status-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        },
-        logger=client_logger(),
-    )
+    reader = status_reader(settings, "status", **{"enable.partition.eof": True})
     try:
         lows: dict[tuple[str, int], int] = {}
         for spec in CATALOG:

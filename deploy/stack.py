@@ -204,7 +204,7 @@ class EmbeddedStack:
         self._check_kafka_data(log_dir)
         if not (log_dir / "meta.properties").exists():
             self.report(f"formatting Kafka storage in {log_dir}")
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster_id = _cluster_id()
             fmt = subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
                 capture_output=True,
@@ -296,11 +296,9 @@ class EmbeddedStack:
             raise StackError(f"{corrupt}: it holds files but no meta.properties. {advice}")
 
     def _kafka_answers(self) -> bool:
-        from confluent_kafka.admin import AdminClient
+        from stormline.runtime.admin import admin_client
 
-        admin = AdminClient(
-            {**self.s.kafka_client_config(), "socket.timeout.ms": 2000}, logger=_QUIET
-        )
+        admin = admin_client(self.s, logger=_QUIET, **{"socket.timeout.ms": 2000})
         try:
             md = admin.list_topics(timeout=2)
         except Exception:
@@ -575,6 +573,15 @@ def _quiet_jdk_flags(java: Java) -> list[str]:
     if java.major >= 24:
         flags.append("--enable-native-access=ALL-UNNAMED")
     return flags
+
+
+def _cluster_id() -> str:
+    """A KRaft cluster id (base64url of a uuid) that Kafka's storage tool cannot mistake for an
+    option: one starting with '-' (1 in 64) made `kafka-storage format -t` fail."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 def _writable(path: Path) -> bool:

@@ -2,8 +2,9 @@
 
 ``stormline up --all`` runs this module detached (pid file ``run/supervisor.pid``); the demo
 runs it in the foreground. Each child is a ``stormline <command>``; a child that exits is
-restarted with exponential backoff (1 s doubling to 30 s). On SIGTERM the supervisor sends
-SIGTERM to every child (they shut down gracefully), waits, then SIGKILLs stragglers.
+restarted after a backoff (the one retry policy: full jitter under a ceiling of 1 s doubling
+to 30 s). On SIGTERM the supervisor sends SIGTERM to every child (they shut down
+gracefully), waits, then SIGKILLs stragglers.
 The current children are written to ``run/services.json`` for ``stormline status``.
 
 Every child sees the supervisor's settings: they are passed down as ``STORMLINE_*`` variables
@@ -30,9 +31,13 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from stormline.runtime.retry import RetryPolicy
 from stormline.settings import Settings
 
 MARKER = "stormline.deploy.supervisor"
+# How long an exited child waits before its restart: the one retry policy (full jitter under
+# a ceiling of 1 s doubling to 30 s), so children that crash together do not restart together.
+RESTART = RetryPolicy(base_s=1.0, max_s=30.0)
 
 
 def settings_environ(settings: Settings) -> dict[str, str]:
@@ -76,7 +81,7 @@ class _Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
-    backoff: float = 1.0
+    crashes: int = 0  # consecutive exits without a long enough run in between
     started_at: float = 0.0
 
 
@@ -157,11 +162,11 @@ class Supervisor:
         for child in self._children:
             if child.proc is None or child.proc.poll() is None:
                 if child.proc is not None and now - child.started_at > 60:
-                    child.backoff = 1.0  # it ran long enough: forget past crashes
+                    child.crashes = 0  # it ran long enough: forget past crashes
                 continue
             if child.next_start == 0.0:
-                child.next_start = now + child.backoff
-                child.backoff = min(child.backoff * 2, 30.0)
+                child.crashes += 1
+                child.next_start = now + RESTART.backoff(child.crashes)
             elif now >= child.next_start:
                 child.restarts += 1
                 child.next_start = 0.0

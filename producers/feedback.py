@@ -3,23 +3,24 @@
 A Reward names the trajectory and agent it scores. When the caller does not name them, the
 latest Trajectory of the task is looked up on the ``trajectories`` topic: only the partition
 that holds the task's key is read, backwards from its end in growing windows, decoding only
-records with that key. Stormline's producers use murmur2 (as Java, aiokafka and Faust do);
-a plain librdkafka client defaults to CRC32 (``consistent_random``). Both candidates are
-read first, the other partitions only if neither holds the key.
+records with that key. Stormline's producers use murmur2 (as Java, aiokafka and Faust do;
+``stormline.runtime.partitioning``); a plain librdkafka client defaults to CRC32
+(``consistent_random``). Both candidates are read first, the other partitions only if
+neither holds the key.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
-import zlib
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from stormline.runtime.consumer import reader
+from stormline.runtime.partitioning import partition_for
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
-from stormline.schemas.kafka import EventProducer, client_logger
+from stormline.schemas.kafka import EventProducer
 from stormline.schemas.models import Reward, RewardSource, Trajectory
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
@@ -32,44 +33,6 @@ class FeedbackError(ValueError):
 
 
 # --------------------------------------------------------------------- partitioners --
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (the Java client's and librdkafka's ``murmur2`` partitioner)."""
-    m, r = 0x5BD1E995, 24
-    length = len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    n4 = length // 4
-    for i in range(n4):
-        k = int.from_bytes(data[4 * i : 4 * i + 4], "little")
-        k = (k * m) & 0xFFFFFFFF
-        k ^= k >> r
-        k = (k * m) & 0xFFFFFFFF
-        h = (h * m) & 0xFFFFFFFF
-        h ^= k
-    tail = data[4 * n4 :]
-    rem = length & 3
-    if rem >= 3:
-        h ^= tail[2] << 16
-    if rem >= 2:
-        h ^= tail[1] << 8
-    if rem >= 1:
-        h ^= tail[0]
-        h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * m) & 0xFFFFFFFF
-    h ^= h >> 15
-    return h
-
-
-def partition_for(key: str, partitions: int, partitioner: str = "murmur2_random") -> int:
-    """The partition a librdkafka producer with ``partitioner`` sends a non-empty key to."""
-    data = key.encode()
-    if partitioner in ("consistent", "consistent_random"):
-        return zlib.crc32(data) % partitions
-    if partitioner in ("murmur2", "murmur2_random"):
-        return (murmur2(data) & 0x7FFFFFFF) % partitions
-    raise ValueError(f"unsupported partitioner {partitioner!r}")
-
-
 def candidate_partitions(key: str, partitions: int) -> list[int]:
     """Where a key's records are: murmur2's partition, CRC32's, then all the others."""
     first = [partition_for(key, partitions), partition_for(key, partitions, "consistent")]
@@ -98,19 +61,16 @@ def find_latest_trajectory(
     serde = serde or Serde.from_settings(settings)
     topic = TRAJECTORIES.name(settings)
     deadline = time.monotonic() + timeout
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            # A throw-away group that never commits: the lookup leaves no trace.
-            "group.id": f"stormline-reward-lookup-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
+    # A throw-away group that never commits: the lookup leaves no trace.
+    consumer = reader(
+        settings,
+        "reward-lookup",
+        **{
             "enable.partition.eof": True,
             # The end of a partition is only seen by a fetch that finds nothing new; do not
             # let the broker hold that fetch for the default 500 ms.
             "fetch.wait.max.ms": 10,
-            "auto.offset.reset": "earliest",
         },
-        logger=client_logger(),
     )
     try:
         md = consumer.list_topics(topic, timeout=max(deadline - time.monotonic(), 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stormline.runtime.admin import TopicWanted
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
@@ -49,6 +50,12 @@ class TopicSpec:
             "cleanup.policy": self.cleanup_policy,
             "retention.ms": str(self.retention(settings)),
         }
+
+    def wanted(self, settings: Settings) -> TopicWanted:
+        """The topic as ``stormline.runtime.admin.ensure_topics`` creates it."""
+        return TopicWanted(
+            self.name(settings), self.partitions(settings), None, self.configs(settings)
+        )
 
 
 # tasks, trajectories and rewards are the experience store: replay and retraining read them,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -355,21 +354,6 @@ class Settings(BaseSettings):
     def chdb_path(self) -> Path:
         return self.data_dir / "clickhouse"
 
-    def kafka_client_config(self) -> dict[str, Any]:
-        """librdkafka settings common to every client, SASL/SSL passed through."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
-        if self.kafka_security_protocol:
-            conf["security.protocol"] = self.kafka_security_protocol
-        if self.kafka_sasl_mechanism:
-            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
-        if self.kafka_sasl_username:
-            conf["sasl.username"] = self.kafka_sasl_username
-        if self.kafka_sasl_password:
-            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
-        if self.kafka_ssl_ca_location:
-            conf["ssl.ca.location"] = self.kafka_ssl_ca_location
-        return conf
-
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
@@ -378,7 +362,7 @@ def settings_markdown() -> str:
     """The settings as a Markdown table (the README's settings section is this output)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
+        default = field.get_default(call_default_factory=True)
         shown = "unset" if default is None else (default if default != "" else "empty")
         if isinstance(shown, Path) and name == "cache_dir":
             shown = "~/.cache/stormline"

@@ -4,8 +4,14 @@
   running / succeeded / failed), attempt, agent, trajectory id, output or error, reward;
 * idempotency: the Trajectory recorded for (task, attempt); a redelivered assignment is
   answered by re-sending it, never by a second LLM call;
-* an optional LLM response cache;
+* an optional LLM response cache (:class:`CachedResponse`; its encoding lives here);
 * a token-bucket rate limiter per provider, shared by every worker (one Lua script).
+
+The worker's whole view of Redis is :class:`RedisState`: :meth:`~RedisState.ping`,
+:meth:`~RedisState.set_status`, :meth:`~RedisState.recorded_trajectory` /
+:meth:`~RedisState.record_trajectory`, :meth:`~RedisState.cached_response` /
+:meth:`~RedisState.cache_response` and :meth:`~RedisState.take_token`. Producers, the
+evaluator and the CLI use the synchronous helpers at the bottom.
 
 If Redis is unreachable every call degrades to "nothing known" (no cache, no limiter, no
 idempotency): :attr:`RedisState.degraded` and :attr:`RedisState.detail` say so, and the
@@ -20,13 +26,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 
 from stormline.logs import redact
-from stormline.schemas.models import Trajectory
+from stormline.schemas.models import Step, Trajectory, Usage
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.state")
@@ -68,6 +75,50 @@ def key_prefix(settings: Settings) -> str:
     return f"stormline:{settings.topic_prefix}"
 
 
+class Response(Protocol):
+    """What the cache keeps of an LLM answer (an LLM ``Completion`` is one)."""
+
+    output: str
+    provider: str
+    model: str
+    steps: list[Step]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    """An LLM answer served from the cache (latency 0: no call was made)."""
+
+    output: str
+    provider: str
+    model: str
+    steps: list[Step] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+
+    @staticmethod
+    def encode(r: Response) -> str:
+        return json.dumps(
+            {
+                "output": r.output,
+                "provider": r.provider,
+                "model": r.model,
+                "steps": [x.model_dump() for x in r.steps],
+                "usage": r.usage.model_dump(),
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> CachedResponse:
+        d = json.loads(raw)
+        return cls(
+            output=d["output"],
+            provider=d["provider"],
+            model=d["model"],
+            steps=[Step.model_validate(x) for x in d["steps"]],
+            usage=Usage.model_validate(d["usage"]),
+        )
+
+
 class RedisState:
     """Async access for workers; every method survives Redis being down."""
 
@@ -88,9 +139,9 @@ class RedisState:
                 timeout=60,
             )
         )
-        self.degraded = False
-        self.detail = ""
-        self._next_probe = 0.0
+        self.degraded: bool = False
+        self.detail: str = ""
+        self._next_probe: float = 0.0
         self._bucket = self._r.register_script(_BUCKET)
         self._status = self._r.register_script(_STATUS % settings.idempotency_ttl_s)
 
@@ -140,14 +191,14 @@ class RedisState:
         return await self._safe(op, traj)
 
     # -- response cache -----------------------------------------------------------------
-    async def cache_get(self, key: str) -> dict[str, Any] | None:
+    async def cached_response(self, key: str) -> CachedResponse | None:
+        """The answer cached under ``key`` (a digest of the request), if any."""
         raw = await self._safe(lambda: self._r.get(f"{self.prefix}cache:{key}"), None)
-        return json.loads(raw) if raw else None
+        return CachedResponse.decode(raw) if raw else None
 
-    async def cache_put(self, key: str, value: dict[str, Any], ttl_s: int) -> None:
-        await self._safe(
-            lambda: self._r.set(f"{self.prefix}cache:{key}", json.dumps(value), ex=ttl_s), None
-        )
+    async def cache_response(self, key: str, response: Response, ttl_s: int) -> None:
+        value = CachedResponse.encode(response)
+        await self._safe(lambda: self._r.set(f"{self.prefix}cache:{key}", value, ex=ttl_s), None)
 
     # -- rate limiter -------------------------------------------------------------------
     async def take_token(self, provider: str, rate: float, burst: float | None = None) -> float:
@@ -199,7 +250,11 @@ def task_status(settings: Settings, task_id: str) -> dict[str, str] | None:
     raw = _sync(settings).hgetall(f"{key_prefix(settings)}task:{task_id}")
     if not raw:
         return None
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
 
 
 def mark_submitted(settings: Settings, task_ids: list[str]) -> None:

@@ -25,7 +25,15 @@ Flow (all Kafka traffic goes through aiokafka inside Faust; every byte through `
   (task id, keyed by task type) through the by-type topic and the owner acts on them; a tick
   that is stale or duplicated is ignored because the task record is the truth.
 * **Bad input** never stops an agent: undecodable or invalid records, and records whose
-  handler raised, go to ``dead-letters`` with the reason.
+  handler raised, go to ``dead-letters`` with the reason (the one builder,
+  ``stormline.schemas.kafka.dead_letter``).
+
+Kafka plumbing (the Faust app's broker settings, internal topics, the group-less reader) is
+in ``streams/kafka.py``; routing decisions are pure, in ``streams/router.py``. Why this file
+is longer than ~400 lines: it is the one place where the flow above is wired (agents, their
+handlers, clocks and views of one Faust app, each small); splitting the handlers from the
+agents that call them would spread one flow over files. The router issue that reworks this
+logic is the place to split the views and ``router_config`` out.
 """
 
 from __future__ import annotations
@@ -35,32 +43,28 @@ import heapq
 import json
 import logging
 import random
-import ssl
 import sys
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import faust
 from faust.types import EventT
-from faust.types.auth import CredentialsT
 
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
-    CHECKPOINTS,
     DEAD_LETTERS,
     HEARTBEATS,
     REWARDS,
     TASKS,
     TRAJECTORIES,
 )
+from stormline.schemas.kafka import dead_letter
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,
-    DeadLetter,
     Event,
     Reward,
     TaskAssigned,
@@ -71,6 +75,13 @@ from stormline.schemas.models import (
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
 from stormline.streams.health import AgentHealth, HealthConfig
+from stormline.streams.kafka import (
+    TABLES,
+    app_id,
+    ensure_internal_topics,
+    faust_app,
+    read_broadcast,
+)
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import split_key
 from stormline.streams.router import (
@@ -121,34 +132,6 @@ def router_config(s: Settings) -> RouterConfig:
     )
 
 
-def broker_credentials(s: Settings) -> CredentialsT | None:
-    """The SASL/SSL settings that confluent-kafka clients get, in Faust's (aiokafka's) terms."""
-    protocol = (s.kafka_security_protocol or "PLAINTEXT").upper()
-    context = None
-    if protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=s.kafka_ssl_ca_location)
-    if protocol == "PLAINTEXT":
-        return None
-    if protocol == "SSL":
-        return faust.SSLCredentials(context)
-    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
-        password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
-        return faust.SASLCredentials(
-            username=s.kafka_sasl_username,
-            password=password,
-            mechanism=s.kafka_sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    raise ValueError(
-        f"STORMLINE_KAFKA_SECURITY_PROTOCOL={s.kafka_security_protocol!r} is not one of "
-        "PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"
-    )
-
-
-def app_id(s: Settings) -> str:
-    return f"{s.topic_prefix}{s.router_app_id}"
-
-
 class Router:
     """The Faust app and its parts; :func:`create` builds one from settings."""
 
@@ -164,34 +147,7 @@ class Router:
         self._schedule: list[tuple[float, str, str]] = []
         self._last_scan = 0.0
         self._started: float | None = None
-        datadir = Path(s.data_dir) / "router"
-        datadir.mkdir(parents=True, exist_ok=True)
-        self.app = faust.App(
-            app_id(s),
-            broker=f"kafka://{s.bootstrap_servers}",
-            broker_credentials=broker_credentials(s),
-            store="rocksdb://" if s.router_store == "rocksdb" else "memory://",
-            datadir=str(datadir),
-            autodiscover=False,
-            key_serializer="raw",
-            value_serializer="raw",
-            topic_partitions=self.partitions,
-            topic_replication_factor=s.router_replication,
-            table_standby_replicas=0,
-            consumer_auto_offset_reset="earliest",
-            # Group joins otherwise take the 30 s defaults after every restart.
-            broker_session_timeout=10.0,
-            broker_heartbeat_interval=1.0,
-            broker_rebalance_timeout=20.0,
-            broker_commit_interval=1.0,
-            producer_linger_ms=1,
-            producer_acks=-1,
-            stream_wait_empty=False,
-            web_enabled=True,
-            web_host=s.router_web_host,
-            web_port=s.router_web_port,
-            web_bind=s.router_web_host,
-        )
+        self.app = faust_app(s, self.partitions)
         app = self.app
 
         def table(name: str) -> Any:
@@ -249,24 +205,22 @@ class Router:
         msg = ev.message
         self.extra["dead_letters"] += 1
         value = raw if raw is not None else msg.value
-        limit = self.settings.max_record_bytes
-        letter = DeadLetter(
-            source_topic=msg.topic,
+        key = msg.key if isinstance(msg.key, bytes) else None
+        letter = dead_letter(
+            self.settings,
+            topic=msg.topic,
             partition=msg.partition,
             offset=msg.offset,
-            raw_key=msg.key if isinstance(msg.key, bytes) else None,
-            raw_value=value[:limit] if isinstance(value, bytes) else None,
-            error_kind=kind,
-            error=error[:10_000],
-            consumer_group=app_id(self.settings),
+            key=key,
+            value=value if isinstance(value, bytes) else None,
+            kind=kind,
+            error=error,
+            group=app_id(self.settings),
         )
-        log.warning(
-            "dead letter %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset, kind, error
-        )
-        await self.t_dead.send(
-            key=msg.key if isinstance(msg.key, bytes) else b"",
-            value=self.serde.encode(self.t_dead.get_topic_name(), letter),
-        )
+        if letter is not None:
+            await self.t_dead.send(
+                key=key or b"", value=self.serde.encode(self.t_dead.get_topic_name(), letter)
+            )
 
     async def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
@@ -275,6 +229,13 @@ class Router:
 
     # ------------------------------------------------------------------------ agents --
     def _wire(self) -> None:
+        self._wire_forwarders()
+        self._wire_owners()
+        self._wire_clocks()
+        self._wire_views()
+
+    def _wire_forwarders(self) -> None:
+        """Input topics onto the internal by-type and health topics (stateless)."""
         app, s = self.app, self.settings
 
         @app.agent(self.t_tasks, name="forward-tasks")
@@ -323,6 +284,10 @@ class Router:
                     body = {"k": "hb", "caps": hb.capabilities.get(agent), "stopped": stopped}
                     await self.health_in.send(key=agent.encode(), value=json.dumps(body).encode())
 
+    def _wire_owners(self) -> None:
+        """The stateful agents: routing per task type, health per agent."""
+        app = self.app
+
         @app.agent(self.by_type, name="route")
         async def route(stream: Any) -> None:
             async for ev in stream.events():
@@ -347,6 +312,10 @@ class Router:
                     log.exception("health handler failed")
                     await self.dead_letter(ev, "handler", f"{type(exc).__name__}: {exc}")
 
+    def _wire_clocks(self) -> None:
+        """Timers (through the by-type/health topics) and the broadcast reader."""
+        app, s = self.app, self.settings
+
         @app.timer(interval=s.router_tick_s, name="task-clock")
         async def task_clock() -> None:
             await self._ticks()
@@ -368,6 +337,9 @@ class Router:
         @app.task
         async def broadcast() -> None:
             await self._broadcast()
+
+    def _wire_views(self) -> None:
+        app = self.app
 
         @app.page("/router/qtable/")
         async def qtable_view(web: Any, request: Any) -> Any:
@@ -470,53 +442,8 @@ class Router:
     # -------------------------------------------------------------- broadcast reader --
     async def _broadcast(self) -> None:
         """Every worker reads heartbeats, agent-health and checkpoints in full (no group)."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        s = self.settings
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        try:
-            names = {
-                HEARTBEATS.name(s): AgentHeartbeat,
-                AGENT_HEALTH.name(s): AgentHealthChanged,
-                CHECKPOINTS.name(s): CheckpointPublished,
-            }
-            tps = []
-            for name in names:
-                parts = consumer.partitions_for_topic(name)
-                for _ in range(50):
-                    if parts:
-                        break
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(name)
-                    await asyncio.sleep(0.1)
-                tps += [TopicPartition(name, p) for p in sorted(parts or ())]
-            consumer.assign(tps)
-            hb_tps = [tp for tp in tps if tp.topic == HEARTBEATS.name(s)]
-            since_ms = int((time.time() - s.router_heartbeat_lookback_s) * 1000)
-            found = await consumer.offsets_for_times({tp: since_ms for tp in hb_tps})
-            ends = await consumer.end_offsets(hb_tps)
-            for tp in hb_tps:
-                off = found.get(tp)
-                consumer.seek(tp, off.offset if off is not None else ends[tp])
-            await consumer.seek_to_beginning(*[tp for tp in tps if tp not in hb_tps])
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=1000)
-                for tp, msgs in batches.items():
-                    etype = names[tp.topic]
-                    for m in msgs:
-                        try:
-                            event = self.serde.decode(m.value, etype)
-                        except DecodeError:
-                            continue  # the group-consuming agents dead-letter bad records
-                        await self._on_broadcast(event)
-        finally:
-            await consumer.stop()
+        async for event in read_broadcast(self.settings, self.serde):
+            await self._on_broadcast(event)
 
     async def _on_broadcast(self, event: Event) -> None:
         if isinstance(event, AgentHeartbeat):
@@ -610,45 +537,6 @@ class _Scheduled:
 
 def create(settings: Settings) -> Router:
     return Router(settings)
-
-
-TABLES = ("qtable", "tasks", "types", "health")
-
-
-def ensure_internal_topics(settings: Settings) -> None:
-    """Create the router's own topics before Faust starts.
-
-    Faust creates them too, but after its first group assignment; a topic that is missing at
-    that moment is left out of the assignment until the next rebalance, and the tasks sent
-    to it wait. Creating them first (same names, partition counts and policies) avoids that.
-    """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import NewTopic
-
-    from stormline.schemas.kafka import admin_client
-
-    admin = admin_client(settings)
-    n = settings.router_partitions or settings.default_partitions
-    rf = settings.router_replication
-    day = str(24 * 3600 * 1000)
-    wanted = [
-        NewTopic(f"{app_id(settings)}-by-type", n, rf, config={"retention.ms": day}),
-        NewTopic(f"{app_id(settings)}-health", n, rf, config={"retention.ms": day}),
-    ]
-    wanted += [
-        NewTopic(f"{app_id(settings)}-{t}-changelog", n, rf, config={"cleanup.policy": "compact"})
-        for t in TABLES
-    ]
-    existing = admin.list_topics(timeout=30).topics
-    missing = [t for t in wanted if t.topic not in existing]
-    if not missing:
-        return
-    for fut in admin.create_topics(missing, request_timeout=30).values():
-        try:
-            fut.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -13,8 +13,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +23,7 @@ from stormline.deploy.stack import EmbeddedStack
 from stormline.settings import Settings
 
 _HANDED_OUT: set[int] = set()
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -48,6 +50,50 @@ def wait_http(url: str, seconds: float = 60.0) -> None:
         except httpx.HTTPError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {seconds:.0f}s")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "", interval: float = 0.1
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    The way to check that something did *not* happen: wait for a positive sign that the
+    system processed past the point in question, then assert; never sleep and hope.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:.0f}s for {what or predicate}; last: {got!r}")
+        time.sleep(interval)
+
+
+def uncommitted(settings: Settings, group: str, topics: Iterable[str]) -> dict[str, int]:
+    """Records of ``topics`` that consumer ``group`` has not committed yet, per partition
+    ("topic:partition" -> count); empty once the group has processed up to every end offset."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        md = c.list_topics(timeout=10)
+        tps = [TopicPartition(t, p) for t in topics for p in md.topics[t].partitions]
+        behind: dict[str, int] = {}
+        for tp in c.committed(tps, timeout=10):
+            low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            done = tp.offset if tp.offset >= 0 else low
+            if done < high:
+                behind[f"{tp.topic}:{tp.partition}"] = high - done
+        return behind
+    finally:
+        c.close()
 
 
 @pytest.fixture(scope="session")

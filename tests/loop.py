@@ -20,12 +20,13 @@ import yaml
 
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.supervisor import ServiceSpec, Supervisor
-from stormline.schemas.catalog import CATALOG, REWARDS, TRAJECTORIES
+from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, REWARDS, TASKS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import Reward, TaskSubmitted, Trajectory
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
-from tests.conftest import free_port, wait_http
+from stormline.streams.app import app_id
+from tests.conftest import free_port, uncommitted, wait_http, wait_until
 
 
 @dataclass
@@ -177,32 +178,65 @@ class Loop:
         return pid
 
     def wait_outcomes(self, timeout: float = 180.0) -> Outcomes:
-        """Read rewards and trajectories until every published task has a reward."""
+        """Read rewards and trajectories until every published task has a reward; then, so
+        that trailing duplicates (if any) are counted, until every stage that writes them has
+        processed all of its input and this reader has read both topics to their end."""
         out = Outcomes()
         wanted = {t.task_id for t in self.tasks}
         group = f"{self.s.topic_prefix}check-{uuid.uuid4().hex[:4]}"
         c = EventConsumer(self.s, self.serde, group, [REWARDS, TRAJECTORIES])
+        read_to: dict[tuple[str, int], int] = {}
+
+        def read() -> None:
+            batch = c.poll_batch(2000, 0.5)
+            read_to.update(batch.positions)
+            for rec in batch:
+                ev = rec.event
+                if isinstance(ev, Reward):
+                    out.rewards[ev.task_id].append(ev)
+                else:
+                    out.trajectories[ev.task_id].append(ev)
+            self.sup.tick()
+
         deadline = time.monotonic() + timeout
         try:
             while out.missing(wanted) and time.monotonic() < deadline:
-                for rec in c.poll_batch(2000, 0.5):
-                    ev = rec.event
-                    if isinstance(ev, Reward):
-                        out.rewards[ev.task_id].append(ev)
-                    else:
-                        out.trajectories[ev.task_id].append(ev)
-                self.sup.tick()
-            # Let trailing duplicates (if any) arrive before they are counted.
-            end = time.monotonic() + 3
-            while time.monotonic() < end:
-                for rec in c.poll_batch(2000, 0.5):
-                    ev = rec.event
-                    (out.rewards if isinstance(ev, Reward) else out.trajectories)[
-                        ev.task_id
-                    ].append(ev)
+                read()
+            if not out.missing(wanted):
+                # A stage commits its input only after what it wrote for it was delivered.
+                wait_until(self._stages_done, timeout=120, interval=0.5, what="every stage")
+                ends = self._end_offsets(c, [REWARDS.name(self.s), TRAJECTORIES.name(self.s)])
+                wait_until(
+                    lambda: read() or all(read_to.get(tp, 0) >= end for tp, end in ends.items()),
+                    timeout=60,
+                    what="the reader to reach the end of rewards and trajectories",
+                )
         finally:
             c.close()
         return out
+
+    def _stages_done(self) -> bool:
+        """Whether router, workers and evaluator have committed every record of their input."""
+        s = self.s
+        inputs = [spec.name(s) for spec in (TASKS, TRAJECTORIES, REWARDS)]
+        stages = {
+            app_id(s): [*inputs, f"{app_id(s)}-by-type"],
+            s.topic(s.worker_group): [ASSIGNMENTS.name(s)],
+            s.evaluator_group: [TRAJECTORIES.name(s)],
+        }
+        self.sup.tick()
+        return not any(uncommitted(s, group, topics) for group, topics in stages.items())
+
+    @staticmethod
+    def _end_offsets(c: EventConsumer, topics: list[str]) -> dict[tuple[str, int], int]:
+        from confluent_kafka import TopicPartition
+
+        md = c.raw.list_topics(timeout=10)
+        return {
+            (t, p): c.raw.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            for t in topics
+            for p in md.topics[t].partitions
+        }
 
     def llm_calls(self) -> Counter[str]:
         stats = httpx.get(f"{self.sim_url}/admin/stats", timeout=5).json()

@@ -33,7 +33,7 @@ from stormline.consumers.sink.store import (
     parts_dir,
     schema_statements,
 )
-from stormline.consumers.sink.tables import SCHEMAS, TABLES, clickhouse_type
+from stormline.consumers.sink.tables import BY_NAME, TABLES
 from stormline.schemas.catalog import spec_for
 from stormline.schemas.kafka import EventProducer, ensure_topics
 from stormline.schemas.serde import Serde
@@ -352,12 +352,12 @@ def test_server_schema_matches_and_runs_the_same_sql(
             glob = parts_dir(s) / t / "*.parquet"
             sess.query(f"INSERT INTO {db}.{t} SELECT * FROM file('{glob}', Parquet)")
     server = _TablesInChdb(db)
-    for t, schema in SCHEMAS.items():
+    for t, table in BY_NAME.items():
         declared = server.query(
             f"SELECT name, type FROM system.columns WHERE database = '{db}' "
             f"AND table = '{t}' ORDER BY position"
         ).rows
-        assert declared == [(f.name, clickhouse_type(f.type, f.nullable)) for f in schema]
+        assert declared == [(c.name, c.clickhouse) for c in table.columns]
         inferred = parquet.query(f"DESCRIBE TABLE {t}").rows
         assert [(r[0], r[1]) for r in inferred] == declared
     for name in an.CANNED:

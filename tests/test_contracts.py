@@ -16,10 +16,11 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import StringDeserializer
 
+from stormline.runtime.admin import admin_client
 from stormline.schemas import models as m
 from stormline.schemas.catalog import DEAD_LETTERS, TASKS, spec_for
 from stormline.schemas.compat import check, registry_compatible
-from stormline.schemas.kafka import EventConsumer, EventProducer, admin_client, ensure_topics
+from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.serde import Serde, parsed_schema, schema_str
 from stormline.settings import Settings
 from tests.conftest import settings_env

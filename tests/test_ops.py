@@ -11,6 +11,7 @@ from typing import Any
 from confluent_kafka import Producer, TopicPartition
 
 from stormline.deploy.ops import collect
+from stormline.runtime.connection import confluent_config
 from stormline.schemas.catalog import DEAD_LETTERS, TASKS
 from stormline.schemas.kafka import EventConsumer, EventProducer
 from stormline.schemas.models import (
@@ -71,7 +72,7 @@ def test_status_shows_lag_health_checkpoint_and_recent_dead_letters(
     )
     # Two dead letters from two hours ago (written first: Kafka timestamps grow with the
     # log, which offsets_for_times relies on) must not count as "last hour".
-    old = Producer(s.kafka_client_config())
+    old = Producer(confluent_config(s))
     two_hours_ago = int((time.time() - 7200) * 1000)
     letter = DeadLetter(source_topic=tasks_topic, partition=0, offset=9, error_kind="x", error="x")
     for _ in range(2):

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from stormline.consumers.evaluator.service import EvaluatorService
 from stormline.producers.feedback import (
     FeedbackError,
     find_latest_trajectory,
-    partition_for,
     record_reward,
 )
 from stormline.producers.publish import publish_tasks
+from stormline.runtime.partitioning import partition_for
 from stormline.schemas.catalog import DEAD_LETTERS, REWARDS, TASKS, TRAJECTORIES, TopicSpec
 from stormline.schemas.kafka import EventProducer, end_offsets
 from stormline.schemas.models import (
@@ -63,32 +63,34 @@ def run_cli(
 
 
 def read_topic(
-    settings: Settings, spec: TopicSpec, expect: int, timeout: float = 30.0, settle: float = 0.5
+    settings: Settings, spec: TopicSpec, expect: int, timeout: float = 30.0
 ) -> list[Any]:
-    """Every record of a topic from the beginning: waits for ``expect``, then ``settle``
-    seconds more so that duplicates would show."""
+    """Every record of a topic from the beginning: waits for ``expect``, then reads on to the
+    end of every partition, so that duplicates already written would show."""
     topic = spec.name(settings)
     c = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
         }
     )
     n = len(c.list_topics(topic, timeout=10).topics[topic].partitions)
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(n)])
     out: list[Any] = []
+    at_end: set[int] = set()  # partitions read to their end offset (since their last record)
     deadline = time.monotonic() + timeout
-    settle_until: float | None = None
     try:
         while time.monotonic() < deadline:
-            if settle_until is None and len(out) >= expect:
-                settle_until = time.monotonic() + settle
-            if settle_until is not None and time.monotonic() > settle_until:
+            if len(out) >= expect and len(at_end) == n:
                 break
             for msg in c.consume(500, 0.2):
                 if msg.error() is None:
                     out.append(msg)
+                    at_end.discard(msg.partition())
+                elif msg.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
     finally:
         c.close()
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from pathlib import Path
 
 import pytest
@@ -31,9 +30,9 @@ class Clock:
 
 def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
     policy = RetryPolicy(attempts=5, base_s=0.5, max_s=3.0)
-    rng = random.Random(1)
-    for retry, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 3.0), (6, 3.0)]:
-        delays = [policy.backoff(retry, rng) for _ in range(300)]
+    # The wait after the n-th consecutive failure (stormline.runtime.retry counts from 1).
+    for failures, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (7, 3.0)]:
+        delays = [policy.backoff(failures) for _ in range(300)]
         assert all(0.0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.8  # jitter spans the range, not a constant
         assert min(delays) < ceiling * 0.2

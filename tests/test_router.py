@@ -49,7 +49,8 @@ from stormline.schemas.models import (
 )
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
-from tests.conftest import free_port, settings_env
+from stormline.streams.app import app_id
+from tests.conftest import free_port, settings_env, uncommitted, wait_until
 
 ROUTER_ENV = {
     "STORMLINE_ROUTER_TICK_S": "0.2",
@@ -279,7 +280,11 @@ def test_capability_matching_and_learning_end_to_end(router: RouterProcess, bus:
     for wave in range(8):
         bus.submit(*[task(f"cm-s{wave}-{i}", "cm-sum", ["sum"]) for i in range(10)])
         bus.wait(TaskAssigned, lambda e: e.task_id.startswith("cm-s"), n=10 * (wave + 1))
-        time.sleep(0.3)  # rewards land between waves, as they would with real workers
+        # The wave's rewards land before the next wave, as they would with real workers.
+        _wait_view(
+            router,
+            lambda v, n=10 * (wave + 1): sum(c["count"] for c in v.get("cm-sum", {}).values()) >= n,
+        )
     assigned = bus.of(TaskAssigned, lambda e: e.task_id.startswith("cm-s"))
     last = [a for a in assigned if a.task_id.startswith(("cm-s6-", "cm-s7-"))]
     assert sum(a.agent_id == "cm-good" for a in last) >= 15, [a.agent_id for a in last]
@@ -294,11 +299,16 @@ def test_duplicate_reward_is_counted_once(router: RouterProcess, bus: Bus) -> No
     bus.submit(task("dup-1", "dup-type", ["dup"]))
     (a,) = bus.wait(TaskAssigned, lambda e: e.task_id == "dup-1")
     r = Bus.reward(a, 1.0)
+    dups = router.view("counters")["rewards_duplicate"]
     bus.producer.publish([r, r, r.model_copy(update={"event_id": uuid.uuid4()})])
     q = _wait_view(
         router, lambda v: "dup-a" in v.get("dup-type", {}) and v["dup-type"]["dup-a"]["count"] >= 1
     )
-    time.sleep(1.0)  # give any double count the time to show up
+    # All three reached the router: the two repeats are counted as duplicates.
+    wait_until(
+        lambda: router.view("counters")["rewards_duplicate"] >= dups + 2,
+        what="the repeated rewards to be counted as duplicates",
+    )
     q = router.view("qtable")
     assert q["dup-type"]["dup-a"]["count"] == 1
     assert router.view("counters")["rewards_duplicate"] >= 2
@@ -339,7 +349,13 @@ def test_expiry_reassigns_to_another_agent_then_fails(router: RouterProcess, bus
     assert tr.final and tr.error == "no trajectory after 2 attempts" and tr.attempt == 2
     (rw,) = bus.wait(Reward, lambda e: e.task_id == "ex-t")
     assert rw.source == RewardSource.FAILURE
-    time.sleep(1)
+    # A later task of the same type is routed after every record queued before it for that
+    # type (ticks included): once it is assigned, a third attempt of ex-t would have been made.
+    for agent in ("ex-1", "ex-2"):
+        bus.answer[agent] = lambda a: 1.0
+    bus.submit(task("ex-later", "expire", ["expire"]))
+    bus.wait(TaskAssigned, lambda e: e.task_id == "ex-later", timeout=20)
+    _wait_bus_saw_every_assignment(router, bus)
     assert len(bus.of(TaskAssigned, lambda e: e.task_id == "ex-t")) == 2
 
 
@@ -371,7 +387,14 @@ def test_down_agent_gets_nothing_and_a_recovered_one_gets_a_probe(
         ),
         timeout=20,
     )
-    time.sleep(0.5)
+    # The router's directory (what routing reads) has seen the agent come back, half open.
+    wait_until(
+        lambda: (
+            router.view("health")["directory"].get("dn-flaky", {}).get("status")
+            == HealthStatus.DEGRADED.value
+        ),
+        what="the router's directory to see dn-flaky degraded",
+    )
     for i in range(30):
         bus.submit(task(f"dn-b{i}", "dn", ["dn"]))
         if bus.of(
@@ -381,6 +404,7 @@ def test_down_agent_gets_nothing_and_a_recovered_one_gets_a_probe(
         time.sleep(0.05)
     bus.submit(*[task(f"dn-c{i}", "dn", ["dn"]) for i in range(10)])
     bus.wait(TaskAssigned, lambda e: e.task_id.startswith("dn-c"), n=10)
+    _wait_bus_saw_every_assignment(router, bus)
     probes = bus.of(
         TaskAssigned, lambda e: e.task_id.startswith(("dn-b", "dn-c")) and e.agent_id == "dn-flaky"
     )
@@ -431,20 +455,46 @@ def test_qtable_recovers_after_router_kill9(stack_settings: Settings, tmp_path: 
         after = _wait_view(r, lambda v: v == before, timeout=60)
         assert after == before
         # Redelivered or repeated rewards after the restart still count once.
+        _wait_router_caught_up(s)  # what was redelivered after the restart is processed
+        dups = r.view("counters")["rewards_duplicate"]
         (a,) = b.of(TaskAssigned, lambda e: e.task_id == "k0")
         b.producer.publish([Bus.reward(a, 1.0)])
-        time.sleep(1.5)
+        wait_until(
+            lambda: r.view("counters")["rewards_duplicate"] > dups,
+            what="the repeated reward to reach the router",
+        )
         assert r.view("qtable") == before
         b.submit(task("k-new", "k-type", ["k"]))
         b.wait(Reward, lambda e: e.task_id == "k-new")
         _wait_view(r, lambda v: sum(c["count"] for c in v["k-type"].values()) == 41)
-        time.sleep(1.0)  # and nothing more arrives: no update was applied twice
+        _wait_router_caught_up(s)  # and nothing more arrives: no update was applied twice
         q = r.view("qtable")
         assert sum(c["count"] for c in q["k-type"].values()) == 41, r.view("counters")
         assert r.view("counters")["assigned"] == 1  # nothing from before the kill was redone
     finally:
         b.close()
         r.stop()
+
+
+def _wait_bus_saw_every_assignment(r: RouterProcess, bus: Bus) -> None:
+    """Until the bus has read every assignment the router made so far (its counters)."""
+    wait_until(
+        lambda: len(bus.of(TaskAssigned)) >= r.view("counters")["assigned"],
+        what="the bus to read every assignment the router counted",
+    )
+
+
+def _wait_router_caught_up(s: Settings) -> None:
+    """Until the router's group has committed every record of its inputs and of its own
+    by-type topic: everything sent so far is processed."""
+    topics = [spec.name(s) for spec in (TASKS, TRAJECTORIES, REWARDS)]
+    topics.append(f"{app_id(s)}-by-type")
+    wait_until(
+        lambda: not uncommitted(s, app_id(s), topics),
+        timeout=60,
+        interval=0.5,
+        what="the router to commit every record of " + ", ".join(topics),
+    )
 
 
 def _wait_view(r: RouterProcess, pred: Callable[[Any], bool], timeout: float = 30) -> Any:
@@ -488,7 +538,16 @@ def test_two_router_workers_decide_like_one(stack_settings: Settings, tmp_path: 
             time.sleep(0.5)
         else:
             raise AssertionError(f"the two workers never split the partitions: {owned}")
-        time.sleep(1.0)  # both workers' directories have read the heartbeats
+        # Both workers' directories have read the heartbeats.
+        for r in routers:
+            wait_until(
+                lambda r=r: all(
+                    r.view("health")["directory"].get(a, {}).get("capabilities") == ["two"]
+                    and r.view("health")["directory"][a]["status"] == HealthStatus.HEALTHY.value
+                    for a in agents
+                ),
+                what=f"{r.url}'s directory to know {agents}",
+            )
         types = [f"two-type-{i}" for i in range(8)]
         for i in range(6):
             b.submit(*[task(f"two-{t}-{i}", t, ["two"]) for t in types])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
+from stormline.runtime.connection import broker_credentials
 from stormline.settings import Settings
-from stormline.streams.app import broker_credentials
 
 
 def _aiokafka(**kw: str) -> dict[str, object]:

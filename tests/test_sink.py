@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 from stormline.consumers.sink.service import Sink
 from stormline.consumers.sink.store import ParquetStore, ServerStore, StoreError, parts_dir
 from stormline.consumers.sink.tables import TABLE_OF_TOPIC, TABLES
+from stormline.runtime.connection import confluent_config
 from stormline.schemas.catalog import CATALOG
 from stormline.schemas.kafka import EventProducer, end_offsets
 from stormline.settings import Settings
@@ -53,7 +54,7 @@ def _publish(settings: Settings, serde: Any, ds: sink_data.DataSet) -> None:
 
 
 def _committed_all(settings: Settings, group: str) -> bool:
-    c = Consumer({**settings.kafka_client_config(), "group.id": group})
+    c = Consumer({**confluent_config(settings), "group.id": group})
     try:
         for spec in CATALOG:
             name = spec.name(settings)
@@ -313,10 +314,34 @@ def test_server_down_backs_off_commits_nothing_and_hides_the_password(
     sink.stop()
     assert done.wait(30), "the sink did not stop on request while the server was down"
     assert sink.stats.failures >= 3 and sink.stats.rows == 0
-    c = Consumer({**s.kafka_client_config(), "group.id": s.sink_group})
+    c = Consumer({**confluent_config(s), "group.id": s.sink_group})
     name = CATALOG[0].name(s)
     got = c.committed([TopicPartition(name, p) for p in range(s.default_partitions)], timeout=10)
     c.close()
     assert all(tp.offset < 0 for tp in got)  # nothing committed: a later sink re-reads all
     assert "pw-s3cret-value" not in caplog.text
     assert "retrying" in caplog.text
+
+
+def test_a_stale_empty_part_is_rewritten_with_the_derived_schema(tmp_path: Path) -> None:
+    """The empty part gives the views their columns: after a schema change (a field added
+    to an event) it follows the tables derived from the Avro schemas, and older parts still
+    read, their missing column as its default."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stormline.consumers.sink.store import EMPTY_PART, Part
+    from stormline.consumers.sink.tables import SCHEMAS
+
+    old = pa.schema([f for f in SCHEMAS["rewards"] if f.name != "reason"])
+    (tmp_path / "rewards").mkdir()
+    pq.write_table(old.empty_table(), tmp_path / "rewards" / EMPTY_PART)
+    row = {f.name: [] if f.name == "components" else None for f in old}
+    row.update(topic="rw", partition=0, offset=0, ts=0, key="", event_id="e", occurred_at=0)
+    row.update(schema_version=1, task_id="t", trajectory_id="r", attempt=1, agent_id="a")
+    row.update(task_type="", policy_version="", value=0.5, source="human")
+    part = tmp_path / "rewards" / Part("rw", 0, 0, 0).name
+    pq.write_table(pa.Table.from_pylist([row], old), part)
+    store = ParquetStore(tmp_path)
+    assert pq.read_schema(tmp_path / "rewards" / EMPTY_PART).equals(SCHEMAS["rewards"])
+    assert store.query("SELECT value, reason FROM rewards").rows == [(0.5, "")]

@@ -15,8 +15,9 @@ import pytest
 import torch
 from confluent_kafka import Consumer, TopicPartition
 
+from stormline.runtime.connection import client_logger, confluent_config
 from stormline.schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
-from stormline.schemas.kafka import EventProducer, client_logger
+from stormline.schemas.kafka import EventProducer
 from stormline.schemas.models import CheckpointPublished, TaskSubmitted
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
@@ -94,7 +95,7 @@ def run_until(svc: TrainerService, pred, timeout: float = 60.0) -> None:  # type
 def checkpoints_on_topic(settings: Settings, serde: Serde, n: int) -> list[CheckpointPublished]:
     c = Consumer(
         {
-            **settings.kafka_client_config(),
+            **confluent_config(settings),
             "group.id": f"check-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
         },
@@ -188,9 +189,7 @@ def test_trainer_publishes_a_verified_checkpoint_the_router_can_load(
     with pytest.raises(ChecksumMismatch, match="refusing to load"):
         load_checkpoint(str(bad), event.sha256)
     # The live group committed exactly what it consumed.
-    c = Consumer(
-        {**s.kafka_client_config(), "group.id": s.trainer_group_id}, logger=client_logger()
-    )
+    c = Consumer({**confluent_config(s), "group.id": s.trainer_group_id}, logger=client_logger())
     committed = c.committed([TopicPartition(TRAJECTORIES.name(s), p) for p in range(4)], timeout=10)
     c.close()
     assert sum(max(0, tp.offset) for tp in committed) == 150
@@ -209,9 +208,7 @@ def test_trainer_publishes_a_verified_checkpoint_the_router_can_load(
     assert summary["experiences"] == 150 and summary["version"] == 2
     meta2 = json.loads((Path(summary["uri"]) / "meta.json").read_text())
     assert sorted(meta2["trajectory_ids"]) == sorted(e.trajectory_id for e in out.trained)
-    c = Consumer(
-        {**s.kafka_client_config(), "group.id": s.trainer_group_id}, logger=client_logger()
-    )
+    c = Consumer({**confluent_config(s), "group.id": s.trainer_group_id}, logger=client_logger())
     again = c.committed([TopicPartition(TRAJECTORIES.name(s), p) for p in range(4)], timeout=10)
     c.close()
     assert [tp.offset for tp in again] == [tp.offset for tp in committed]
@@ -244,7 +241,7 @@ def test_replay_cli_writes_the_joined_range_to_a_topic(topics: Settings, serde: 
     assert summary["experiences"] == 38 and summary["written"] == 38 and summary["unjoined"] == 2
     c = Consumer(
         {
-            **s.kafka_client_config(),
+            **confluent_config(s),
             "group.id": f"x-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
         },

@@ -35,6 +35,7 @@ from stormline.consumers.llm.simulator import (
     solve,
 )
 from stormline.consumers.worker.service import Worker, trajectory_id
+from stormline.runtime.connection import confluent_config
 from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, HEARTBEATS, TRAJECTORIES, TopicSpec
 from stormline.schemas.kafka import EventConsumer, EventProducer, end_offsets
 from stormline.schemas.models import (
@@ -161,11 +162,20 @@ def _read(
     return out
 
 
+def _read_all(settings: Settings, serde: Serde, spec: TopicSpec, timeout: float = 60) -> list[Any]:
+    """Every event on ``spec`` up to its end offsets now: after the producers stopped (or
+    were acknowledged), a positive signal that nothing more is on the way."""
+    total = sum(end_offsets(settings, spec.name(settings), spec.partitions(settings)))
+    out = _read(settings, serde, spec, lambda o: len(o) >= total, timeout)
+    assert len(out) == total, f"read {len(out)} of {total} events of {spec.name(settings)}"
+    return out
+
+
 def _raw_topic_bytes(settings: Settings) -> bytes:
     """Every record's key and value on every catalog topic of this test."""
     c = Consumer(
         {
-            **settings.kafka_client_config(),
+            **confluent_config(settings),
             "group.id": f"raw-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -191,7 +201,7 @@ def _raw_topic_bytes(settings: Settings) -> bytes:
 
 def _committed(settings: Settings, group: str) -> list[int]:
     name = ASSIGNMENTS.name(settings)
-    c = Consumer({**settings.kafka_client_config(), "group.id": group})
+    c = Consumer({**confluent_config(settings), "group.id": group})
     parts = [TopicPartition(name, p) for p in range(ASSIGNMENTS.partitions(settings))]
     out = [tp.offset for tp in c.committed(parts, timeout=10)]
     c.close()
@@ -232,7 +242,7 @@ async def test_assignments_become_trajectories_and_offsets_commit(
     worker = await _run_until(s, len(events))
     assert worker.stats.in_flight_max > 1  # calls overlapped
 
-    trajs: list[Trajectory] = _read(s, serde, TRAJECTORIES, lambda o: len(o) >= len(events))
+    trajs: list[Trajectory] = _read_all(s, serde, TRAJECTORIES)  # the worker has stopped
     by_task = {t.task_id: t for t in trajs}
     assert len(trajs) == len(events) and set(by_task) == {e.task_id for e in events}
     for e in events:
@@ -290,7 +300,7 @@ async def test_redelivered_assignment_resends_without_a_second_call(
     _produce(s, serde, [a.model_copy(update={"event_id": uuid.uuid4()})])  # redelivery
     w2 = await _run_until(s, 1, "w-2")
     assert w2.stats.resent == 1 and w2.stats.llm_calls == 0
-    trajs = _read(s, serde, TRAJECTORIES, lambda o: len(o) >= 2)
+    trajs = _read_all(s, serde, TRAJECTORIES)  # both workers have stopped
     assert len(trajs) == 2 and trajs[0].model_dump(exclude={"event_id"}) == trajs[1].model_dump(
         exclude={"event_id"}
     )
@@ -310,8 +320,8 @@ async def test_redis_down_keeps_processing_and_says_so(
     _produce(s, serde, events)
     w = await _run_until(s, 5)
     assert w.stats.processed == 5
-    trajs = _read(s, serde, TRAJECTORIES, lambda o: len(o) >= 5)
-    assert all(t.status is TrajectoryStatus.OK for t in trajs)
+    trajs = _read_all(s, serde, TRAJECTORIES)
+    assert len(trajs) == 5 and all(t.status is TrajectoryStatus.OK for t in trajs)
     hbs = _read(
         s, serde, HEARTBEATS, lambda o: any(h.status is WorkerStatus.STOPPED for h in o), 20
     )
@@ -362,6 +372,7 @@ def test_provider_faults_are_retried_then_recorded_and_keys_never_leak(
     finally:
         rc = _stop(proc)
     assert rc == 0, log.read_text()
+    trajs = _read_all(s, serde, TRAJECTORIES)  # the worker has exited: all it ever sent
     by = {t.task_id: t for t in trajs}
     assert len(trajs) == len(events)
     assert by["f429"].status is TrajectoryStatus.ERROR
@@ -463,7 +474,7 @@ async def test_response_cache_serves_a_repeated_prompt_without_a_call(
     _produce(s, serde, [_assignment("c2", "good", "What is 8 + 8?")])
     w = await _run_until(s, 1, "w-c2")
     assert w.stats.cache_hits == 1 and w.stats.llm_calls == 0
-    trajs = _read(s, serde, TRAJECTORIES, lambda o: len(o) >= 2)
+    trajs = _read_all(s, serde, TRAJECTORIES)  # both workers have stopped
     # c1 and c2 sit on different partitions, so the read order between them is not defined.
     assert [t.output for t in trajs] == ["16", "16"]
     assert sorted(t.task_id for t in trajs) == ["c1", "c2"]

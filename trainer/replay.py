@@ -18,17 +18,18 @@ kcat, ClickHouse's ``JSONEachRow``, pandas and jq read with no registry.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka import Consumer, TopicPartition
 
+from stormline.runtime.admin import TopicWanted, ensure_topics
+from stormline.runtime.consumer import reader
+from stormline.runtime.producer import DeliveryError, RecordProducer
 from stormline.schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicSpec
-from stormline.schemas.kafka import Received, admin_client, client_logger
+from stormline.schemas.kafka import Received
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
 from stormline.trainer.join import Experience, Joiner
@@ -133,16 +134,7 @@ def read_range(
 ) -> ReplayResult:
     serde = serde or Serde.from_settings(settings)
     joiner = joiner or make_joiner(settings)
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": f"stormline-replay-{uuid.uuid4().hex}",  # throwaway, never committed
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-        },
-        logger=client_logger(),
-    )
+    consumer = reader(settings, "replay")  # a throw-away group, never committed
     specs = [TRAJECTORIES, REWARDS] + ([ASSIGNMENTS] if rng.by_time() else [])
     try:
         ranges = {s.logical: _bounds(consumer, settings, s, rng) for s in specs}
@@ -210,34 +202,14 @@ def read_range(
 
 def write_topic(settings: Settings, topic: str, exps: list[Experience], partitions: int = 4) -> int:
     """Write experiences as JSON to ``topic`` (created if missing); returns how many."""
-    admin = admin_client(settings)
-    if topic not in admin.list_topics(timeout=10).topics:
-        fut = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
-        try:
-            fut.result(15)
-        except Exception as exc:  # created concurrently is fine
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise
-    prod = Producer(
-        {**settings.kafka_client_config(), "enable.idempotence": True, "acks": "all"},
-        logger=client_logger(),
-    )
-    failed: list[str] = []
-
-    def cb(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failed.append(str(err))
-
+    ensure_topics(settings, [TopicWanted(topic, partitions, 1)], timeout=15)
+    prod = RecordProducer(settings)
     for e in exps:
-        while True:
-            try:
-                prod.produce(topic, key=e.task_id, value=e.model_dump_json(), on_delivery=cb)
-                break
-            except BufferError:
-                prod.poll(0.05)
-    left = prod.flush(30)
-    if left or failed:
-        raise ReplayError(f"writing {topic}: {left} undelivered, {len(failed)} failed {failed[:1]}")
+        prod.produce(topic, e.model_dump_json(), e.task_id)
+    try:
+        prod.flush(30)
+    except DeliveryError as exc:
+        raise ReplayError(f"writing {topic}: {exc}") from None
     return len(exps)
 
 

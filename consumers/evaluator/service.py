@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
 import threading
 import time
@@ -28,6 +27,7 @@ from stormline.consumers.evaluator import rules as evaluators
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
 from stormline.consumers.llm import ErrorKind, LLMProvider, ProviderError
 from stormline.consumers.llm.resilience import CircuitBreaker, RetryPolicy, call_with_policy
+from stormline.runtime import retry as runtime_retry
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received
 from stormline.schemas.models import Reward, Trajectory
@@ -85,6 +85,8 @@ class EvaluatorService:
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_cooldown_s
         )
+        # Around the bounded per-call retry: a judge outage is waited out, without limit.
+        self.outage = runtime_retry.RetryPolicy(base_s=settings.llm_backoff_base_s, max_s=30.0)
         self.rewards_topic = REWARDS.name(settings)
         self.loop = asyncio.new_event_loop()
         self._judge_slots: asyncio.Semaphore | None = None
@@ -210,39 +212,47 @@ class EvaluatorService:
         return evaluators.reward_for(trajectory, result)
 
     async def _judge(self, trajectory: Trajectory, spec: Spec) -> Evaluation:
+        """One judge verdict, waiting out an outage (late, never lost or dead-lettered).
+
+        Each call retries within the LLM budget (``call_with_policy``); around it the one
+        retry policy, unbounded, waits out what outlasts that budget or opens the breaker.
+        A refusal (4xx) is final; a stop request leaves the batch uncommitted.
+        """
         assert self.judge is not None and self._judge_slots is not None
-        judge = self.judge
-        wait = 0
-        while True:
-            try:
-                async with self._judge_slots:
-                    return await call_with_policy(
-                        lambda: evaluators.judge(
-                            judge,
-                            trajectory,
-                            spec=spec,
-                            default_rubric=self.rubric,
-                            model=self.settings.judge_model,
-                            timeout_s=self.settings.judge_timeout_s,
-                        ),
-                        policy=self.retry,
-                        breaker=self.breaker,
-                        timeout_s=self.settings.judge_timeout_s,
-                    )
-            except ProviderError as exc:
-                if not (exc.retryable or exc.kind == ErrorKind.CIRCUIT_OPEN):
-                    raise EvaluationError(f"judge refused the request: {exc}") from None
-                if self._stop.is_set():
-                    raise Stopping() from None
-                delay = min(30.0, self.settings.llm_backoff_base_s * 2 ** min(wait, 8))
-                log.warning(
-                    "judge unavailable (%s); retrying trajectory %s in %.1fs",
-                    exc,
-                    trajectory.trajectory_id,
-                    delay,
-                )
-                wait += 1
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+        judge, slots, s = self.judge, self._judge_slots, self.settings
+
+        def outage(exc: BaseException) -> bool:
+            return _judge_unavailable(exc) and not self._stop.is_set()
+
+        try:
+            async for attempt in self.outage.async_retrying(
+                outage, log=log, what=f"judge of trajectory {trajectory.trajectory_id}"
+            ):
+                with attempt:
+                    async with slots:
+                        return await call_with_policy(
+                            lambda: evaluators.judge(
+                                judge,
+                                trajectory,
+                                spec=spec,
+                                default_rubric=self.rubric,
+                                model=s.judge_model,
+                                timeout_s=s.judge_timeout_s,
+                            ),
+                            policy=self.retry,
+                            breaker=self.breaker,
+                            timeout_s=s.judge_timeout_s,
+                        )
+        except ProviderError as exc:
+            if _judge_unavailable(exc):
+                raise Stopping() from None
+            raise EvaluationError(f"judge refused the request: {exc}") from None
+        raise AssertionError("unreachable: the retry policy re-raises")
+
+
+def _judge_unavailable(exc: BaseException) -> bool:
+    """The judge is down or shed load (429/5xx/timeout, open breaker): wait, do not fail."""
+    return isinstance(exc, ProviderError) and (exc.retryable or exc.kind == ErrorKind.CIRCUIT_OPEN)
 
 
 def run(settings: Settings) -> None:

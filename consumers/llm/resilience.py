@@ -1,9 +1,11 @@
 """Call policy around LLM providers: retries with backoff, timeouts, circuit breakers.
 
-Pure logic (no I/O of its own): the clock, the sleep and the random source are injected so
-that tests drive them. Retries use exponential backoff with full jitter: before retry ``n``
-(0-based) the caller sleeps ``uniform(0, min(max_s, base_s * 2**n))``. Only retryable
-:class:`~consumers.llm.ProviderError` kinds (429, 5xx/connection, timeout) are retried.
+Retries follow the one retry policy of the project (:class:`stormline.runtime.retry.RetryPolicy`:
+exponential backoff with full jitter, the wait after the ``n``-th consecutive failure uniform
+in ``[0, min(max_s, base_s * 2**(n-1))]``); :class:`RetryPolicy` here is that policy as LLM
+callers configure it, attempts first. Only retryable :class:`~consumers.llm.ProviderError`
+kinds (429, 5xx/connection, timeout) are retried. The sleep is injectable so that tests drive
+it.
 
 The circuit breaker is per provider endpoint: closed -> open after ``threshold`` consecutive
 retryable failures -> half-open after ``cooldown_s`` (one probe call allowed) -> closed on a
@@ -14,7 +16,6 @@ do not count.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,20 +23,19 @@ from enum import StrEnum
 from typing import TypeVar
 
 from stormline.consumers.llm import ErrorKind, ProviderError
+from stormline.runtime import retry
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 3
-    base_s: float = 0.25
-    max_s: float = 8.0
+class RetryPolicy(retry.RetryPolicy):
+    """The one retry policy, bounded by attempts (``STORMLINE_LLM_RETRY_ATTEMPTS``).
 
-    def backoff(self, retry: int, rng: random.Random | None = None) -> float:
-        """Full-jitter delay before retry number ``retry`` (0 = the first retry)."""
-        ceiling = min(self.max_s, self.base_s * (2**retry))
-        return (rng or random).uniform(0.0, ceiling)
+    Positional order as the LLM settings read: ``RetryPolicy(attempts, base_s, max_s)``.
+    """
+
+    def __init__(self, attempts: int = 3, base_s: float = 0.25, max_s: float = 8.0) -> None:
+        super().__init__(base_s=base_s, max_s=max_s, attempts=max(1, attempts))
 
 
 class BreakerState(StrEnum):
@@ -96,40 +96,49 @@ class CallOutcome:
     errors: list[str] = field(default_factory=list)
 
 
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and exc.retryable
+
+
+async def _one_try(
+    fn: Callable[[], Awaitable[T]], breaker: CircuitBreaker, timeout_s: float, out: CallOutcome
+) -> T:
+    """One try through the breaker and the timeout; the breaker learns its verdict."""
+    if not breaker.allow():
+        err = ProviderError(ErrorKind.CIRCUIT_OPEN, "circuit breaker open for this provider")
+        out.errors.append(str(err))
+        raise err
+    out.tries += 1
+    try:
+        result = await asyncio.wait_for(fn(), timeout_s)
+    except TimeoutError:
+        err = ProviderError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:g}s")
+    except ProviderError as exc:
+        err = exc
+    else:
+        breaker.record_success()
+        return result
+    out.errors.append(str(err))
+    if err.retryable:
+        breaker.record_failure()
+    else:
+        breaker.release_probe()
+    raise err
+
+
 async def call_with_policy(
     fn: Callable[[], Awaitable[T]],
     *,
-    policy: RetryPolicy,
+    policy: retry.RetryPolicy,
     breaker: CircuitBreaker,
     timeout_s: float,
     outcome: CallOutcome | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    rng: random.Random | None = None,
 ) -> T:
     """Run ``fn`` with a per-try timeout, retries and the breaker; raise the last error."""
     out = outcome if outcome is not None else CallOutcome()
-    last: ProviderError | None = None
-    for attempt in range(policy.attempts):
-        if attempt:
-            await sleep(policy.backoff(attempt - 1, rng))
-        if not breaker.allow():
-            err = ProviderError(ErrorKind.CIRCUIT_OPEN, "circuit breaker open for this provider")
-            out.errors.append(str(err))
-            raise err
-        out.tries += 1
-        try:
-            result = await asyncio.wait_for(fn(), timeout_s)
-        except TimeoutError:
-            last = ProviderError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:g}s")
-        except ProviderError as exc:
-            last = exc
-        else:
-            breaker.record_success()
-            return result
-        out.errors.append(str(last))
-        if not last.retryable:
-            breaker.release_probe()
-            raise last
-        breaker.record_failure()
-    assert last is not None
-    raise last
+    tries = policy.async_retrying(_retryable).copy(sleep=sleep)
+    async for attempt in tries:
+        with attempt:
+            return await _one_try(fn, breaker, timeout_s, out)
+    raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

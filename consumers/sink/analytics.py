@@ -1,6 +1,6 @@
 """Canned analytics over the sink's tables: SQL texts, result shaping, plots.
 
-The SQL is plain ClickHouse SQL over the table names of ``consumers/sink_tables.py``; it runs
+The SQL is plain ClickHouse SQL over the table names of :mod:`.tables`; it runs
 unchanged on chDB (views over the Parquet parts) and on a ClickHouse server (the tables of
 ``deploy/clickhouse/schema.sql``). ``{since}`` and ``{bucket}`` are filled in here from
 parsed, typed values, never from raw user text.

@@ -11,15 +11,16 @@ Why it is exactly once in effect:
 
 * a crash (kill -9) after a write and before the commit redelivers that batch; the store
   reports, per table and (topic, partition), the highest offset already stored, and the
-  sink drops rows at or below it, so the redelivered batch adds nothing;
+  sink drops rows at or below it, so the redelivered batch adds nothing (offsets are
+  committed through the runtime's one commit discipline, ``stormline.runtime.commits``);
 * parts are immutable and renamed into place atomically, so a crash mid-write leaves no
   partial part; the high-water marks are re-read whenever partitions are assigned; every
   ``sink_compact_interval_s`` the sink merges the small parts of the partitions it owns;
-* a failed write (server down, disk full) is retried with exponential back-off, the
-  partitions paused meanwhile so the consumer stays in its group and nothing is committed
-  or dropped; when partitions are revoked the buffer is flushed first, or, if the store is
-  still failing, the revoked partitions' rows and positions are dropped so the next owner
-  re-reads them.
+* a failed write (server down, disk full) is retried with the one backoff policy
+  (``stormline.runtime.retry``: exponential, full jitter), the partitions paused meanwhile
+  so the consumer stays in its group and nothing is committed or dropped; when partitions
+  are revoked the buffer is flushed first, or, if the store is still failing, the revoked
+  partitions' rows and positions are dropped so the next owner re-reads them.
 
 Why the sink and ``stormline analytics`` run together: no process opens a chDB data path;
 the sink only writes Parquet files and every reader queries them with its own in-memory
@@ -40,6 +41,7 @@ from confluent_kafka import TopicPartition
 
 from stormline.consumers.sink.store import Store, open_store
 from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
+from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.kafka import EventConsumer, Received
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
@@ -150,28 +152,42 @@ class Sink:
         return self.stats
 
     def _flush_with_retry(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                self._write_and_commit()
-                break
-            except Exception as exc:
-                self.stats.failures += 1
-                log.warning("sink write failed, retrying in %.1fs: %s", delay, exc)
-                if not self._paused:
-                    self._paused = True
-                    self.consumer.raw.pause(self.consumer.raw.assignment())
-                self._idle_poll(delay)
-                delay = min(delay * 2, self.settings.sink_retry_max_seconds)
-                if self._stop.is_set():
-                    # Stopping with a failing store: leave the buffer uncommitted for replay.
-                    log.warning("stopping with %d unwritten events uncommitted", len(self._buffer))
-                    self._buffer.clear()
-                    self.consumer.forget()
-                    break
+        """Write and commit the buffer, retried with the one backoff policy while it fails.
+
+        While the store fails, the partitions are paused and the waits serve the group
+        (:meth:`_idle_poll`). Stopping with a failing store leaves the buffer uncommitted,
+        to be read again.
+        """
+        policy = RetryPolicy(base_s=0.2, max_s=self.settings.sink_retry_max_seconds)
+        retrying = policy.retrying(
+            lambda exc: isinstance(exc, Exception) and not self._stop.is_set(),
+            log=log,
+            what="sink write",
+            sleep=self._idle_poll,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._attempt_write()
+        except Exception:
+            if not self._stop.is_set():
+                raise
+            log.warning("stopping with %d unwritten events uncommitted", len(self._buffer))
+            self._buffer.clear()
+            self.consumer.forget()
         if self._paused:
             self._paused = False
             self.consumer.raw.resume(self.consumer.raw.assignment())
+
+    def _attempt_write(self) -> None:
+        try:
+            self._write_and_commit()
+        except Exception:
+            self.stats.failures += 1
+            if not self._paused:
+                self._paused = True
+                self.consumer.raw.pause(self.consumer.raw.assignment())
+            raise
 
     def _idle_poll(self, seconds: float) -> None:
         """Serve the group (heartbeats, rebalances) while paused, reading nothing."""

@@ -3,8 +3,10 @@
 --   clickhouse-client --query "CREATE DATABASE IF NOT EXISTS stormline"
 --   clickhouse-client --database stormline --multiquery < deploy/clickhouse/schema.sql
 --
--- Columns match consumers/sink_tables.py exactly (tests/test_analytics.py checks it), so the
--- same SQL runs on chDB over the sink's Parquet parts and on these tables.
+-- GENERATED from schemas/avro by consumers/sink/tables.py; do not edit. Regenerate with
+--   python -m stormline.consumers.sink.tables --ddl > deploy/clickhouse/schema.sql
+-- (tests/test_event_shapes.py fails when this file and the generator differ). The same SQL
+-- runs on chDB over the sink's Parquet parts and on these tables.
 --
 -- Idempotency: (topic, partition, offset) identifies an event. The sink never re-inserts an
 -- offset it already stored, each insert carries an insert_deduplication_token, and
@@ -84,10 +86,10 @@ CREATE TABLE IF NOT EXISTS trajectories
     `provider` String,
     `model` String,
     `policy_version` String,
+    `n_steps` Int32,
+    `output` String,
     `status` String,
     `error` String,
-    `output` String,
-    `n_steps` Int32,
     `prompt_tokens` Int64,
     `completion_tokens` Int64,
     `total_tokens` Int64,
@@ -213,9 +215,9 @@ CREATE TABLE IF NOT EXISTS checkpoints
     `uri` String,
     `sha256` String,
     `metrics` Map(String, Float64),
+    `trained_on` String,
     `promoted` Bool,
-    `decision` String,
-    `trained_on` String
+    `decision` String
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(occurred_at)
@@ -235,11 +237,11 @@ CREATE TABLE IF NOT EXISTS dead_letters
     `source_topic` String,
     `source_partition` Int32,
     `source_offset` Int64,
+    `raw_key` String,
+    `raw_value_bytes` Int64,
     `error_kind` String,
     `error` String,
-    `consumer_group` String,
-    `raw_key` String,
-    `raw_value_bytes` Int64
+    `consumer_group` String
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(occurred_at)

@@ -7,11 +7,15 @@ thread so that a broker without a group coordinator never stalls consuming.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+log = logging.getLogger("stormline.commits")
 
 TP = tuple[str, int]
 
@@ -61,8 +65,11 @@ class OffsetTracker:
             for tp, pos in offsets.items():
                 self._committed[tp] = max(self._committed.get(tp, -1), pos)
 
-    def forget(self, tps: set[TP]) -> None:
+    def forget(self, tps: set[TP] | None = None) -> None:
+        """Drop what is known of ``tps`` (all partitions when None): they are read again."""
         with self._lock:
+            if tps is None:
+                tps = {*self._inflight, *self._high, *self._committed}
             for tp in tps:
                 self._inflight.pop(tp, None)
                 self._high.pop(tp, None)
@@ -93,4 +100,65 @@ def commit_on_daemon_thread(consumer: Any, offsets: list[TopicPartition]) -> Fut
             fut.set_result(None)
 
     threading.Thread(target=run, name="offset-commit", daemon=True).start()
+    return fut
+
+
+# The broker (or its group coordinator) is restarting: a commit can wait for the next one.
+COORDINATOR_AWAY = frozenset(
+    {
+        KafkaError._WAIT_COORD,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.REQUEST_TIMED_OUT,
+    }
+)
+# A rebalance took the partitions: the new owner re-reads from the last commit.
+REBALANCED = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._NO_OFFSET,
+    }
+)
+
+
+def commit_tracked(
+    consumer: Any, tracker: OffsetTracker, *, wait: float = COMMIT_WAIT_S
+) -> Future[None] | None:
+    """Commit what ``tracker`` says is committable, waiting up to ``wait`` for the answer.
+
+    The blocking form of the discipline (batch consumers: the sink, the evaluator, the
+    trainer). A commit that is unanswered in time, or refused because the coordinator is
+    away, keeps the positions committable: the next commit carries them. One refused
+    after a rebalance drops them (the new owner re-reads). Anything else raises.
+    """
+    offsets = tracker.committable()
+    if not offsets:
+        return None
+    fut = commit_on_daemon_thread(
+        consumer, [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+    )
+
+    def confirmed(f: Future[None]) -> None:
+        if f.exception() is None:
+            tracker.committed(offsets)
+
+    fut.add_done_callback(confirmed)
+    try:
+        fut.result(wait)
+    except FutureTimeout:
+        log.warning("offset commit unanswered after %.0fs; the next commit retries", wait)
+    except KafkaException as exc:
+        code = exc.args[0].code()
+        if code in COORDINATOR_AWAY:
+            log.info("commit postponed, no group coordinator yet: %s", exc)
+        elif code in REBALANCED:
+            log.info("commit skipped after rebalance: %s", exc)
+            tracker.forget(set(offsets))
+        else:
+            raise
     return fut

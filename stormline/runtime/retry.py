@@ -22,6 +22,7 @@ from tenacity import (
     stop_never,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 RetryOn = Callable[[BaseException], bool]
 
@@ -39,7 +40,7 @@ class RetryPolicy:
         return random.uniform(0, ceiling)
 
     def _kwargs(self, retry_on: RetryOn, log: logging.Logger | None, what: str) -> dict:  # type: ignore[type-arg]
-        stops = []
+        stops: list[stop_base] = []
         if self.attempts is not None:
             stops.append(stop_after_attempt(self.attempts))
         if self.deadline_s is not None:
@@ -64,10 +65,22 @@ class RetryPolicy:
         }
 
     def retrying(
-        self, retry_on: RetryOn, *, log: logging.Logger | None = None, what: str = ""
+        self,
+        retry_on: RetryOn,
+        *,
+        log: logging.Logger | None = None,
+        what: str = "",
+        sleep: Callable[[float], None] | None = None,
     ) -> Retrying:
-        """``for attempt in policy.retrying(...): with attempt: call()`` (blocking)."""
-        return Retrying(**self._kwargs(retry_on, log, what))
+        """``for attempt in policy.retrying(...): with attempt: call()`` (blocking).
+
+        ``sleep`` replaces ``time.sleep`` between attempts, e.g. to keep serving a consumer
+        group while waiting.
+        """
+        kwargs = self._kwargs(retry_on, log, what)
+        if sleep is not None:
+            kwargs["sleep"] = sleep
+        return Retrying(**kwargs)
 
     def async_retrying(
         self, retry_on: RetryOn, *, log: logging.Logger | None = None, what: str = ""

@@ -1,0 +1,97 @@
+"""The byte-level consumers: a group member with the one commit discipline, and a reader.
+
+* :class:`RecordConsumer` joins a group, polls batches of records (errors logged, fatal ones
+  raised) and commits only through :mod:`stormline.runtime.commits`: offsets become
+  committable when polled (:meth:`RecordConsumer.poll`), the caller commits when its work is
+  done (:meth:`RecordConsumer.commit`), and :meth:`RecordConsumer.forget` gives positions
+  back to be read again.
+* :func:`reader` is a client that assigns partitions itself and never commits (a throw-away
+  group id): status, lookups and replays read the cluster without leaving a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+
+from stormline.runtime.commits import TP, OffsetTracker, commit_tracked
+from stormline.runtime.connection import client_logger, confluent_config
+from stormline.settings import Settings
+
+log = logging.getLogger("stormline.kafka")
+
+
+def reader(settings: Settings, purpose: str, **overrides: Any) -> Consumer:
+    """A consumer for ``assign``-style reads that never commits (``purpose`` names its group)."""
+    conf = confluent_config(
+        settings,
+        **{
+            "group.id": f"stormline-{purpose}-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            **overrides,
+        },
+    )
+    return Consumer(conf, logger=client_logger())
+
+
+class RecordConsumer:
+    """A group member that commits only what its caller finished (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        group_id: str,
+        topics: Sequence[str],
+        *,
+        offset_reset: str = "earliest",
+        **overrides: Any,
+    ) -> None:
+        self.group_id = group_id
+        conf = confluent_config(
+            settings,
+            **{
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": offset_reset,
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+                "partition.assignment.strategy": "cooperative-sticky",
+                **overrides,
+            },
+        )
+        self.raw = Consumer(conf, logger=client_logger())
+        self.raw.subscribe(list(topics))
+        self.tracker = OffsetTracker()
+
+    def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Message]:
+        """Records (no error events); each becomes committable with the next :meth:`commit`."""
+        out = []
+        for msg in self.raw.consume(max_records, timeout):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                    if err.fatal():
+                        raise KafkaException(err)
+                continue
+            self.tracker.polled((msg.topic(), msg.partition()), msg.offset() + 1)
+            out.append(msg)
+        return out
+
+    def forget(self, partitions: Iterable[TP] | None = None) -> None:
+        """Drop uncommitted positions (all, or of ``partitions``) so they are read again."""
+        self.tracker.forget(None if partitions is None else set(partitions))
+
+    def commit(self) -> None:
+        """Commit everything polled so far (the one discipline: :func:`commit_tracked`)."""
+        commit_tracked(self.raw, self.tracker)
+
+    def close(self) -> None:
+        self.raw.close()

@@ -1,0 +1,155 @@
+"""The router's Kafka plumbing: the Faust app's broker settings, internal topics, the reader.
+
+Every Kafka client here takes its connection (bootstrap servers and SASL/SSL) from the one
+runtime config (:class:`stormline.runtime.connection.KafkaConnection`): the Faust app, the
+group-less broadcast reader and the admin client that creates the internal topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from stormline.runtime.admin import TopicWanted, ensure_topics
+from stormline.runtime.connection import KafkaConnection
+from stormline.schemas.catalog import AGENT_HEALTH, CHECKPOINTS, HEARTBEATS
+from stormline.schemas.models import (
+    AgentHealthChanged,
+    AgentHeartbeat,
+    CheckpointPublished,
+    Event,
+)
+from stormline.schemas.serde import DecodeError, Serde
+from stormline.settings import Settings
+
+TABLES = ("qtable", "tasks", "types", "health")
+
+
+def app_id(s: Settings) -> str:
+    return f"{s.topic_prefix}{s.router_app_id}"
+
+
+def faust_app(s: Settings, partitions: int) -> faust.App:
+    """The Faust app with the one connection config and the router's broker settings."""
+    datadir = Path(s.data_dir) / "router"
+    datadir.mkdir(parents=True, exist_ok=True)
+    conn = KafkaConnection.from_settings(s)
+    return faust.App(
+        app_id(s),
+        broker=f"kafka://{conn.bootstrap_servers}",
+        broker_credentials=conn.faust_credentials(),
+        store="rocksdb://" if s.router_store == "rocksdb" else "memory://",
+        datadir=str(datadir),
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=partitions,
+        topic_replication_factor=s.router_replication,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        # Group joins otherwise take the 30 s defaults after every restart.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+        broker_rebalance_timeout=20.0,
+        broker_commit_interval=1.0,
+        producer_linger_ms=1,
+        producer_acks=-1,
+        stream_wait_empty=False,
+        web_enabled=True,
+        web_host=s.router_web_host,
+        web_port=s.router_web_port,
+        web_bind=s.router_web_host,
+    )
+
+
+def internal_topics(settings: Settings) -> list[TopicWanted]:
+    """The router's own topics: the two repartition topics and the tables' changelogs."""
+    n = settings.router_partitions or settings.default_partitions
+    rf = settings.router_replication
+    day = {"retention.ms": str(24 * 3600 * 1000)}
+    compact = {"cleanup.policy": "compact"}
+    aid = app_id(settings)
+    return [
+        TopicWanted(f"{aid}-by-type", n, rf, day),
+        TopicWanted(f"{aid}-health", n, rf, day),
+        *(TopicWanted(f"{aid}-{t}-changelog", n, rf, compact) for t in TABLES),
+    ]
+
+
+def ensure_internal_topics(settings: Settings) -> None:
+    """Create the router's own topics before Faust starts.
+
+    Faust creates them too, but after its first group assignment; a topic that is missing at
+    that moment is left out of the assignment until the next rebalance, and the tasks sent
+    to it wait. Creating them first (same names, partition counts and policies) avoids that.
+    """
+    ensure_topics(settings, internal_topics(settings))
+
+
+async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Event]:
+    """Heartbeats (the lookback window), agent-health and checkpoints (all), then live.
+
+    No consumer group: every router worker reads these topics in full. Records that do not
+    decode are skipped here (the group-consuming agents dead-letter them).
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    s = settings
+    names: dict[str, type[Event]] = {
+        HEARTBEATS.name(s): AgentHeartbeat,
+        AGENT_HEALTH.name(s): AgentHealthChanged,
+        CHECKPOINTS.name(s): CheckpointPublished,
+    }
+    consumer = AIOKafkaConsumer(
+        **KafkaConnection.from_settings(s).aiokafka(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        tps = []
+        for name in names:
+            parts = await _partitions(consumer, name)
+            tps += [TopicPartition(name, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await _seek(consumer, s, tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=1000)
+            for tp, msgs in batches.items():
+                for m in msgs:
+                    try:
+                        yield serde.decode(m.value, names[tp.topic])
+                    except DecodeError:
+                        continue
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: Any, name: str) -> set[int]:
+    """The topic's partitions, waiting up to ~5 s for its metadata (a topic just created)."""
+    parts = consumer.partitions_for_topic(name)
+    for _ in range(50):
+        if parts:
+            break
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(name)
+        await asyncio.sleep(0.1)
+    return set(parts or ())
+
+
+async def _seek(consumer: Any, s: Settings, tps: list[Any]) -> None:
+    """Heartbeats from ``router_heartbeat_lookback_s`` ago, the rest from the beginning."""
+    hb_tps = [tp for tp in tps if tp.topic == HEARTBEATS.name(s)]
+    since_ms = int((time.time() - s.router_heartbeat_lookback_s) * 1000)
+    found = await consumer.offsets_for_times({tp: since_ms for tp in hb_tps})
+    ends = await consumer.end_offsets(hb_tps)
+    for tp in hb_tps:
+        off = found.get(tp)
+        consumer.seek(tp, off.offset if off is not None else ends[tp])
+    await consumer.seek_to_beginning(*[tp for tp in tps if tp not in hb_tps])
