@@ -70,7 +70,8 @@ SRC_ID = $(shell sha256sum pyproject.toml | cut -c1-16)
 	  $(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e . && \
 	  echo "$(SRC_ID)" > .venv/.installed-from; }
 
-lock: | $(UV)  ## re-resolve dependencies from pyproject.toml into requirements.lock
+lock: | $(UV)  ## re-resolve pyproject.toml into requirements.lock, keeping pins that still fit
+	@grep -v '^#' requirements.lock > requirements.lock.new
 	@$(UV) pip compile -q --python-version 3.11 --extra dev --no-header --no-annotate \
 	  -o requirements.lock.new pyproject.toml
 	@(echo "# Exact versions for a reproducible venv. Regenerate: make lock"; \
