@@ -37,8 +37,8 @@ from pathlib import Path
 
 from bench import free_port
 from stormline.schemas.models import Reward, RewardSource, TaskSubmitted
-from stormline.streams.health import HealthConfig
-from stormline.streams.router import Directory, RouterConfig, RouterCore
+from stormline.streams.health import Directory, HealthConfig
+from stormline.streams.router import RouterConfig, RouterCore
 from stormline.streams.strategies import STRATEGIES, StrategyConfig
 
 AGENTS = [f"agent-{i}" for i in range(5)]
@@ -127,7 +127,7 @@ def run_e2e(strategy: str, n: int, rate: float = 150.0) -> dict[str, float]:
     import yaml
 
     from bench.router import _env
-    from stormline.consumers.llm.simulator import solve
+    from stormline.consumers.llm.simulation import solve
     from stormline.schemas.catalog import ASSIGNMENTS, REWARDS
     from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
     from stormline.schemas.models import TaskAssigned

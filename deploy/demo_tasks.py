@@ -1,6 +1,6 @@
 """The demo task set: verifiable tasks of four types, with their expected answers.
 
-Prompts follow the simulated LLM's grading convention (``consumers/simulator.py``), and
+Prompts follow the simulated LLM's grading convention (``consumers/llm/simulation.py``), and
 ``expected`` is computed by the same solver, so the evaluator's verifiers score real answers
 from real models just as well (run the demo with ``--real`` and an API key).
 """
@@ -12,7 +12,7 @@ import string
 import uuid
 from collections.abc import Iterator
 
-from stormline.consumers.llm.simulator import solve
+from stormline.consumers.llm.simulation import solve
 from stormline.schemas.models import TaskSubmitted
 
 TASK_TYPES = ("math", "reverse", "upper", "sort")

@@ -13,29 +13,36 @@ A resolution that fails says which artifact and version, whether the repository 
 all, whether it serves that version, and which setting picks another one. CI runs
 ``python -m stormline.deploy.jars --cache-dir "$(mktemp -d)"`` so that a pin that disappears
 from the repository fails the day it disappears, not on the day the warm cache is cleared.
+
+This module decides what to resolve and what a failure means; running Maven, its progress
+reports and reading its output are :mod:`stormline.deploy.maven`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tarfile
-import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
 
 from stormline.deploy.errors import StackError
+from stormline.deploy.maven import (
+    Fetch,
+    MavenRun,
+    Report,
+    cache_lock,
+    maven_errors,
+    mb,
+    mirror_settings,
+    missing_artifacts,
+    run_maven,
+    tree_bytes,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -48,8 +55,6 @@ MAVEN_CENTRAL = "https://repo.maven.apache.org/maven2"
 # Pinned so that every machine runs the same goals.
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 PROGRESS_EVERY_S = 3.0
-
-Report = Callable[[str], None]
 
 
 def pom_versions() -> dict[str, str]:
@@ -91,23 +96,6 @@ class Jars:
     def apicurio_jar(self) -> Path:
         """The registry's launcher: a Quarkus fast-jar that loads ``lib/`` next to it."""
         return self.apicurio_dir / "quarkus-run.jar"
-
-
-@dataclass
-class Fetch:
-    """What one Maven run downloaded."""
-
-    what: str
-    files: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    current: str = ""
-
-
-@dataclass
-class _MavenRun:
-    fetch: Fetch
-    lines: list[str] = field(default_factory=list)
 
 
 class JarResolver:
@@ -191,7 +179,7 @@ class JarResolver:
         cp_file = self._classpath_file()
         if cp := self._cached_classpath(cp_file):
             return cp
-        with self._lock():
+        with cache_lock(self.cache_dir, self.report):
             if cp := self._cached_classpath(cp_file):
                 return cp
             tmp = cp_file.with_suffix(".tmp")
@@ -217,7 +205,7 @@ class JarResolver:
         target = self._apicurio_target()
         if (target / "quarkus-run.jar").is_file():
             return target
-        with self._lock():
+        with cache_lock(self.cache_dir, self.report):
             if (target / "quarkus-run.jar").is_file():
                 return target
             coords = f"{self.apicurio.group}:{self.apicurio.artifact}:{version}:tar.gz:all"
@@ -250,21 +238,6 @@ class JarResolver:
         return target
 
     # -- Maven --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        """One resolver at a time per cache: Maven's local repository is not safe to share."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_dir / ".resolve.lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.report(f"waiting for another Stormline process fetching into {self.cache_dir}")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _mvn(self, args: list[str], art: Artifact) -> Fetch:
         what = f"{art.name} {art.version}"
         mvn = shutil.which("mvn")
@@ -285,54 +258,31 @@ class JarResolver:
         # run (a *.lastUpdated file) is asked for again instead of failing for a day.
         cmd = [mvn, "-B", "-U", f"-Dmaven.repo.local={self.repo}"]
         if self.mirror_url:
-            cmd += ["-s", str(self._mirror_settings())]
+            cmd += ["-s", str(mirror_settings(self.cache_dir, self.mirror_url))]
         self.report(f"{what}: resolving with Maven from {self.repository}")
         return self._run_maven(cmd + args, art)
 
     def _run_maven(self, cmd: list[str], art: Artifact) -> Fetch:
         what = f"{art.name} {art.version}"
-        fetch = Fetch(what)
-        run = _MavenRun(fetch)
-        start, before = time.monotonic(), _tree_bytes(self.repo)
-        proc = subprocess.Popen(
+        run = run_maven(
             cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
+            what=what,
+            repo=self.repo,
             cwd=self.cache_dir,
+            report=self.report,
+            every_s=PROGRESS_EVERY_S,
         )
-        reader = threading.Thread(target=_read_maven, args=(proc, run), daemon=True)
-        reader.start()
-        last = start
-        while proc.poll() is None:
-            time.sleep(0.25)
-            now = time.monotonic()
-            if now - last >= PROGRESS_EVERY_S and (fetch.files or fetch.current):
-                last = now
-                fetch.bytes = _tree_bytes(self.repo) - before
-                doing = f", fetching {fetch.current}" if fetch.current else ""
-                self.report(
-                    f"{what}: {fetch.files} files, {_mb(fetch.bytes)} downloaded "
-                    f"({now - start:.0f}s{doing})"
-                    if fetch.files
-                    else f"{what}: fetching {fetch.current} ({now - start:.0f}s)"
-                )
-        reader.join(timeout=10)
-        fetch.seconds = time.monotonic() - start
-        fetch.bytes = max(0, _tree_bytes(self.repo) - before)
-        fetch.current = ""
-        if proc.returncode != 0:
+        if run.returncode != 0:
             raise self._failure(run, art)
+        fetch = run.fetch
         self.fetches.append(fetch)
         if fetch.files:
             self.report(
-                f"{what}: fetched {fetch.files} files, {_mb(fetch.bytes)} in {fetch.seconds:.1f}s"
+                f"{what}: fetched {fetch.files} files, {mb(fetch.bytes)} in {fetch.seconds:.1f}s"
             )
         return fetch
 
-    def _failure(self, run: _MavenRun, art: Artifact) -> StackError:
+    def _failure(self, run: MavenRun, art: Artifact) -> StackError:
         """Maven failed: say what, from where, whether the repository answers and has it."""
         import httpx
 
@@ -343,7 +293,7 @@ class JarResolver:
             f"{art.pin} in deploy/kafka/pom.xml), or STORMLINE_MAVEN_MIRROR_URL to a "
             "repository that has this one."
         )
-        maven = _maven_errors(run.lines)
+        maven = maven_errors(run.lines)
         try:
             _probe(repo.rstrip("/") + "/")
         except httpx.HTTPError as exc:
@@ -366,7 +316,7 @@ class JarResolver:
                 f"answered 404 ({art.name} {art.version} is not served by {repo})."
             )
         elif 200 <= code < 300:
-            missing = _missing_artifacts(run.lines)
+            missing = missing_artifacts(run.lines)
             verdict = (
                 f"The repository is reachable and serves {url}, but Maven could not resolve "
                 + (
@@ -394,65 +344,12 @@ class JarResolver:
                 f"cached in {self.cache_dir}."
             ) from exc
 
-    def _mirror_settings(self) -> Path:
-        path = self.cache_dir / "maven-mirror-settings.xml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "<settings><mirrors><mirror><id>stormline-mirror</id><mirrorOf>*</mirrorOf>"
-            f"<url>{escape(self.mirror_url or '')}</url></mirror></mirrors></settings>\n"
-        )
-        return path
-
-
-_DOWNLOADING = re.compile(r"Downloading from [^:]+: (\S+)")
-_DOWNLOADED = re.compile(r"Downloaded from [^:]+: (\S+)")
-
-
-def _read_maven(proc: subprocess.Popen[str], run: _MavenRun) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        run.lines.append(line)
-        if m := _DOWNLOADING.search(line):
-            run.fetch.current = m.group(1).rsplit("/", 1)[-1]
-        elif _DOWNLOADED.search(line):
-            run.fetch.files += 1
-            run.fetch.current = ""
-
 
 def _probe(url: str) -> httpx.Response:
     """GET ``url``; any HTTP answer means the server is reachable."""
     import httpx
 
     return httpx.get(url, timeout=10, follow_redirects=True)
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(dirpath, name)).st_size
-    return total
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _missing_artifacts(lines: list[str]) -> list[str]:
-    found = re.findall(r"Could not find artifact (\S+)", "\n".join(lines))
-    return list(dict.fromkeys(found))
-
-
-def _maven_errors(lines: list[str]) -> str:
-    noise = ("[Help", "-> [Help", "To see the full", "Re-run Maven", "For more information")
-    errors = [
-        ln
-        for ln in lines
-        if ln.startswith("[ERROR]") and ln[7:].strip() and not ln[7:].strip().startswith(noise)
-    ]
-    return "\n".join((errors or lines[-6:])[:6])
 
 
 # ------------------------------------------------------------------------------- CLI --
@@ -485,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - start
     cp = jars.kafka_classpath.split(":")
     cp_bytes = sum(Path(p).stat().st_size for p in cp)
-    app_bytes = _tree_bytes(jars.apicurio_dir)
+    app_bytes = tree_bytes(jars.apicurio_dir)
     fetched = sum(f.bytes for f in resolver.fetches)
     files = sum(f.files for f in resolver.fetches)
-    print(f"Apache Kafka {jars.kafka_version}: {len(cp)} jars, {_mb(cp_bytes)}")
-    print(f"Apicurio Registry {jars.apicurio_version}: {jars.apicurio_jar} ({_mb(app_bytes)})")
+    print(f"Apache Kafka {jars.kafka_version}: {len(cp)} jars, {mb(cp_bytes)}")
+    print(f"Apicurio Registry {jars.apicurio_version}: {jars.apicurio_jar} ({mb(app_bytes)})")
     print(
-        f"downloaded {files} files, {_mb(fetched)} from {resolver.repository} "
+        f"downloaded {files} files, {mb(fetched)} from {resolver.repository} "
         f"in {seconds:.1f}s into {settings.cache_dir}"
     )
     return 0

@@ -84,7 +84,7 @@ def _find_level(buf: bytes, feature: str) -> int | None:
         max_level, _min_level = struct.unpack_from(">hh", buf, pos)
         pos = _skip_tags(buf, pos + 4)
         if name == feature:
-            return max_level
+            return int(max_level)  # struct's results are typed Any; ">h" is an int
     return None
 
 

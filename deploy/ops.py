@@ -48,7 +48,10 @@ class GroupLag:
 
 
 @dataclass
-class AgentHealth:
+class AgentHealthRow:
+    """One agent's latest AgentHealthChanged as a status row (the router's own health state
+    machine is :class:`stormline.streams.health.AgentHealth`)."""
+
     agent_id: str
     status: str
     previous: str
@@ -71,7 +74,7 @@ class OpsStatus:
     bootstrap_servers: str
     topics: list[TopicInfo] = field(default_factory=list)
     lag: list[GroupLag] = field(default_factory=list)
-    agents: list[AgentHealth] = field(default_factory=list)
+    agents: list[AgentHealthRow] = field(default_factory=list)
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     dead_letters_last_hour: int = 0
     error: str = ""
@@ -195,8 +198,10 @@ def _read_all(reader: Consumer, topic: TopicInfo, deadline: float) -> list[Any]:
                     todo.discard(msg.partition())
                 continue
             out.append(msg)
-            if msg.offset() + 1 >= topic.end_offsets[msg.partition()]:
-                todo.discard(msg.partition())
+            # A message that is not an error always has both; the stubs make them optional.
+            part, offset = msg.partition(), msg.offset()
+            if part is not None and offset is not None and offset + 1 >= topic.end_offsets[part]:
+                todo.discard(part)
     reader.unassign()
     return out
 
@@ -207,7 +212,7 @@ def _topic(st: OpsStatus, name: str) -> TopicInfo | None:
 
 def _agent_health(
     settings: Settings, reader: Consumer, serde: Serde, st: OpsStatus
-) -> list[AgentHealth]:
+) -> list[AgentHealthRow]:
     t = _topic(st, AGENT_HEALTH.name(settings))
     if t is None:
         return []
@@ -221,7 +226,7 @@ def _agent_health(
         if cur is None or ev.occurred_at >= cur.occurred_at:
             latest[ev.agent_id] = ev
     return [
-        AgentHealth(
+        AgentHealthRow(
             a.agent_id, a.status.value, a.previous.value, a.reason, a.occurred_at.isoformat()
         )
         for a in sorted(latest.values(), key=lambda a: a.agent_id)
@@ -314,8 +319,10 @@ def print_ops(console: Any, st: OpsStatus) -> None:
     t = Table(title="latest checkpoint per policy")
     for col in ("policy", "version", "promoted", "published", "uri"):
         t.add_column(col, overflow="fold")  # ids stay whole
-    for c in st.checkpoints:
-        t.add_row(c.policy, str(c.version), "yes" if c.promoted else "no", c.published_at, c.uri)
+    for cp in st.checkpoints:
+        t.add_row(
+            cp.policy, str(cp.version), "yes" if cp.promoted else "no", cp.published_at, cp.uri
+        )
     console.print(t)
     n = st.dead_letters_last_hour
     console.print(f"dead letters in the last hour: {'[red]' + str(n) + '[/red]' if n else '0'}")

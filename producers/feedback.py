@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import NotRequired, TypedDict
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from stormline.runtime.consumer import reader
+from stormline.runtime.consumer import position, reader
 from stormline.runtime.partitioning import partition_for
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventProducer
@@ -126,7 +127,8 @@ def _scan(
                     done = True
                     continue
                 raise FeedbackError(f"reading {topic}[{partition}] failed: {err}")
-            if msg.offset() >= end:
+            offset = position(msg).offset
+            if offset >= end:
                 done = True
                 break
             if msg.key() == key:
@@ -135,8 +137,8 @@ def _scan(
                 except DecodeError:
                     continue
                 if trajectory_id is None or traj.trajectory_id == trajectory_id:
-                    best = Found(traj, partition, msg.offset())
-            if msg.offset() >= end - 1:
+                    best = Found(traj, partition, offset)
+            if offset >= end - 1:
                 done = True
         if not msgs:
             # Nothing fetched: done once the position passed the range (e.g. it ends with
@@ -148,6 +150,16 @@ def _scan(
 
 
 # ---------------------------------------------------------------------------- record --
+class _Lineage(TypedDict):
+    """What a Reward says of the trajectory it scores (Reward's fields of the same names)."""
+
+    trajectory_id: str
+    agent_id: str
+    attempt: NotRequired[int]
+    task_type: NotRequired[str]
+    policy_version: NotRequired[str | None]
+
+
 def record_reward(
     settings: Settings,
     task_id: str,
@@ -166,6 +178,28 @@ def record_reward(
     missing, the task's latest Trajectory supplies them (and task type, attempt and policy
     version); FeedbackError says to pass them when there is none.
     """
+    src = _checked_source(source)
+    if not 0.0 <= value <= 1.0:
+        raise FeedbackError(f"reward value {value} is outside [0, 1] (0 = bad, 1 = good)")
+    if not task_id:
+        raise FeedbackError("TASK_ID must not be empty")
+    serde = Serde.from_settings(settings)
+    lineage = _lineage(settings, serde, task_id, trajectory_id, agent_id, lookup_timeout)
+    reward = Reward(
+        task_id=task_id,
+        value=value,
+        source=src,
+        reason=reason,
+        components={src.value: value},
+        **lineage,
+    )
+    _publish(settings, serde, reward, producer)
+    _record_status(settings, reward)
+    return reward
+
+
+def _checked_source(source: RewardSource | str) -> RewardSource:
+    """``source`` as a RewardSource a caller may record (not the decoder's 'unknown')."""
     try:
         src = RewardSource(source)
     except ValueError as exc:
@@ -173,42 +207,43 @@ def record_reward(
         raise FeedbackError(f"unknown reward source {source!r}; use one of {allowed}") from exc
     if src is RewardSource.UNKNOWN:
         raise FeedbackError("reward source 'unknown' is reserved for decoding; use 'human'")
-    if not 0.0 <= value <= 1.0:
-        raise FeedbackError(f"reward value {value} is outside [0, 1] (0 = bad, 1 = good)")
-    if not task_id:
-        raise FeedbackError("TASK_ID must not be empty")
-    serde = Serde.from_settings(settings)
-    fields: dict[str, object] = {}
-    if trajectory_id is None or agent_id is None:
-        found = find_latest_trajectory(
-            settings, task_id, trajectory_id=trajectory_id, serde=serde, timeout=lookup_timeout
-        )
-        if found is None:
-            what = f"trajectory {trajectory_id!r} of task" if trajectory_id else "trajectory for"
-            raise FeedbackError(
-                f"no {what} {task_id!r} on topic {TRAJECTORIES.name(settings)}; "
-                "pass --trajectory-id and --agent-id to record the reward anyway"
-            )
-        t = found.trajectory
-        fields = {
-            "trajectory_id": t.trajectory_id,
-            "agent_id": t.agent_id,
-            "attempt": t.attempt,
-            "task_type": t.task_type,
-            "policy_version": t.policy_version,
-        }
-    if trajectory_id is not None:
-        fields["trajectory_id"] = trajectory_id
-    if agent_id is not None:
-        fields["agent_id"] = agent_id
-    reward = Reward(
-        task_id=task_id,
-        value=value,
-        source=src,
-        reason=reason,
-        components={src.value: value},
-        **fields,  # type: ignore[arg-type]
+    return src
+
+
+def _lineage(
+    settings: Settings,
+    serde: Serde,
+    task_id: str,
+    trajectory_id: str | None,
+    agent_id: str | None,
+    lookup_timeout: float,
+) -> _Lineage:
+    """The ids given, the rest from the task's latest Trajectory when either is missing."""
+    if trajectory_id is not None and agent_id is not None:
+        return {"trajectory_id": trajectory_id, "agent_id": agent_id}
+    found = find_latest_trajectory(
+        settings, task_id, trajectory_id=trajectory_id, serde=serde, timeout=lookup_timeout
     )
+    if found is None:
+        what = f"trajectory {trajectory_id!r} of task" if trajectory_id else "trajectory for"
+        raise FeedbackError(
+            f"no {what} {task_id!r} on topic {TRAJECTORIES.name(settings)}; "
+            "pass --trajectory-id and --agent-id to record the reward anyway"
+        )
+    t = found.trajectory
+    return {
+        "trajectory_id": t.trajectory_id if trajectory_id is None else trajectory_id,
+        "agent_id": t.agent_id if agent_id is None else agent_id,
+        "attempt": t.attempt,
+        "task_type": t.task_type,
+        "policy_version": t.policy_version,
+    }
+
+
+def _publish(
+    settings: Settings, serde: Serde, reward: Reward, producer: EventProducer | None
+) -> None:
+    """Send ``reward`` and wait for the brokers' acknowledgement."""
     own = producer is None
     producer = producer or EventProducer(settings, serde)
     try:
@@ -217,8 +252,6 @@ def record_reward(
     finally:
         if own:
             producer.close(timeout=5)
-    _record_status(settings, reward)
-    return reward
 
 
 def _record_status(settings: Settings, reward: Reward) -> None:

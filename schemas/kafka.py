@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 
 from stormline.runtime import admin as rt_admin
 from stormline.runtime.admin import end_offsets
-from stormline.runtime.consumer import RecordConsumer
+from stormline.runtime.consumer import RecordConsumer, position
 from stormline.runtime.producer import DeliveryError, RecordProducer
 from stormline.schemas.catalog import CATALOG, DEAD_LETTERS, TopicSpec, spec_for
 from stormline.schemas.models import DeadLetter, Event
@@ -210,10 +210,10 @@ class EventConsumer:
     def poll_batch(self, max_records: int = 500, timeout: float = 1.0) -> Batch:
         batch = Batch()
         for msg in self.records.poll(max_records, timeout):
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            topic, partition, offset = position(msg)
             batch.positions[(topic, partition)] = offset + 1
             try:
-                event = self._decode(msg)
+                event = self._decode(msg, topic)
             except DecodeError as exc:
                 self.dead_letter(msg, exc.kind, exc.message)
                 batch.dead += 1
@@ -231,7 +231,7 @@ class EventConsumer:
             )
         return batch
 
-    def _decode(self, msg: Message) -> Event:
+    def _decode(self, msg: Message, topic: str) -> Event:
         value = msg.value()
         limit = self.settings.max_record_bytes
         if value is not None and len(value) > limit:
@@ -239,12 +239,13 @@ class EventConsumer:
                 "oversize",
                 f"record of {len(value)} bytes exceeds STORMLINE_MAX_RECORD_BYTES={limit}",
             )
-        spec = self._specs[msg.topic()]
+        spec = self._specs[topic]
         return self.serde.decode(value, spec.event)
 
     def dead_letter(self, msg: Message, kind: str, error: str) -> None:
         """Send a record that could not be decoded to dead-letters, with the reason."""
-        self._send(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), kind, error)
+        topic, partition, offset = position(msg)
+        self._send(topic, partition, offset, msg.key(), msg.value(), kind, error)
 
     def dead_letter_failed(self, rec: Received[Any], exc: Exception) -> None:
         """Send a decoded record whose handling failed to dead-letters, with the error."""

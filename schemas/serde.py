@@ -21,7 +21,7 @@ import struct
 import threading
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
@@ -156,7 +156,8 @@ class Serde:
     # -- encode --
     def register(self, topic: str, event_type: type[Event]) -> int:
         """Register ``event_type``'s schema under ``<topic>-value``; return its id."""
-        return _HEADER.unpack(self._header(topic, event_type))[1]
+        # struct.unpack is typed tuple[Any, ...]; _HEADER's second field is ">I", an int.
+        return cast(int, _HEADER.unpack(self._header(topic, event_type))[1])
 
     def _header(self, topic: str, event_type: type[Event]) -> bytes:
         key = (topic, event_type)
@@ -197,9 +198,11 @@ class Serde:
         try:
             buf = io.BytesIO(data)
             buf.seek(5)
+            # fastavro types the result as any Avro value; every event schema is a record,
+            # which fastavro reads as a dict.
             if writer is reader:
-                return fastavro.schemaless_reader(buf, writer, None)  # type: ignore[no-any-return]
-            return fastavro.schemaless_reader(buf, writer, reader)  # type: ignore[no-any-return]
+                return cast(dict[str, Any], fastavro.schemaless_reader(buf, writer, None))
+            return cast(dict[str, Any], fastavro.schemaless_reader(buf, writer, reader))
         except Exception as exc:
             raise DecodeError("avro", f"schema id {sid}: {type(exc).__name__}: {exc}") from exc
 

@@ -10,6 +10,9 @@ environment variables, a ``.env`` file in the working directory, then the defaul
 A service left unset (``kafka_bootstrap_servers``, ``schema_registry_url``, ``redis_url``,
 ``clickhouse_url``) means "use the embedded one": ``stormline up`` starts it on loopback.
 Setting it points Stormline at an existing cluster and ``up`` leaves that service alone.
+
+Why one file of ~450 lines: it is a table, one declaration with its description per setting
+(107 of them); one place to read every knob beats nine files of twenty.
 """
 
 from __future__ import annotations

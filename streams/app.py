@@ -45,7 +45,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import faust
@@ -74,7 +74,7 @@ from stormline.schemas.models import (
 )
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
-from stormline.streams.health import AgentHealth, HealthConfig
+from stormline.streams.health import AgentHealth, Directory, HealthConfig
 from stormline.streams.kafka import (
     TABLES,
     app_id,
@@ -85,7 +85,6 @@ from stormline.streams.kafka import (
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import split_key
 from stormline.streams.router import (
-    Directory,
     Outcome,
     RouterConfig,
     RouterCore,
@@ -200,7 +199,7 @@ class Router:
             )
 
     async def dead_letter(
-        self, ev: EventT, kind: str, error: str, raw: bytes | None = None
+        self, ev: EventT[bytes], kind: str, error: str, raw: bytes | None = None
     ) -> None:
         msg = ev.message
         self.extra["dead_letters"] += 1
@@ -502,8 +501,12 @@ class Router:
         return sorted(tp.partition for tp in assigned if tp.topic == name)
 
 
-class _Scheduled:
-    """The tasks table, plus a heap of due times for the records this worker writes."""
+class _Scheduled(MutableMapping[str, Any]):
+    """The tasks table, plus a heap of due times for the records this worker writes.
+
+    Every method delegates to the Faust table (get, items and ``in`` included, so that none
+    falls back to the slower MutableMapping mixins); only ``__setitem__`` adds to the heap.
+    """
 
     def __init__(self, table: Any, heap: list[tuple[float, str, str]]) -> None:
         self._t = table
@@ -528,7 +531,7 @@ class _Scheduled:
     def items(self) -> Any:
         return self._t.items()
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._t)
 
     def __len__(self) -> int:
@@ -539,7 +542,7 @@ def create(settings: Settings) -> Router:
     return Router(settings)
 
 
-def run_worker(settings: Settings, loglevel: str = "info") -> None:
+def run_router(settings: Settings, loglevel: str = "info") -> None:
     """Ensure the catalog and internal topics exist, then run the Faust worker (blocks)."""
     from stormline.schemas.kafka import ensure_topics
 

@@ -15,11 +15,17 @@ States and the only transitions allowed (anything else is a bug and raises)::
 most ``probe_tasks`` probes in flight. :func:`probe_ready_at` is the one place that says when
 probing starts, so the health keeper and every router worker agree from the published
 :class:`~schemas.models.AgentHealthChanged` alone.
+
+Two sides: :class:`AgentHealth` is the state machine its one owner runs per agent;
+:class:`ProbeBudget` and :class:`Directory` are what every router worker builds from the
+published changes to decide which agents may take a task now.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from stormline.schemas.models import HealthStatus
 
@@ -141,11 +147,12 @@ class AgentHealth:
         return d
 
     @classmethod
-    def from_dict(cls, agent_id: str, data: dict[str, object] | None) -> AgentHealth:
+    def from_dict(cls, agent_id: str, data: Mapping[str, Any] | None) -> AgentHealth:
+        """The state from its :meth:`to_dict` form (a JSON table value, hence ``Any``)."""
         if not data:
             return cls(agent_id)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        h = cls(**known)  # type: ignore[arg-type]
+        h = cls(**known)
         h.status, h.previous = H(h.status), H(h.previous)
         return h
 
@@ -176,3 +183,46 @@ class ProbeBudget:
         if ready is None or now < ready or self.probes_sent >= cfg.probe_tasks:
             return False, False
         return True, True
+
+
+@dataclass
+class Directory:
+    """One router worker's view of the agents: capabilities and health, all in memory."""
+
+    health: HealthConfig = field(default_factory=HealthConfig)
+    capabilities: dict[str, frozenset[str]] = field(default_factory=dict)
+    budgets: dict[str, ProbeBudget] = field(default_factory=dict)
+
+    def heartbeat(self, capabilities: dict[str, list[str]], agent_ids: list[str]) -> None:
+        for agent in {*agent_ids, *capabilities}:
+            self.capabilities[agent] = frozenset(capabilities.get(agent, []))
+
+    def health_changed(
+        self, agent_id: str, status: HealthStatus, previous: HealthStatus, when: float
+    ) -> None:
+        self.budgets.setdefault(agent_id, ProbeBudget()).changed(status, previous, when)
+
+    def status(self, agent_id: str) -> HealthStatus:
+        b = self.budgets.get(agent_id)
+        return b.status if b else HealthStatus.UNKNOWN
+
+    def candidates(self, required: list[str], now: float) -> dict[str, bool]:
+        """Agents that may take a task needing ``required`` -> whether it would be a probe."""
+        need = set(required)
+        out: dict[str, bool] = {}
+        for agent, caps in self.capabilities.items():
+            if not need <= caps:
+                continue
+            budget = self.budgets.get(agent)
+            if budget is None:
+                out[agent] = False
+                continue
+            ok, probe = budget.admits(now, self.health)
+            if ok:
+                out[agent] = probe
+        return out
+
+    def probe_sent(self, agent_id: str) -> None:
+        b = self.budgets.get(agent_id)
+        if b is not None:
+            b.probes_sent += 1

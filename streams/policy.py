@@ -45,4 +45,4 @@ def load_policy(event: CheckpointPublished) -> Scorer | None:
         log.warning("policy %s not loaded: %s; keeping the Q-table", event.policy_version, exc)
         return None
     log.info("loaded policy %s from %s", event.policy_version, event.uri)
-    return scorer  # type: ignore[no-any-return]
+    return scorer

@@ -18,7 +18,9 @@ an old attempt is counted once.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 SEP = "\x1f"  # unit separator: cannot appear in a task type or agent id typed by a human
 
@@ -107,11 +109,12 @@ class QCell:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, object] | None) -> QCell:
+    def from_dict(cls, data: Mapping[str, Any] | None) -> QCell:
+        """A cell from its :meth:`to_dict` form (a JSON table value, hence ``Any``)."""
         if not data:
             return cls()
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)  # type: ignore[arg-type]
+        return cls(**known)
 
 
 class RewardLedger:

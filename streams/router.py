@@ -4,8 +4,9 @@
 unit tests) and a clock passed in, so every rule below is testable without Kafka:
 
 * **Matching**: candidates are agents whose capabilities cover the task's required ones and
-  whose health admits them (:class:`Directory`, fed by heartbeats and AgentHealthChanged).
-* **Choice**: :func:`streams.strategies.choose` over the Q-cells of (task type, candidate),
+  whose health admits them (:class:`streams.health.Directory`, fed by heartbeats and
+  AgentHealthChanged).
+* **Choice**: :func:`streams.strategies.choose_agent` over the Q-cells of (task type, candidate),
   optionally blended with a checkpoint scorer.
 * **Task lifecycle** (one record per task id): ``waiting`` (no candidate; retried until the
   deadline) -> ``assigned`` (attempt n, expires at t) -> ``done`` (a trajectory for the current
@@ -14,13 +15,16 @@ unit tests) and a clock passed in, so every rule below is testable without Kafka
   Trajectory and a Reward with source ``failure``. Nothing is dropped silently.
 * **Rewards** update the Q-cell once per (trajectory id, attempt): the keys already applied
   live in the task record, kept ``done_retention_s`` after the task finished.
+
+Slightly over ~400 lines because :class:`RouterCore` is one state machine over the task record
+(assign, wait, expire, fail, reward); its steps are small methods that all read and write that
+record, and splitting the class would put the record's rules in two places.
 """
 
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -28,7 +32,6 @@ from typing import Any, TypeVar
 from stormline.schemas.models import (
     AssignedTask,
     Event,
-    HealthStatus,
     PolicyKind,
     Reward,
     RewardSource,
@@ -37,15 +40,15 @@ from stormline.schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
-from stormline.streams.health import HealthConfig, ProbeBudget
+from stormline.streams.health import Directory, HealthConfig
 from stormline.streams.policy import Scorer
 from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key
-from stormline.streams.strategies import Choice, StrategyConfig, choose
+from stormline.streams.strategies import Choice, StrategyConfig, choose_agent
 
 ROUTER_AGENT = "stormline-router"  # agent_id/provider on what the router itself emits
 NO_AGENT = "no capable healthy agent"
-ABSOLUTE_MS = 10**12
-T = TypeVar("T")  # a deadline_ms above this is an epoch time, below it a duration
+ABSOLUTE_MS = 10**12  # a deadline_ms above this is an epoch time, below it a duration
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,50 +91,6 @@ def by_priority(batch: list[tuple[TaskSubmitted, T]]) -> list[tuple[TaskSubmitte
     window; with no backlog that is one task and nobody waits for priority.
     """
     return sorted(batch, key=lambda tv: -tv[0].priority)
-
-
-# ---------------------------------------------------------------------- directory --
-@dataclass
-class Directory:
-    """One router worker's view of the agents: capabilities and health, all in memory."""
-
-    health: HealthConfig = field(default_factory=HealthConfig)
-    capabilities: dict[str, frozenset[str]] = field(default_factory=dict)
-    budgets: dict[str, ProbeBudget] = field(default_factory=dict)
-
-    def heartbeat(self, capabilities: dict[str, list[str]], agent_ids: list[str]) -> None:
-        for agent in {*agent_ids, *capabilities}:
-            self.capabilities[agent] = frozenset(capabilities.get(agent, []))
-
-    def health_changed(
-        self, agent_id: str, status: HealthStatus, previous: HealthStatus, when: float
-    ) -> None:
-        self.budgets.setdefault(agent_id, ProbeBudget()).changed(status, previous, when)
-
-    def status(self, agent_id: str) -> HealthStatus:
-        b = self.budgets.get(agent_id)
-        return b.status if b else HealthStatus.UNKNOWN
-
-    def candidates(self, required: list[str], now: float) -> dict[str, bool]:
-        """Agents that may take a task needing ``required`` -> whether it would be a probe."""
-        need = set(required)
-        out: dict[str, bool] = {}
-        for agent, caps in self.capabilities.items():
-            if not need <= caps:
-                continue
-            budget = self.budgets.get(agent)
-            if budget is None:
-                out[agent] = False
-                continue
-            ok, probe = budget.admits(now, self.health)
-            if ok:
-                out[agent] = probe
-        return out
-
-    def probe_sent(self, agent_id: str) -> None:
-        b = self.budgets.get(agent_id)
-        if b is not None:
-            b.probes_sent += 1
 
 
 # --------------------------------------------------------------------------- core --
@@ -209,47 +168,16 @@ class RouterCore:
         avoid: tuple[str, ...],
         task: TaskSubmitted | None = None,
     ) -> list[Event]:
+        """Assign the task of ``rec`` (attempt n+1), or leave it waiting, or fail it."""
         task = task or TaskSubmitted.model_validate(rec["task"])
         candidates = self.directory.candidates(task.required_capabilities, now)
         if not candidates:
-            if now >= rec["deadline_at"]:
-                self.counters["failed_no_agent"] += 1
-                return self._fail(rec, now, NO_AGENT, RewardSource.FAILURE, task)
-            if rec["state"] != "waiting":
-                self.counters["waiting"] += 1
-            rec["state"] = "waiting"
-            rec["due_at"] = min(now + self.cfg.retry_s, rec["deadline_at"])
-            return []
+            return self._wait_or_fail(rec, now, task)
         # Prefer agents not tried yet (a reassignment); fall back to all candidates.
         fresh = {a: p for a, p in candidates.items() if a not in avoid} or candidates
         cells = {a: QCell.from_dict(self.qtable.get(cell_key(task.task_type, a))) for a in fresh}
-        # A half-open agent with probe budget left gets the next task it can do, whatever the
-        # strategy thinks of it: its Q-cell predates the outage, and a circuit that waits for
-        # the strategy to pick a poor agent again might never close.
-        probing = sorted(a for a, is_probe in fresh.items() if is_probe)
         tstats = dict(self.types.get(task.task_type) or {"routed": 0})
-        prior = None
-        weight = 0.0
-        if self.scorer is not None and self.cfg.policy_weight > 0:
-            try:
-                caps = {a: sorted(self.directory.capabilities.get(a, ())) for a in fresh}
-                prior = dict(self.scorer.score(task, sorted(fresh), caps))
-                weight = self.cfg.policy_weight
-            except Exception:
-                prior = None  # a broken scorer must never stop routing
-        if probing:
-            a = probing[0]
-            choice = Choice(a, cells[a].value, PolicyKind.EXPLORE.value)
-            prior = None
-        else:
-            choice = choose(
-                self.cfg.strategy,
-                cells,
-                self.rng,
-                step=int(tstats["routed"]),
-                prior=prior,
-                prior_weight=weight,
-            )
+        choice, prior = self._pick(task, fresh, cells, int(tstats["routed"]))
         agent = choice.agent_id
         tstats["routed"] = int(tstats["routed"]) + 1
         self.types[task.task_type] = tstats
@@ -260,6 +188,64 @@ class RouterCore:
         kind = choice.kind
         if prior is not None and kind == PolicyKind.QTABLE.value:
             kind = PolicyKind.CHECKPOINT.value
+        return [self._start_attempt(rec, now, task, choice, PolicyKind(kind))]
+
+    def _wait_or_fail(self, rec: dict[str, Any], now: float, task: TaskSubmitted) -> list[Event]:
+        """No capable healthy agent: fail the task past its deadline, else retry later."""
+        if now >= rec["deadline_at"]:
+            self.counters["failed_no_agent"] += 1
+            return self._fail(rec, now, NO_AGENT, RewardSource.FAILURE, task)
+        if rec["state"] != "waiting":
+            self.counters["waiting"] += 1
+        rec["state"] = "waiting"
+        rec["due_at"] = min(now + self.cfg.retry_s, rec["deadline_at"])
+        return []
+
+    def _prior(
+        self, task: TaskSubmitted, fresh: Mapping[str, bool]
+    ) -> tuple[dict[str, float] | None, float]:
+        """The checkpoint scorer's prior over ``fresh`` and its weight; (None, 0) without one."""
+        if self.scorer is None or self.cfg.policy_weight <= 0:
+            return None, 0.0
+        try:
+            caps = {a: sorted(self.directory.capabilities.get(a, ())) for a in fresh}
+            return dict(self.scorer.score(task, sorted(fresh), caps)), self.cfg.policy_weight
+        except Exception:
+            return None, 0.0  # a broken scorer must never stop routing
+
+    def _pick(
+        self,
+        task: TaskSubmitted,
+        fresh: Mapping[str, bool],
+        cells: Mapping[str, QCell],
+        routed: int,
+    ) -> tuple[Choice, dict[str, float] | None]:
+        """The agent for this attempt, and the prior that weighed in (None if none did).
+
+        A half-open agent with probe budget left gets the next task it can do, whatever the
+        strategy thinks of it: its Q-cell predates the outage, and a circuit that waits for
+        the strategy to pick a poor agent again might never close.
+        """
+        prior, weight = self._prior(task, fresh)
+        probing = sorted(a for a, is_probe in fresh.items() if is_probe)
+        if probing:
+            a = probing[0]
+            return Choice(a, cells[a].value, PolicyKind.EXPLORE.value), None
+        choice = choose_agent(
+            self.cfg.strategy, cells, self.rng, step=routed, prior=prior, prior_weight=weight
+        )
+        return choice, prior
+
+    def _start_attempt(
+        self,
+        rec: dict[str, Any],
+        now: float,
+        task: TaskSubmitted,
+        choice: Choice,
+        kind: PolicyKind,
+    ) -> TaskAssigned:
+        """Record attempt n+1 with ``choice.agent_id`` in ``rec``; the event that announces it."""
+        agent = choice.agent_id
         rec["attempt"] = int(rec["attempt"]) + 1
         rec["agent"] = agent
         rec["state"] = "assigned"
@@ -267,21 +253,19 @@ class RouterCore:
         rec["expires_at"] = now + self.cfg.assignment_ttl_s
         rec["due_at"] = rec["expires_at"]
         self.counters["assigned"] += 1
-        return [
-            TaskAssigned(
-                task_id=task.task_id,
-                attempt=rec["attempt"],
-                agent_id=agent,
-                policy=PolicyKind(kind),
-                strategy=self.cfg.strategy.name,
-                policy_version=self.policy_version,
-                score=float(choice.score),
-                epsilon=choice.epsilon,
-                assigned_at=at(now),
-                expires_at=at(rec["expires_at"]),
-                task=AssignedTask.of(task),
-            )
-        ]
+        return TaskAssigned(
+            task_id=task.task_id,
+            attempt=rec["attempt"],
+            agent_id=agent,
+            policy=kind,
+            strategy=self.cfg.strategy.name,
+            policy_version=self.policy_version,
+            score=float(choice.score),
+            epsilon=choice.epsilon,
+            assigned_at=at(now),
+            expires_at=at(rec["expires_at"]),
+            task=AssignedTask.of(task),
+        )
 
     def _fail(
         self,
@@ -423,10 +407,3 @@ class RouterCore:
         self.qtable[key] = cell.to_dict()
         self.counters["rewards_applied"] += 1
         return True
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-Clock = Callable[[], float]

@@ -47,7 +47,7 @@ def decayed_epsilon(cfg: StrategyConfig, step: int) -> float:
     return max(cfg.epsilon_min, cfg.epsilon * cfg.epsilon_decay ** max(step, 0))
 
 
-def choose(
+def choose_agent(
     cfg: StrategyConfig,
     cells: Mapping[str, QCell],
     rng: random.Random,

@@ -124,21 +124,21 @@ def test_values_stay_in_unit_interval() -> None:
 # ---------------------------------------------------------------------- choice --
 def test_choice_order_task_then_type_then_expected_then_judge() -> None:
     mapping = {"math": "numeric:0.5", "*": "regex:.+"}
-    assert ev.choose(traj(evaluator="exact", task_type="math"), mapping, judge_configured=True) == (
-        Spec("exact")
-    )
-    assert ev.choose(traj(task_type="math"), mapping, judge_configured=False) == Spec(
+    assert ev.choose_evaluator(
+        traj(evaluator="exact", task_type="math"), mapping, judge_configured=True
+    ) == Spec("exact")
+    assert ev.choose_evaluator(traj(task_type="math"), mapping, judge_configured=False) == Spec(
         "numeric", "0.5"
     )
-    assert ev.choose(traj(task_type="other"), mapping, judge_configured=False) == Spec(
+    assert ev.choose_evaluator(traj(task_type="other"), mapping, judge_configured=False) == Spec(
         "regex", ".+"
     )
-    assert ev.choose(traj(expected="4"), {}, judge_configured=True) == Spec("normalised")
-    assert ev.choose(traj(), {}, judge_configured=True).is_judge
+    assert ev.choose_evaluator(traj(expected="4"), {}, judge_configured=True) == Spec("normalised")
+    assert ev.choose_evaluator(traj(), {}, judge_configured=True).is_judge
     with pytest.raises(EvaluationError, match="STORMLINE_EVALUATOR_BY_TASK_TYPE"):
-        ev.choose(traj(), {}, judge_configured=False)
+        ev.choose_evaluator(traj(), {}, judge_configured=False)
     with pytest.raises(EvaluationError, match="unknown evaluator"):
-        ev.choose(traj(evaluator="bleu"), {}, judge_configured=False)
+        ev.choose_evaluator(traj(evaluator="bleu"), {}, judge_configured=False)
 
 
 def test_evaluate_without_judge_scores_a_correct_answer() -> None:

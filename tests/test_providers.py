@@ -19,7 +19,8 @@ from stormline.consumers.llm.resilience import (
     RetryPolicy,
     call_with_policy,
 )
-from stormline.consumers.llm.simulator import ModelProfile, ServerThread, SimConfig, Simulator
+from stormline.consumers.llm.simulation import ModelProfile, SimConfig
+from stormline.consumers.llm.simulator import ServerThread, Simulator
 from tests.conftest import free_port
 
 KEY_VAR = "STORMLINE_TEST_PROVIDER_KEY"

@@ -15,9 +15,9 @@ from stormline.schemas.models import (
     Trajectory,
     TrajectoryStatus,
 )
-from stormline.streams.health import HealthConfig
+from stormline.streams.health import Directory, HealthConfig
 from stormline.streams.qtable import cell_key
-from stormline.streams.router import NO_AGENT, Directory, RouterConfig, RouterCore
+from stormline.streams.router import NO_AGENT, RouterConfig, RouterCore
 from stormline.streams.strategies import StrategyConfig
 
 T0 = 1_800_000_000.0

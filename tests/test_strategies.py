@@ -10,7 +10,7 @@ import pytest
 from stormline.schemas.models import HealthStatus as H
 from stormline.streams.health import ALLOWED, AgentHealth, HealthConfig, ProbeBudget, probe_ready_at
 from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key, split_key
-from stormline.streams.strategies import STRATEGIES, StrategyConfig, choose, decayed_epsilon
+from stormline.streams.strategies import STRATEGIES, StrategyConfig, choose_agent, decayed_epsilon
 
 PROBS = {"a": 0.2, "b": 0.45, "c": 0.8, "d": 0.5}  # c is best by a 0.3 gap
 
@@ -22,7 +22,7 @@ def simulate(name: str, n: int = 3000, seed: int = 1, gaussian: bool = False) ->
     cells = {a: QCell() for a in PROBS}
     picks = []
     for step in range(n):
-        c = choose(cfg, cells, rng, step=step)
+        c = choose_agent(cfg, cells, rng, step=step)
         cells[c.agent_id].pulled()
         p = PROBS[c.agent_id]
         r = env.gauss(p, 0.1) if gaussian else float(env.random() < p)
@@ -52,7 +52,7 @@ def test_baselines_do_not_learn(name: str) -> None:
 def test_round_robin_cycles_in_a_stable_order() -> None:
     cells = {a: QCell() for a in "cab"}
     cfg = StrategyConfig(name="round_robin")
-    got = [choose(cfg, cells, random.Random(0), step=i).agent_id for i in range(6)]
+    got = [choose_agent(cfg, cells, random.Random(0), step=i).agent_id for i in range(6)]
     assert got == ["a", "b", "c", "a", "b", "c"]
 
 
@@ -61,7 +61,7 @@ def test_epsilon_decays_to_its_floor_and_is_reported() -> None:
     assert decayed_epsilon(cfg, 0) == 0.5
     assert decayed_epsilon(cfg, 1) == pytest.approx(0.45)
     assert decayed_epsilon(cfg, 1000) == 0.05
-    c = choose(cfg, {"a": QCell()}, random.Random(0), step=3)
+    c = choose_agent(cfg, {"a": QCell()}, random.Random(0), step=3)
     assert c.epsilon == pytest.approx(0.5 * 0.9**3)
 
 
@@ -70,7 +70,7 @@ def test_ucb_tries_every_agent_before_repeating_one() -> None:
     cfg = StrategyConfig(name="ucb1")
     seen = []
     for _ in range(4):
-        c = choose(cfg, cells, random.Random(0))
+        c = choose_agent(cfg, cells, random.Random(0))
         cells[c.agent_id].pulled()  # no reward yet: exploration must still spread out
         seen.append(c.agent_id)
     assert sorted(seen) == list("abcd")
@@ -79,7 +79,7 @@ def test_ucb_tries_every_agent_before_repeating_one() -> None:
 def test_prior_from_a_policy_tips_the_choice() -> None:
     cells = {"a": QCell(value=0.5, count=10, pulls=10), "b": QCell(value=0.5, count=10, pulls=10)}
     cfg = StrategyConfig(name="epsilon_greedy", epsilon=0.0, epsilon_min=0.0)
-    c = choose(cfg, cells, random.Random(0), prior={"a": 0.0, "b": 1.0}, prior_weight=0.5)
+    c = choose_agent(cfg, cells, random.Random(0), prior={"a": 0.0, "b": 1.0}, prior_weight=0.5)
     assert c.agent_id == "b" and c.score == pytest.approx(0.75)
 
 
@@ -87,7 +87,7 @@ def test_unknown_strategy_and_empty_candidates_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="unknown strategy"):
         StrategyConfig(name="greedy")
     with pytest.raises(ValueError, match="no candidates"):
-        choose(StrategyConfig(), {}, random.Random(0))
+        choose_agent(StrategyConfig(), {}, random.Random(0))
     assert set(STRATEGIES) >= {"thompson", "ucb1"}
 
 

@@ -27,13 +27,8 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from stormline.consumers.llm.agents import load_registry
-from stormline.consumers.llm.simulator import (
-    ModelProfile,
-    ServerThread,
-    SimConfig,
-    Simulator,
-    solve,
-)
+from stormline.consumers.llm.simulation import ModelProfile, SimConfig, solve
+from stormline.consumers.llm.simulator import ServerThread, Simulator
 from stormline.consumers.worker.service import Worker, trajectory_id
 from stormline.runtime.connection import confluent_config
 from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, HEARTBEATS, TRAJECTORIES, TopicSpec

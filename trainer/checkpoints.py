@@ -19,7 +19,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import torch
@@ -157,7 +157,7 @@ class CheckpointStore:
 def read_meta(uri: str) -> dict[str, Any]:
     try:
         with fsspec.open(_join(uri, META), "r") as f:
-            return json.load(f)  # type: ignore[no-any-return]
+            return cast(dict[str, Any], json.load(f))  # META is a JSON object (see save)
     except FileNotFoundError as exc:
         raise CheckpointNotFound(f"no checkpoint at {uri} ({META} missing)") from exc
 

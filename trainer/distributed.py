@@ -72,7 +72,13 @@ def start_ray(settings: Settings) -> None:
 def _use_gpu(settings: Settings) -> bool:
     if settings.ray_use_gpu is not None:
         return settings.ray_use_gpu
-    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1
+    return torch.cuda.is_available() or _cluster_gpus() >= 1
+
+
+def _cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 when it has none)."""
+    resources = ray.cluster_resources()
+    return float(resources.get("GPU", 0))
 
 
 # ----------------------------------------------------------------- the worker loop --
@@ -88,8 +94,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     cfg = PolicyConfig.from_dict(config["policy"])
     torch.manual_seed(config["seed"])
     model = ray.train.torch.prepare_model(RouterNet(cfg))
-    inner = getattr(model, "module", model)
-    device = next(inner.parameters()).device
     while True:
         req = requests.get(block=True)
         if req["op"] == "stop":
@@ -99,43 +103,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 results.put({"id": req["id"], "state": None, "metrics": {"workers": float(world)}})
             continue
         t0 = time.perf_counter()
-        if req["state"] is not None:
-            inner.load_state_dict(req["state"])
-        else:  # from scratch: same seed on every rank keeps replicas identical
-            torch.manual_seed(req["seed"])
-            inner.load_state_dict(RouterNet(cfg).state_dict())
-        data: Dataset = ray.get(req["data"])
-        n, bs = len(data), req["batch_size"]
-        # Every rank must take the same number of steps or DDP's all-reduce would hang, so
-        # the shard is the rank's stride of the data, wrapped to a common length.
-        steps = max(1, math.ceil(n / (world * bs)))
-        opt = torch.optim.Adam(model.parameters(), lr=req["lr"])
-        g = torch.Generator().manual_seed(req["seed"])
-        first = last = float("nan")
-        for epoch in range(req["epochs"]):
-            perm = torch.randperm(n, generator=g)  # same permutation on every rank
-            shard = perm[rank::world]
-            if len(shard) == 0:
-                shard = perm[:1]
-            idx = shard.repeat(math.ceil(steps * bs / len(shard)))[: steps * bs]
-            model.train()
-            total = torch.zeros(2, device=device)
-            for s in range(steps):
-                b = idx[s * bs : (s + 1) * bs].numpy()
-                task = torch.from_numpy(data.task[b]).to(device)
-                agent = torch.from_numpy(data.agent[b]).to(device)
-                r = torch.from_numpy(data.reward[b]).to(device)
-                w = torch.from_numpy(data.weight[b]).to(device)
-                loss = weighted_mse(model(task, agent), r, w)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += torch.stack([loss.detach() * len(b), torch.tensor(len(b), device=device)])
-            torch.distributed.all_reduce(total)
-            mean = float(total[0] / total[1])
-            if epoch == 0:
-                first = mean
-            last = mean
+        first, last, n = _update(model, cfg, req, rank, world)
         if rank == 0:
             results.put(
                 {
@@ -150,6 +118,68 @@ def _worker_loop(config: dict[str, Any]) -> None:
                     },
                 }
             )
+
+
+def _update(
+    model: torch.nn.Module, cfg: PolicyConfig, req: dict[str, Any], rank: int, world: int
+) -> tuple[float, float, int]:
+    """One update request on this rank: (first epoch's loss, last epoch's loss, samples).
+
+    The losses are all-reduced over the ranks, so every rank returns the same numbers.
+    """
+    inner = getattr(model, "module", model)
+    device = next(inner.parameters()).device
+    if req["state"] is not None:
+        inner.load_state_dict(req["state"])
+    else:  # from scratch: same seed on every rank keeps replicas identical
+        torch.manual_seed(req["seed"])
+        inner.load_state_dict(RouterNet(cfg).state_dict())
+    data: Dataset = ray.get(req["data"])
+    n, bs = len(data), req["batch_size"]
+    # Every rank must take the same number of steps or DDP's all-reduce would hang, so
+    # the shard is the rank's stride of the data, wrapped to a common length.
+    steps = max(1, math.ceil(n / (world * bs)))
+    opt = torch.optim.Adam(model.parameters(), lr=req["lr"])
+    g = torch.Generator().manual_seed(req["seed"])
+    first = last = float("nan")
+    for epoch in range(req["epochs"]):
+        perm = torch.randperm(n, generator=g)  # same permutation on every rank
+        shard = perm[rank::world]
+        if len(shard) == 0:
+            shard = perm[:1]
+        idx = shard.repeat(math.ceil(steps * bs / len(shard)))[: steps * bs]
+        mean = _epoch(model, opt, data, idx, steps, bs, device)
+        if epoch == 0:
+            first = mean
+        last = mean
+    return first, last, n
+
+
+def _epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Dataset,
+    idx: torch.Tensor,
+    steps: int,
+    bs: int,
+    device: torch.device,
+) -> float:
+    """Train ``steps`` batches of ``bs`` of ``idx``; the mean loss over all ranks."""
+    model.train()
+    total = torch.zeros(2, device=device)
+    for s in range(steps):
+        b = idx[s * bs : (s + 1) * bs].numpy()
+        task = torch.from_numpy(data.task[b]).to(device)
+        agent = torch.from_numpy(data.agent[b]).to(device)
+        r = torch.from_numpy(data.reward[b]).to(device)
+        w = torch.from_numpy(data.weight[b]).to(device)
+        loss = weighted_mse(model(task, agent), r, w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += torch.stack([loss.detach() * len(b), torch.tensor(len(b), device=device)])
+    torch.distributed.all_reduce(total)
+    return float(total[0] / total[1])
 
 
 # ---------------------------------------------------------------------- the driver --
@@ -179,7 +209,7 @@ class RayLearner:
 
         start_ray(self.settings)
         use_gpu = _use_gpu(self.settings)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = int(_cluster_gpus())
         if use_gpu and 0 < gpus < self.num_workers:
             # One DDP rank per GPU: NCCL refuses two ranks on one device.
             log.info("only %d GPU(s): using %d workers", gpus, gpus)

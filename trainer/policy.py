@@ -26,7 +26,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -141,7 +141,9 @@ class RouterNet(nn.Module):
 
     def forward(self, task: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
         t, a = self.emb(task), self.emb(agent)
-        return self.mlp(torch.cat([t, a, t * a], dim=-1)).squeeze(-1)
+        # nn.Module.__call__ is typed as returning Any; the MLP returns a tensor.
+        out = cast(torch.Tensor, self.mlp(torch.cat([t, a, t * a], dim=-1)))
+        return out.squeeze(-1)
 
 
 def weighted_mse(pred: torch.Tensor, reward: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

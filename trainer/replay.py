@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from stormline.runtime.admin import TopicWanted, ensure_topics
-from stormline.runtime.consumer import reader
+from stormline.runtime.consumer import position, reader
 from stormline.runtime.producer import DeliveryError, RecordProducer
 from stormline.schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicSpec
 from stormline.schemas.kafka import Received
@@ -138,52 +138,74 @@ def read_range(
     specs = [TRAJECTORIES, REWARDS] + ([ASSIGNMENTS] if rng.by_time() else [])
     try:
         ranges = {s.logical: _bounds(consumer, settings, s, rng) for s in specs}
-        by_name = {s.name(settings): s for s in specs}
-        todo = {(s.name(settings), p): end for s in specs for p, _, end in ranges[s.logical]}
-        total = sum(end - start for s in specs for _, start, end in ranges[s.logical])
-        consumer.assign(
-            [
-                TopicPartition(s.name(settings), p, start)
-                for s in specs
-                for p, start, _ in ranges[s.logical]
-            ]
-        )
-        # Assignments first, per partition in order: the join sees context before outcomes
-        # as far as possible; results do not depend on it (see the module docstring).
-        records: list[Received[Any]] = []
-        done, dead = 0, 0
-        while todo:
-            for msg in consumer.consume(1000, 1.0):
-                if msg.error() is not None:
-                    continue
-                key = (msg.topic(), msg.partition())
-                end = todo.get(key)
-                if end is None or msg.offset() >= end:
-                    continue
-                done += 1
-                if msg.offset() + 1 >= end:
-                    del todo[key]
-                    consumer.pause([TopicPartition(*key)])
-                try:
-                    ev = serde.decode(msg.value(), by_name[msg.topic()].event)
-                except DecodeError:
-                    dead += 1  # the live consumer dead-lettered it too
-                    continue
-                k = msg.key()
-                records.append(
-                    Received(
-                        msg.topic(),
-                        msg.partition(),
-                        msg.offset(),
-                        k.decode("utf-8", "replace") if k else None,
-                        ev,
-                        msg.timestamp()[1],
-                    )
-                )
-            if progress is not None:
-                progress(done, total)
+        records, dead = _read_ranges(consumer, settings, serde, specs, ranges, progress)
     finally:
         consumer.close()
+    exps, evicted = _join_in_order(settings, joiner, records)
+    return ReplayResult(exps, len(records), dead, evicted, joiner.pending, ranges)
+
+
+def _read_ranges(
+    consumer: Consumer,
+    settings: Settings,
+    serde: Serde,
+    specs: list[TopicSpec],
+    ranges: dict[str, list[tuple[int, int, int]]],
+    progress: Progress | None,
+) -> tuple[list[Received[Any]], int]:
+    """The decoded records of ``ranges`` (per logical topic), and how many did not decode."""
+    by_name = {s.name(settings): s for s in specs}
+    todo = {(s.name(settings), p): end for s in specs for p, _, end in ranges[s.logical]}
+    total = sum(end - start for s in specs for _, start, end in ranges[s.logical])
+    consumer.assign(
+        [
+            TopicPartition(s.name(settings), p, start)
+            for s in specs
+            for p, start, _ in ranges[s.logical]
+        ]
+    )
+    # Assignments first, per partition in order: the join sees context before outcomes
+    # as far as possible; results do not depend on it (see the module docstring).
+    records: list[Received[Any]] = []
+    done, dead = 0, 0
+    while todo:
+        for msg in consumer.consume(1000, 1.0):
+            if msg.error() is not None:
+                continue
+            topic, partition, offset = position(msg)
+            key = (topic, partition)
+            end = todo.get(key)
+            if end is None or offset >= end:
+                continue
+            done += 1
+            if offset + 1 >= end:
+                del todo[key]
+                consumer.pause([TopicPartition(*key)])
+            try:
+                ev = serde.decode(msg.value(), by_name[topic].event)
+            except DecodeError:
+                dead += 1  # the live consumer dead-lettered it too
+                continue
+            k = msg.key()
+            records.append(
+                Received(
+                    topic,
+                    partition,
+                    offset,
+                    k.decode("utf-8", "replace") if k else None,
+                    ev,
+                    msg.timestamp()[1],
+                )
+            )
+        if progress is not None:
+            progress(done, total)
+    return records, dead
+
+
+def _join_in_order(
+    settings: Settings, joiner: Joiner, records: list[Received[Any]]
+) -> tuple[list[Experience], int]:
+    """Feed ``records`` (sorted in place by event time) to ``joiner``; (experiences, evicted)."""
     order = {
         ASSIGNMENTS.name(settings): 0,
         TRAJECTORIES.name(settings): 1,
@@ -197,7 +219,7 @@ def read_range(
         exps.extend(joiner.release())
         evicted += len(joiner.evict())
     exps.extend(joiner.release(force=True))  # the range is over: no assignment will come
-    return ReplayResult(exps, len(records), dead, evicted, joiner.pending, ranges)
+    return exps, evicted
 
 
 def write_topic(settings: Settings, topic: str, exps: list[Experience], partitions: int = 4) -> int:
@@ -237,6 +259,32 @@ def replay(
         summary["written"] = write_topic(settings, to_topic, res.experiences)
     if not train or not res.experiences:
         return summary
+    summary.update(
+        _train(
+            settings,
+            rng,
+            res.experiences,
+            from_scratch=from_scratch,
+            publish=publish,
+            learner=learner,
+        )
+    )
+    return summary
+
+
+def _train(
+    settings: Settings,
+    rng: Range,
+    experiences: list[Experience],
+    *,
+    from_scratch: bool,
+    publish: bool,
+    learner: Any,
+) -> dict[str, Any]:
+    """Train on ``experiences``, store (and with ``publish`` announce) the checkpoint.
+
+    Returns the checkpoint's summary: version, uri, sha256, promotion and its metrics.
+    """
     from stormline.schemas.kafka import EventProducer
     from stormline.trainer.checkpoints import CheckpointStore, load_state_verified
     from stormline.trainer.distributed import RayLearner
@@ -259,7 +307,7 @@ def replay(
             learner,
             store,
             producer,
-            res.experiences,
+            experiences,
             init_state=init,
             cfg=learner.cfg,
             extra_meta={"replay": {"from_scratch": from_scratch, "range": str(rng)}},
@@ -269,7 +317,7 @@ def replay(
             producer.close()
         if own:
             learner.close()
-    summary.update(
+    return dict(
         version=out.event.version,
         uri=out.event.uri,
         sha256=out.event.sha256,
@@ -277,7 +325,6 @@ def replay(
         decision=out.event.decision,
         **{k: round(v, 5) for k, v in out.event.metrics.items()},
     )
-    return summary
 
 
 def parse_time(text: str | None) -> datetime | None:

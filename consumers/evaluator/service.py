@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from stormline.consumers.evaluator import rules as evaluators
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
@@ -45,11 +45,12 @@ def make_judge(settings: Settings) -> LLMProvider | None:
     """The configured LLM-as-judge provider, or None when STORMLINE_JUDGE_PROVIDER is unset."""
     if not settings.judge_provider:
         return None
-    from stormline.consumers.llm.agents import ProviderConfig
+    from stormline.consumers.llm.agents import ProviderConfig, ProviderName
     from stormline.consumers.llm.providers import make_provider
 
     config = ProviderConfig(
-        provider=settings.judge_provider,  # type: ignore[arg-type]
+        # A setting is any string; ProviderConfig validates it against ProviderName here.
+        provider=cast(ProviderName, settings.judge_provider),
         model=settings.judge_model,
         base_url=settings.judge_base_url,
         api_key_env=settings.judge_api_key_env,

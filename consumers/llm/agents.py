@@ -25,14 +25,8 @@ File format::
         fallback: {provider: anthropic, model: claude-haiku-4-5, api_key_env: ANTHROPIC_API_KEY}
 
 Interpolation: ``${NAME}`` and ``${NAME:-default}`` in any string value are replaced when the
-registry is loaded. ``STORMLINE_*`` names that are settings come from the effective
-:class:`~stormline.settings.Settings` (CLI flag, environment, ``.env``, default), so
-``base_url: http://127.0.0.1:${STORMLINE_SIMULATOR_PORT}/v1`` follows the simulator's port;
-other names come from the environment. ``:-default`` applies when the variable is unset or
-empty; ``$${`` is a literal ``${``. An unknown variable without a default is an error naming
-the variable, the agent and the file. Secrets are never interpolated (names such as
-``*_API_KEY``, ``*_TOKEN``, ``*_PASSWORD`` and secret settings are refused): values of this
-file end up in logs and events, keys are referenced by ``api_key_env`` instead.
+registry is loaded (``STORMLINE_*`` settings from the effective settings, other names from the
+environment; secrets are refused): see :mod:`consumers.llm.interpolation`.
 
 :func:`endpoint_problems` checks that every agent's ``base_url`` answers (a TCP connect), so a
 worker, the demo or ``stormline doctor`` can say "nothing listens there" before any task fails.
@@ -41,22 +35,23 @@ worker, the demo or ``stormline doctor`` can say "nothing listens there" before 
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stormline.consumers.llm.interpolation import InterpolationError, Variables
 
 if TYPE_CHECKING:
     from stormline.settings import Settings
 
-PROVIDERS = ("openai", "anthropic", "simulated")
+ProviderName = Literal["openai", "anthropic", "simulated"]
+PROVIDERS: tuple[str, ...] = get_args(ProviderName)
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
@@ -69,7 +64,7 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: Literal["openai", "anthropic", "simulated"]
+    provider: ProviderName
     model: str = Field(min_length=1)
     base_url: str | None = None
     simulator_config: Path | None = Field(
@@ -163,124 +158,6 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-# ------------------------------------------------------------------ interpolation --
-# `$${` (a literal `${`) or `${...}`; an unclosed `${` matches with an empty "close".
-_REF = re.compile(r"\$\$\{|\$\{(?P<body>[^}]*)(?P<close>\}?)")
-_BODY = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
-_SECRET_WORDS = {"KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS"}
-SETTINGS_PREFIX = "STORMLINE_"
-
-
-def _is_secret_name(name: str) -> bool:
-    return bool(_SECRET_WORDS & set(name.upper().split("_")))
-
-
-def _setting_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Enum):
-        return str(value.value)
-    return str(value)
-
-
-class _Variables:
-    """Looks variables up: settings for STORMLINE_* fields (built lazily), else the environment."""
-
-    def __init__(self, settings: Settings | None, environ: Mapping[str, str] | None) -> None:
-        self._settings = settings
-        self._environ = os.environ if environ is None else environ
-
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from stormline.settings import Settings
-
-            self._settings = Settings()
-        return self._settings
-
-    def get(self, name: str) -> str | None:
-        if name.startswith(SETTINGS_PREFIX):
-            from stormline.settings import Settings
-
-            field = name[len(SETTINGS_PREFIX) :].lower()
-            if field in Settings.model_fields:
-                value = getattr(self.settings(), field)
-                return None if value is None else _setting_text(value)
-        return self._environ.get(name)
-
-    def is_secret_setting(self, name: str) -> bool:
-        if not name.startswith(SETTINGS_PREFIX):
-            return False
-        from stormline.settings import Settings
-
-        info = Settings.model_fields.get(name[len(SETTINGS_PREFIX) :].lower())
-        if info is None:
-            return False
-        return info.annotation is SecretStr or SecretStr in get_args(info.annotation)
-
-
-def _interpolate_text(text: str, variables: _Variables, where: str) -> str:
-    def replace(m: re.Match[str]) -> str:
-        if m.group(0) == "$${":
-            return "${"
-        body = m.group("body")
-        if not m.group("close"):
-            raise AgentConfigError(
-                f"{where}: unclosed '${{' in {text!r}; write $${{ for a literal '${{'"
-            )
-        ref = _BODY.fullmatch(body)
-        if ref is None:
-            raise AgentConfigError(
-                f"{where}: invalid reference '${{{body}}}'; use ${{NAME}} or ${{NAME:-default}} "
-                "(NAME: letters, digits, underscores), or $${ for a literal '${'"
-            )
-        name, default = ref.group("name"), ref.group("default")
-        if _is_secret_name(name) or variables.is_secret_setting(name):
-            raise AgentConfigError(
-                f"{where}: ${{{name}}} looks like a secret; secrets are never interpolated "
-                "into the agent registry (its values are logged): name the variable in "
-                "api_key_env instead"
-            )
-        value = variables.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        if value is not None:
-            return value  # set but empty, and no default: empty, as in a shell
-        raise AgentConfigError(
-            f"{where}: ${{{name}}} is not set: export {name}, or give a default "
-            f"with ${{{name}:-value}}"
-        )
-
-    return _REF.sub(replace, text)
-
-
-def _interpolate(value: Any, variables: _Variables, where: str) -> Any:
-    if isinstance(value, str):
-        return _interpolate_text(value, variables, where) if "${" in value else value
-    if isinstance(value, dict):
-        return {k: _interpolate(v, variables, where) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, variables, where) for v in value]
-    return value
-
-
-def interpolate(
-    data: Any,
-    *,
-    settings: Settings | None = None,
-    environ: Mapping[str, str] | None = None,
-    where: str = "<memory>",
-) -> Any:
-    """``data`` with ``${NAME}`` / ``${NAME:-default}`` replaced in every string value.
-
-    ``STORMLINE_*`` names that are settings come from ``settings`` (default: ``Settings()``,
-    i.e. environment, ``.env`` and defaults), others from ``environ`` (default: the process
-    environment). Raises :class:`AgentConfigError` naming ``where`` and the variable.
-    """
-    return _interpolate(data, _Variables(settings, environ), where)
-
-
 def parse_registry(
     data: Any,
     path: str = "<memory>",
@@ -302,7 +179,7 @@ def parse_registry(
         raise AgentConfigError(f"{path}: 'agents' must be a non-empty list of agents")
     agents: dict[str, AgentConfig] = {}
     problems: list[str] = []
-    variables = _Variables(settings, environ)
+    variables = Variables(settings, environ)
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             problems.append(
@@ -311,8 +188,8 @@ def parse_registry(
             continue
         agent_id = entry.get("id", f"<entry {i + 1} without id>")
         try:
-            entry = _interpolate(entry, variables, f"{path}: agent {agent_id!r}")
-        except AgentConfigError as exc:
+            entry = variables.interpolate(entry, f"{path}: agent {agent_id!r}")
+        except InterpolationError as exc:
             problems.append(str(exc))
             continue
         try:

@@ -3,29 +3,9 @@
 ``stormline simulate-llm`` serves ``POST /v1/chat/completions``, ``GET /v1/models`` and
 Anthropic's ``POST /v1/messages``, so agents reach it through the real SDKs by base_url.
 It is never a silent fallback: an agent uses it only when its base_url says so, or, in
-process and without HTTP, when its provider is ``simulated`` (``consumers/providers``).
-
-Grading convention (how the simulator knows the right answer): verifiable demo tasks are
-*solvable by a deterministic solver*. A prompt may start with a tag ``[type=NAME]``; NAME is
-the task type (it selects the skill row). The simulator then solves the prompt's text:
-
-* ``math``    "What is 17 + 25?"           -> ``42``  (one ``a op b``, op in + - *)
-* ``reverse`` "Reverse: stormline"          -> ``enilmrots``
-* ``upper``   "Uppercase: hello world"      -> ``HELLO WORLD``
-* ``sort``    "Sort: 3, 1, 2"               -> ``1, 2, 3`` (numbers numerically, else text)
-
-Without a tag, the first solver whose pattern matches names the type. A task's ``expected``
-is the solver's answer, so producers generate demo tasks with the same rules
-(:func:`solve` is importable). With probability ``skill[model][type]`` the reply is the
-right answer, otherwise a deterministic near miss. Prompts no solver understands get a
-generic reply (type ``*``).
-
-Configuration (YAML or JSON, ``--config``)::
-
-    seed: 7
-    default: {skill: {"*": 0.6}, latency_ms: 0, jitter_ms: 0, error_rate: 0.0}
-    models:
-      sim-math: {skill: {math: 0.95, "*": 0.4}, latency_ms: 200, jitter_ms: 50}
+process and without HTTP, when its provider is ``simulated`` (``consumers/llm/providers``).
+What the simulated model answers (the grading convention, the skill table, faults) is
+:mod:`consumers.llm.simulation`; this module is its HTTP transport only.
 
 Admin endpoints for tests: ``POST /admin/faults`` with ``{"kind": "400"|"429"|"500"|"503"|"hang",
 "count": N}`` (the next N requests) or ``{"kind": ..., "seconds": S}`` (a time window),
@@ -41,217 +21,24 @@ import hashlib
 import json
 import math
 import random
-import re
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-
-# ----------------------------------------------------------------------- solvers --
-def _math(text: str) -> str | None:
-    m = re.search(r"(-?\d+)\s*([+\-*])\s*(-?\d+)", text)
-    if not m:
-        return None
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    return str(a + b if op == "+" else a - b if op == "-" else a * b)
-
-
-def _after_colon(text: str, word: str) -> str | None:
-    m = re.search(rf"\b{word}\w*\b[^:\n]*:\s*(.+?)\s*$", text, re.I | re.S)
-    return m.group(1) if m else None
-
-
-def _reverse(text: str) -> str | None:
-    body = _after_colon(text, "reverse")
-    return body[::-1] if body is not None else None
-
-
-def _upper(text: str) -> str | None:
-    body = _after_colon(text, "upper")
-    return body.upper() if body is not None else None
-
-
-def _sort(text: str) -> str | None:
-    body = _after_colon(text, "sort")
-    if body is None:
-        return None
-    items = [x.strip() for x in body.split(",") if x.strip()]
-    try:
-        ordered = [str(n) for n in sorted(int(x) for x in items)]
-    except ValueError:
-        ordered = sorted(items)
-    return ", ".join(ordered)
-
-
-SOLVERS: dict[str, Callable[[str], str | None]] = {
-    "math": _math,
-    "reverse": _reverse,
-    "upper": _upper,
-    "sort": _sort,
-}
-_TAG = re.compile(r"^\s*\[type=([A-Za-z0-9_.-]+)\]\s*")
-
-
-def solve(prompt: str) -> tuple[str, str | None]:
-    """(task type, right answer or None) for a prompt, by the convention above."""
-    tag = _TAG.match(prompt)
-    body = prompt[tag.end() :] if tag else prompt
-    if tag:
-        name = tag.group(1)
-        solver = SOLVERS.get(name)
-        if solver is not None:
-            return name, solver(body)
-        return name, next((a for f in SOLVERS.values() if (a := f(body)) is not None), None)
-    for name, solver in SOLVERS.items():
-        answer = solver(body)
-        if answer is not None:
-            return name, answer
-    return "*", None
-
-
-def near_miss(answer: str) -> str:
-    """A deterministic wrong answer that no normalising verifier accepts."""
-    if re.fullmatch(r"-?\d+", answer):
-        return str(int(answer) + 1)
-    if ", " in answer:
-        return ", ".join(reversed(answer.split(", "))) + ", 0"
-    return answer[1:] + answer[:1] + "?" if len(answer) > 1 else answer + "?"
-
-
-# ------------------------------------------------------------------------ config --
-class ModelProfile(BaseModel):
-    skill: dict[str, float] = Field(default_factory=lambda: {"*": 0.7})
-    latency_ms: float = Field(default=0.0, ge=0)
-    jitter_ms: float = Field(default=0.0, ge=0)
-    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-
-    def p_correct(self, task_type: str) -> float:
-        return self.skill.get(task_type, self.skill.get("*", 0.7))
-
-
-class SimConfig(BaseModel):
-    seed: int | None = None
-    default: ModelProfile = Field(default_factory=ModelProfile)
-    models: dict[str, ModelProfile] = Field(default_factory=dict)
-
-    def profile(self, model: str) -> ModelProfile:
-        return self.models.get(model, self.default)
-
-
-# The skill table behind the example agents.yaml; a --config file replaces it.
-DEFAULT_CONFIG = SimConfig(
-    default=ModelProfile(skill={"*": 0.6}),
-    models={
-        "sim-generalist": ModelProfile(skill={"*": 0.7}),
-        "sim-math": ModelProfile(skill={"math": 0.95, "*": 0.35}),
-        "sim-text": ModelProfile(skill={"reverse": 0.95, "upper": 0.97, "sort": 0.9, "*": 0.3}),
-        "sim-intern": ModelProfile(skill={"*": 0.45}),
-        "sim-expert": ModelProfile(skill={"*": 0.9}, latency_ms=50, jitter_ms=20),
-    },
+from stormline.consumers.llm.simulation import (
+    Fault,
+    SimConfig,
+    SimState,
+    reply,
+    token_id,
+    tokens,
 )
-
-
-def load_config(path: Path | str | None) -> SimConfig:
-    if path is None:
-        return DEFAULT_CONFIG.model_copy(deep=True)
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: simulator config not found")
-    return SimConfig.model_validate(yaml.safe_load(p.read_text(encoding="utf-8")) or {})
-
-
-# ------------------------------------------------------------------------- state --
-@dataclass
-class Fault:
-    kind: str
-    remaining: int | None = None
-    until: float | None = None
-    model: str | None = None
-    hang_s: float = 3600.0
-
-    def active(self, now: float) -> bool:
-        if self.remaining is not None and self.remaining <= 0:
-            return False
-        return not (self.until is not None and now > self.until)
-
-
-@dataclass
-class SimState:
-    config: SimConfig
-    rng: random.Random = field(default_factory=random.Random)
-    faults: list[Fault] = field(default_factory=list)
-    requests: int = 0
-    by_model: Counter[str] = field(default_factory=Counter)
-    by_prompt: Counter[str] = field(default_factory=Counter)
-    credentials: Counter[str] = field(default_factory=Counter)
-    faults_served: Counter[str] = field(default_factory=Counter)
-
-    def take_fault(self, model: str) -> Fault | None:
-        now = time.monotonic()
-        for f in self.faults:
-            if f.active(now) and (f.model is None or f.model == model):
-                if f.remaining is not None:
-                    f.remaining -= 1
-                self.faults_served[f.kind] += 1
-                return f
-        return None
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What the simulated model does with one prompt, before any transport."""
-
-    status: int  # 200, or the HTTP error status
-    text: str  # the answer, or the error message
-    task_type: str = "*"
-    p: float = 0.5  # probability of the answer given (logprobs are derived from it)
-    delay_s: float = 0.0
-
-
-def reply(st: SimState, model: str, prompt: str) -> Reply:
-    """Decide one reply: fault, latency, error rate, then a right answer or a near miss."""
-    st.requests += 1
-    st.by_model[model] += 1
-    st.by_prompt[prompt] += 1
-    profile = st.config.profile(model)
-    fault = st.take_fault(model)
-    if fault is not None:
-        if fault.kind == "hang":
-            # Clients time out long before; should one wait, it gets a gateway timeout.
-            return Reply(504, "simulated hang", delay_s=fault.hang_s)
-        return Reply(int(fault.kind), f"simulated fault {fault.kind}")
-    delay = 0.0
-    if profile.latency_ms or profile.jitter_ms:
-        delay = max(0.0, st.rng.gauss(profile.latency_ms, profile.jitter_ms)) / 1000
-    if profile.error_rate and st.rng.random() < profile.error_rate:
-        return Reply(500, "simulated server error", delay_s=delay)
-    task_type, right = solve(prompt)
-    if right is None:
-        return Reply(200, f"(simulated {model}) I read: {prompt[:80]}", delay_s=delay)
-    p = profile.p_correct(task_type)
-    correct = st.rng.random() < p
-    text = right if correct else near_miss(right)
-    return Reply(200, text, task_type, p if correct else 1 - p, delay)
-
-
-def tokens(text: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", text) or [text]
-
-
-def _token_id(tok: str) -> int:
-    return int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=3).digest(), "big") % 100_000
 
 
 class Simulator:
@@ -299,7 +86,7 @@ class Simulator:
             choice["logprobs"] = {
                 "content": [
                     {
-                        "token": f"token_id:{_token_id(t)}",
+                        "token": f"token_id:{token_id(t)}",
                         "logprob": lp,
                         "bytes": None,
                         "top_logprobs": [],

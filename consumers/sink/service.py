@@ -41,6 +41,7 @@ from confluent_kafka import TopicPartition
 
 from stormline.consumers.sink.store import Store, open_store
 from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
+from stormline.runtime.consumer import position
 from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.kafka import EventConsumer, Received
 from stormline.schemas.serde import Serde
@@ -73,14 +74,11 @@ class Sink:
         self.settings = settings
         self.store = store or open_store(settings)
         self.serde = serde or Serde.from_settings(settings)
+        # A write may be retried for a while: the partitions are paused and polled, so
+        # the group never sees a stuck member (max.poll.interval.ms is not at risk).
+        overrides: dict[str, Any] = {"max.poll.interval.ms": 300_000}
         self.consumer = EventConsumer(
-            settings,
-            self.serde,
-            group_id or settings.sink_group,
-            SINK_SPECS,
-            # A write may be retried for a while: the partitions are paused and polled, so
-            # the group never sees a stuck member (max.poll.interval.ms is not at risk).
-            **{"max.poll.interval.ms": 300_000},
+            settings, self.serde, group_id or settings.sink_group, SINK_SPECS, **overrides
         )
         topics = [s.name(settings) for s in SINK_SPECS]
         self.consumer.raw.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -196,8 +194,7 @@ class Sink:
             msg = self.consumer.raw.poll(min(0.2, max(deadline - time.monotonic(), 0)))
             if msg is not None and msg.error() is None:
                 # Paused partitions return nothing; should one slip through, rewind to it.
-                tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-                self.consumer.raw.seek(tp)
+                self.consumer.raw.seek(TopicPartition(*position(msg)))
 
     def _maybe_compact(self) -> None:
         """Merge small Parquet parts now and then (chDB back-end; a server merges itself)."""

@@ -77,11 +77,13 @@ def simulate_llm(
     port: Annotated[int | None, typer.Option(help="STORMLINE_SIMULATOR_PORT (8700)")] = None,
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     config: Annotated[
-        Path | None, typer.Option("--config", help="skills/latency YAML (see consumers/simulator)")
+        Path | None,
+        typer.Option("--config", help="skills/latency YAML (see consumers/llm/simulation.py)"),
     ] = None,
 ) -> None:
     """Serve the simulated LLM (OpenAI- and Anthropic-compatible) for offline runs."""
-    from stormline.consumers.llm.simulator import load_config, serve
+    from stormline.consumers.llm.simulation import load_config
+    from stormline.consumers.llm.simulator import serve
 
     try:
         cfg = load_config(config)
@@ -116,7 +118,7 @@ def router(
     ] = None,
 ) -> None:
     """Run the router (a Faust worker): route tasks, learn Q-tables, track agent health."""
-    from stormline.streams.app import run_worker
+    from stormline.streams.app import run_router
 
     overrides = {
         "router_strategy": strategy.value if strategy else None,
@@ -134,7 +136,7 @@ def router(
         ui.err.print(f"[red]invalid router settings:[/red] {escape(str(exc))}")
         raise typer.Exit(ExitCode.USAGE) from exc
     level = log_level or loglevel
-    run_worker(s, loglevel=level.value if level else s.log_level.lower())
+    run_router(s, loglevel=level.value if level else s.log_level.lower())
 
 
 def trainer(ctx: typer.Context) -> None:

@@ -60,7 +60,7 @@ def print_json(doc: Any) -> None:
 
 
 def settings_of(ctx: typer.Context) -> Settings:
-    return ctx.obj  # type: ignore[no-any-return]
+    return ctx.obj
 
 
 def yes_no(ok: bool) -> str:

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
+from confluent_kafka.admin import (
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    OffsetSpec,
+)
 
 from stormline.runtime.connection import client_logger, confluent_config
 from stormline.runtime.retry import RetryPolicy
@@ -101,7 +106,8 @@ def end_offsets(
 ) -> list[int]:
     """High watermarks of ``topic``'s partitions (retried while leaders are being elected)."""
     admin = admin or admin_client(settings)
-    request = {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)}
+    latest = OffsetSpec.latest()
+    request = {TopicPartition(topic, p): latest for p in range(partitions)}
     policy = RetryPolicy(LEADER_ELECTION.base_s, LEADER_ELECTION.max_s, attempts=retries)
     for attempt in policy.retrying(lambda exc: isinstance(exc, KafkaException)):
         with attempt:

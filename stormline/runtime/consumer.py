@@ -7,6 +7,7 @@
   back to be read again.
 * :func:`reader` is a client that assigns partitions itself and never commits (a throw-away
   group id): status, lookups and replays read the cluster without leaving a trace.
+* :func:`position` is a record's (topic, partition, offset), typed as never None.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
@@ -23,6 +24,24 @@ from stormline.runtime.connection import client_logger, confluent_config
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.kafka")
+
+
+class Position(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+
+
+def position(msg: Message) -> Position:
+    """A record's topic, partition and offset.
+
+    confluent-kafka types all three as optional: they are None only on error events, which
+    callers skip (``msg.error() is not None``) before asking for a record's position.
+    """
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"not a record but an error event: {msg.error()}")
+    return Position(topic, partition, offset)
 
 
 def reader(settings: Settings, purpose: str, **overrides: Any) -> Consumer:
@@ -81,7 +100,8 @@ class RecordConsumer:
                     if err.fatal():
                         raise KafkaException(err)
                 continue
-            self.tracker.polled((msg.topic(), msg.partition()), msg.offset() + 1)
+            topic, partition, offset = position(msg)
+            self.tracker.polled((topic, partition), offset + 1)
             out.append(msg)
         return out
 

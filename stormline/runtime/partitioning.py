@@ -8,6 +8,7 @@ produced it. A plain librdkafka client defaults to CRC32 (``consistent_random``)
 from __future__ import annotations
 
 import zlib
+from typing import cast
 
 from aiokafka.partitioner import murmur2
 
@@ -23,5 +24,6 @@ def partition_for(key: str | bytes, partitions: int, partitioner: str = PARTITIO
     if partitioner in ("consistent", "consistent_random"):
         return zlib.crc32(data) % partitions
     if partitioner in ("murmur2", "murmur2_random"):
-        return (murmur2(data) & 0x7FFFFFFF) % partitions
+        # aiokafka's murmur2 is unannotated (Any); it returns the 32-bit hash as an int.
+        return (cast(int, murmur2(data)) & 0x7FFFFFFF) % partitions
     raise ValueError(f"unsupported partitioner {partitioner!r}")

@@ -11,9 +11,11 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
@@ -39,14 +41,14 @@ class RetryPolicy:
         ceiling = min(self.max_s, self.base_s * 2 ** max(0, failures - 1))
         return random.uniform(0, ceiling)
 
-    def _kwargs(self, retry_on: RetryOn, log: logging.Logger | None, what: str) -> dict:  # type: ignore[type-arg]
+    def _kwargs(self, retry_on: RetryOn, log: logging.Logger | None, what: str) -> dict[str, Any]:
         stops: list[stop_base] = []
         if self.attempts is not None:
             stops.append(stop_after_attempt(self.attempts))
         if self.deadline_s is not None:
             stops.append(stop_after_delay(self.deadline_s))
 
-        def before_sleep(state) -> None:  # type: ignore[no-untyped-def]
+        def before_sleep(state: RetryCallState) -> None:
             if log is not None and state.outcome is not None:
                 log.warning(
                     "%s failed (attempt %d: %s); retrying in %.2fs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import httpx
+import httpx2
 
 from stormline.consumers.llm import ErrorKind, ProviderError
 from stormline.logs import redact
@@ -14,15 +14,16 @@ CONNECTIONS_PER_CLIENT = 64
 C = TypeVar("C")
 
 
-def client_pool(make: Callable[[httpx.Limits], C], max_connections: int) -> list[C]:
+def client_pool(make: Callable[[httpx2.Limits], C], max_connections: int) -> list[C]:
     """Several SDK clients of at most CONNECTIONS_PER_CLIENT connections each.
 
     httpx's pool scans every connection per request, which costs O(pool) each time; several
-    small pools used round-robin keep hundreds of calls in flight cheap.
+    small pools used round-robin keep hundreds of calls in flight cheap. The limits are
+    httpx2's: the openai and anthropic SDKs are built on httpx2 (their dependency), not httpx.
     """
     shards = max(1, -(-max_connections // CONNECTIONS_PER_CLIENT))
     per = max(1, -(-max_connections // shards))
-    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    limits = httpx2.Limits(max_connections=per, max_keepalive_connections=per)
     return [make(limits) for _ in range(shards)]
 
 

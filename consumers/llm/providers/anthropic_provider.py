@@ -7,6 +7,7 @@ import json
 import time
 
 import anthropic
+from anthropic.types import MessageParam
 
 from stormline.consumers.llm import Completion, CompletionRequest
 from stormline.consumers.llm.agents import ProviderConfig
@@ -32,20 +33,22 @@ class AnthropicProvider:
         self._next = itertools.cycle(self._clients)
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        kwargs: dict[str, object] = (
-            {"system": request.system_prompt} if request.system_prompt else {}
+        messages: list[MessageParam] = [{"role": "user", "content": request.prompt}]
+        # This SDK no longer lists temperature; send it only when the agent asks for it.
+        extra_body = (
+            {"temperature": request.temperature}
+            if "temperature" in self.config.model_fields_set
+            else None
         )
-        if "temperature" in self.config.model_fields_set:
-            # This SDK no longer lists temperature; send it only when the agent asks for it.
-            kwargs["extra_body"] = {"temperature": request.temperature}
         t0 = time.perf_counter()
         try:
             resp = await next(self._next).messages.create(
                 model=request.model,
                 max_tokens=request.max_tokens,
-                messages=[{"role": "user", "content": request.prompt}],
+                messages=messages,
                 timeout=request.timeout_s,
-                **kwargs,  # type: ignore[arg-type]
+                system=request.system_prompt or anthropic.omit,
+                extra_body=extra_body,
             )
         except anthropic.AnthropicError as exc:
             raise to_provider_error(exc, anthropic) from None

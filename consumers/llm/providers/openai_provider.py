@@ -7,6 +7,8 @@ import re
 import time
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat.chat_completion import Choice
 
 from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
@@ -35,20 +37,19 @@ class OpenAIProvider:
         self._next = itertools.cycle(self._clients)
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        messages: list[dict[str, str]] = []
+        messages: list[ChatCompletionMessageParam] = []
         if request.system_prompt:
             messages.append({"role": "system", "content": request.system_prompt})
         messages.append({"role": "user", "content": request.prompt})
-        extra = {"logprobs": True} if request.logprobs else {}
         t0 = time.perf_counter()
         try:
             resp = await next(self._next).chat.completions.create(
                 model=request.model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 timeout=request.timeout_s,
-                **extra,  # type: ignore[arg-type]
+                logprobs=True if request.logprobs else openai.omit,
             )
         except openai.OpenAIError as exc:
             raise to_provider_error(exc, openai) from None
@@ -57,21 +58,20 @@ class OpenAIProvider:
             raise ProviderError(ErrorKind.SERVER, "response has no choices")
         choice = resp.choices[0]
         msg = choice.message
-        token_ids: list[int] | None = None
-        logprobs: list[float] | None = None
-        if choice.logprobs is not None and choice.logprobs.content:
-            logprobs = [float(t.logprob) for t in choice.logprobs.content]
-            ids = [_TOKEN_ID.match(t.token) for t in choice.logprobs.content]
-            if all(ids):
-                token_ids = [int(m.group(1)) for m in ids if m]
+        token_ids, logprobs = _token_logprobs(choice)
         tool_calls = [
-            ToolCall(id=tc.id, name=tc.function.name, arguments=tc.function.arguments)
+            ToolCall(id=tc.id, name=fn.name, arguments=fn.arguments)
             for tc in (msg.tool_calls or [])
-            if getattr(tc, "function", None) is not None
+            # Custom tool calls have no `function`. By attribute rather than by class, so that a
+            # compatible server whose tool calls lack `type` still counts.
+            if (fn := getattr(tc, "function", None)) is not None
         ]
         pt = resp.usage.prompt_tokens if resp.usage else 0
         ct = resp.usage.completion_tokens if resp.usage else 0
-        steps = [Step(role=m["role"], content=m["content"]) for m in messages]
+        steps = []
+        if request.system_prompt:
+            steps.append(Step(role="system", content=request.system_prompt))
+        steps.append(Step(role="user", content=request.prompt))
         steps.append(
             Step(
                 role="assistant",
@@ -96,3 +96,13 @@ class OpenAIProvider:
     async def aclose(self) -> None:
         for c in self._clients:
             await c.close()
+
+
+def _token_logprobs(choice: Choice) -> tuple[list[int] | None, list[float] | None]:
+    """(token ids when every token is spelled ``token_id:N``, logprobs), when logprobs came."""
+    if choice.logprobs is None or not choice.logprobs.content:
+        return None, None
+    logprobs = [float(t.logprob) for t in choice.logprobs.content]
+    ids = [_TOKEN_ID.match(t.token) for t in choice.logprobs.content]
+    token_ids = [int(m.group(1)) for m in ids if m] if all(ids) else None
+    return token_ids, logprobs

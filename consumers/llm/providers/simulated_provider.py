@@ -13,7 +13,7 @@ import time
 
 from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
-from stormline.consumers.llm.simulator import SimState, load_config, reply, tokens
+from stormline.consumers.llm.simulation import SimState, load_config, reply, tokens
 from stormline.schemas.models import Step, Usage
 
 
