@@ -86,7 +86,7 @@ def check(
 def registry_compatible(url: str, old: str, new: str) -> bool:
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-    client = SchemaRegistryClient({"url": url})
+    client = SchemaRegistryClient({"url": url, "timeout": 10})
     subject = f"stormline-compat-check.{uuid.uuid4().hex}"
     client.register_schema(subject, Schema(old, "AVRO"))
     client.set_compatibility(subject, "BACKWARD")

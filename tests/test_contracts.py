@@ -34,7 +34,7 @@ def test_a_foreign_confluent_consumer_decodes_every_event(topics: Settings, serd
         producer.produce(ev)
     producer.flush()
 
-    registry = SchemaRegistryClient({"url": topics.registry_url})
+    registry = SchemaRegistryClient({"url": topics.registry_url, "timeout": 30})
     for ev in events:
         consumer = DeserializingConsumer(
             {

@@ -46,7 +46,7 @@ def test_plain_admin_client_lists_a_kafka_4_broker(settings: Settings) -> None:
 
 
 def test_registry_speaks_the_confluent_api(settings: Settings) -> None:
-    client = SchemaRegistryClient({"url": settings.registry_url})
+    client = SchemaRegistryClient({"url": settings.registry_url, "timeout": 30})
     subject = f"{settings.topic_prefix}probe-value"
     schema = Schema('{"type":"record","name":"Probe","fields":[{"name":"a","type":"int"}]}', "AVRO")
     schema_id = client.register_schema(subject, schema)

@@ -136,7 +136,7 @@ def test_two_stacks_run_side_by_side_and_leave_nothing(two_stacks: list[Embedded
     # A schema on each registry; neither sees the other's subject.
     subjects = {}
     for stack, name in ((a, "OnlyA"), (b, "OnlyB")):
-        client = SchemaRegistryClient({"url": stack.s.registry_url})
+        client = SchemaRegistryClient({"url": stack.s.registry_url, "timeout": 30})
         subject = f"{name.lower()}-value"
         schema = f'{{"type":"record","name":"{name}","fields":[{{"name":"x","type":"int"}}]}}'
         schema_id = client.register_schema(subject, Schema(schema, "AVRO"))
