@@ -17,6 +17,7 @@ from typing import Any
 
 _SECRET_NAME = re.compile(r"(API_KEY|PASSWORD|TOKEN|SECRET)$", re.I)
 _SECRET_SHAPES = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
+_CONFIGURED = False  # setup() runs once per process
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -63,8 +64,9 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str | int | None = None, service: str = "stormline") -> None:
     """Configure the root logger once per process (idempotent); level from settings."""
+    global _CONFIGURED
     root = logging.getLogger()
-    if getattr(root, "_stormline", False):
+    if _CONFIGURED:
         return
     if level is None:
         from stormline.settings import Settings
@@ -75,7 +77,16 @@ def setup(level: str | int | None = None, service: str = "stormline") -> None:
     handler.addFilter(RedactSecrets())
     root.handlers[:] = [handler]
     root.setLevel(level)
-    root._stormline = True  # type: ignore[attr-defined]
+    _CONFIGURED = True
     # One line per HTTP request (LLM calls, registry look-ups) drowns everything else.
-    for noisy in ("httpx", "httpcore", "openai", "anthropic", "aiokafka", "urllib3"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "openai",
+        "anthropic",
+        "aiokafka",
+        "urllib3",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -120,7 +120,7 @@ class _read_only_store:
         if s.clickhouse_url:
             store = open_store(s)
             try:
-                store.client()  # type: ignore[attr-defined]
+                store.client()  # type: ignore[attr-defined]  # only the server store has one; connects now
             except StoreError as exc:
                 ui.err.print(f"[red]{escape(str(exc))}[/red]")
                 raise typer.Exit(ExitCode.UNREACHABLE) from exc
