@@ -316,3 +316,19 @@ def test_trainer_restart_loses_no_experience(
     expected = sorted(t.trajectory_id for _, t, _ in part1 + part2a + part2b)
     assert sorted(trained) == expected  # each exactly once, none lost
     assert svc3.store.versions() == [1, 2]
+
+
+def test_a_ray_cluster_gets_every_part_of_stormline() -> None:
+    """From a checkout, the card's folders join the namespace only when installed: what a
+    cluster's workers get is a wheel with all of them under stormline/."""
+    import zipfile
+
+    from stormline.trainer.distributed import _shippable_package
+
+    shipped = _shippable_package()
+    assert shipped.endswith(".whl")
+    names = zipfile.ZipFile(shipped).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"stormline"}
+    for module in ("trainer/distributed.py", "schemas/models.py", "schemas/avro/reward.avsc"):
+        assert f"stormline/{module}" in names

@@ -44,19 +44,43 @@ class UpdateResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _shippable_package() -> str:
+    """This process's Stormline as something Ray can ship to a cluster's workers.
+
+    Installed from a wheel, the ``stormline`` folder holds every part. From a source checkout
+    (an editable install) the card's folders sit beside it and only map into the namespace
+    when installed, so ship a wheel built from the checkout instead (setuptools, offline, <1 s).
+    """
+    import shutil
+    import tempfile
+
+    import stormline
+
+    package = Path(stormline.__file__).resolve().parent
+    if not (package.parent / "pyproject.toml").exists():
+        return str(package)
+    from setuptools import build_meta
+
+    out, cwd = tempfile.mkdtemp(prefix="stormline-wheel-"), os.getcwd()
+    os.chdir(package.parent)
+    try:
+        name = build_meta.build_wheel(out)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(package.parent / "build", ignore_errors=True)
+    return str(Path(out) / name)
+
+
 def start_ray(settings: Settings) -> None:
     """Start (or join) Ray once per process; later calls are no-ops."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; no token file churn
     if settings.ray_address:
-        # A cluster: ship this checkout so its workers can import trainer.*.
+        # A cluster: its workers import stormline.* from the code this process runs.
         ray.init(
             address=settings.ray_address,
-            runtime_env={
-                "working_dir": str(REPO_ROOT),
-                "excludes": [".venv", ".stormline", ".git", "**/__pycache__"],
-            },
+            runtime_env={"py_modules": [_shippable_package()]},
             log_to_driver=False,
         )
         return
