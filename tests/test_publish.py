@@ -2,7 +2,8 @@
 
 publish (CLI in a subprocess and Python API), human rewards (`stormline reward`), and the
 evaluator service (trajectories -> rewards, failures, dead letters, an LLM judge reached
-through the official openai SDK on a local HTTP server, no key leaking).
+through the official openai SDK on a local HTTP server, no key leaking). Longer than ~400
+lines because publish, feedback and the evaluator share the fixtures that read topics back.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 One router serves the module (fast clocks, see ROUTER_ENV); each test uses its own agents,
 capabilities and task types so they do not see each other's work. The kill -9 test runs
-its own router.
+its own router. Longer than ~400 lines for that reason: the tests share the one router
+subprocess the module starts (starting one takes ~10 s).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Agent workers end to end: real broker, registry and Redis, real openai SDK, simulator.
 
-Assignments are produced here as fixtures (the router is another part).
+Assignments are produced here as fixtures (the router is another part). Longer than ~400
+lines because the tests share this module's simulator, stack and worker fixtures.
 """
 
 from __future__ import annotations
