@@ -148,14 +148,11 @@ def serde(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The STORMLINE_* environment that makes a subprocess see ``settings``."""
+    """The environment that makes a subprocess see ``settings`` (the supervisor's own mapping)."""
+    from stormline.deploy.supervisor import settings_environ
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"STORMLINE_{name.upper()}"] = (
-                value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-            )
-    return env
+    return {**env, **settings_environ(settings)}
 
 
 # The test process loads native engines in-process (chDB, Ray, torch). Once every result is

@@ -37,8 +37,6 @@ from stormline.deploy.doctor.maven import (
     REPOSITORY_TIMEOUT_S,
     check_maven,
     check_repository,
-    missing_jars,
-    pinned_versions,
 )
 from stormline.deploy.doctor.packages import PACKAGES, check_packages
 from stormline.deploy.doctor.ports import (
@@ -69,10 +67,8 @@ __all__ = [
     "check_repository",
     "embedded_ports",
     "listener_pids",
-    "missing_jars",
     "mount_point",
     "nearest_existing",
-    "pinned_versions",
     "port_is_free",
     "run_checks",
 ]

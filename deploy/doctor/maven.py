@@ -3,10 +3,8 @@ repository (``STORMLINE_MAVEN_MIRROR_URL`` or Maven Central) answering over HTTP
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from pathlib import Path
 
 from stormline.deploy.doctor.base import Check
 from stormline.settings import Settings
@@ -14,50 +12,24 @@ from stormline.settings import Settings
 REPOSITORY_TIMEOUT_S = 5.0
 
 
-def pinned_versions(settings: Settings) -> tuple[str, str]:
-    """(Kafka, Apicurio) versions the stack will run: the settings, else the POM's pins."""
-    pins: dict[str, str] = {}
-    with contextlib.suppress(Exception):
-        from stormline.deploy.jars import pom_versions
-
-        pins = pom_versions()
-    return (
-        settings.kafka_version or pins.get("kafka.version", "?"),
-        settings.apicurio_version or pins.get("apicurio.version", "?"),
-    )
-
-
-def missing_jars(settings: Settings) -> list[str]:
-    """What of the pinned jars is not in the cache yet (empty: Maven is not needed).
-
-    Asks the resolver's own ``missing()``; should that fail (e.g. an unreadable POM), looks
-    where :class:`stormline.deploy.jars.JarResolver` keeps them: ``<cache>/kafka-<v>.classpath``
-    (every entry present) and ``<cache>/apicurio-registry-<v>/quarkus-run.jar``.
-    """
+def check_maven(settings: Settings) -> list[Check]:
     from stormline.deploy.jars import JarResolver
 
-    with contextlib.suppress(Exception):
-        return list(JarResolver.from_settings(settings).missing())
-    kafka, apicurio = pinned_versions(settings)
     cache = settings.cache_dir.expanduser()
-    missing = []
-    try:
-        cp = (cache / f"kafka-{kafka}.classpath").read_text().strip()
-        cached = bool(cp) and all(Path(p).exists() for p in cp.split(":"))
-    except OSError:
-        cached = False
-    if not cached:
-        missing.append(f"Apache Kafka {kafka}")
-    if not (cache / f"apicurio-registry-{apicurio}" / "quarkus-run.jar").is_file():
-        missing.append(f"Apicurio Registry {apicurio}")
-    return missing
-
-
-def check_maven(settings: Settings) -> list[Check]:
-    missing = missing_jars(settings)
-    cache = settings.cache_dir.expanduser()
+    try:  # the resolver owns the pins and the cache layout; doctor only asks it
+        resolver = JarResolver.from_settings(settings)
+    except Exception as exc:
+        return [
+            Check(
+                "maven",
+                False,
+                f"the pinned versions cannot be read: {type(exc).__name__}: {exc}",
+                "restore deploy/kafka/pom.xml (or reinstall Stormline)",
+            )
+        ]
+    missing = resolver.missing()
     if not missing:
-        kafka, apicurio = pinned_versions(settings)
+        kafka, apicurio = resolver.kafka.version, resolver.apicurio.version
         return [
             Check(
                 "maven",
