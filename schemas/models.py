@@ -23,6 +23,21 @@ MAX_STEPS = 256
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 
+# Events that can be produced again (a re-sent trajectory, a re-scored reward, a router outcome
+# after a restart) take their id from what they are about, so every copy has the same id and
+# readers downstream (the sink, ClickHouse) can keep one.
+_EVENT_NS = uuid.UUID("5f0b3c1e-8d2a-4c6e-9a57-2b1f7d9e4c30")
+
+
+def stable_event_id(kind: str, *parts: object) -> uuid.UUID:
+    """The deterministic ``event_id`` of event ``kind`` about ``parts`` (uuid5).
+
+    trajectory: (task_id, attempt); reward: (trajectory_id, source); router outcomes: the task
+    id and attempt they decide. A different ``kind`` never collides with another's ids.
+    """
+    return uuid.uuid5(_EVENT_NS, "\x1f".join([kind, *map(str, parts)]))
+
+
 def utcnow() -> datetime:
     # Avro timestamp-millis keeps milliseconds; truncating here makes round-trips exact.
     now = datetime.now(UTC)
