@@ -1,0 +1,1 @@
+"""The HTTP API (`stormline api`): FastAPI over the log, with keys, roles and tenants."""
