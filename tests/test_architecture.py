@@ -36,6 +36,7 @@ LAYERS: list[tuple[int, str]] = [
     (7, "stormline.consumers.sink"),
     (7, "stormline.streams"),
     (8, "stormline.deploy"),
+    (8, "stormline.api"),
     (9, "stormline.cli"),
 ]
 # Packages that only hold others (their __init__ is a docstring).
