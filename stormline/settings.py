@@ -410,6 +410,44 @@ class SinkSettings(_Section):
     )
 
 
+class ApiSettings(_Section):
+    """The HTTP API (stormline/api/): where it listens, body limits, tenant quotas, OIDC."""
+
+    TITLE = "HTTP API"
+
+    api_host: str = Field(default="127.0.0.1", description="Interface `stormline api` binds.")
+    api_port: int = Field(default=8000, description="Port of `stormline api`.")
+    api_max_body_bytes: int = Field(
+        default=8 * 1_048_576, ge=1024, description="Larger request bodies get 413 unread."
+    )
+    api_max_batch: int = Field(
+        default=1000, ge=1, description="Tasks one POST /v1/tasks may carry at most."
+    )
+    api_tenant_rate: float = Field(
+        default=5000.0, gt=0, description="Tasks per second a tenant may submit (token bucket)."
+    )
+    api_tenant_burst: float = Field(
+        default=10_000.0, ge=1, description="Tasks a tenant may submit at once above its rate."
+    )
+    api_tenant_in_flight: int = Field(
+        default=100_000, ge=1, description="A tenant's submitted tasks not yet final, at most."
+    )
+    api_tenant_quotas: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='Per-tenant overrides, e.g. {"acme": {"rate": 50, "burst": 100, '
+        '"in_flight": 1000}}.',
+    )
+    api_oidc_jwks_url: str | None = Field(
+        default=None, description="JWKS URL: bearer JWTs signed by its keys are accepted."
+    )
+    api_oidc_issuer: str | None = Field(default=None, description="Required `iss` of JWTs.")
+    api_oidc_audience: str | None = Field(default=None, description="Required `aud` of JWTs.")
+    api_oidc_tenant_claim: str = Field(default="tenant", description="JWT claim: the tenant.")
+    api_oidc_roles_claim: str = Field(
+        default="roles", description="JWT claim: roles (a list or a space-separated string)."
+    )
+
+
 class Settings(
     StackSettings,
     KafkaSettings,
@@ -420,6 +458,7 @@ class Settings(
     RouterSettings,
     TrainerSettings,
     SinkSettings,
+    ApiSettings,
 ):
     """Every section: what each Stormline process is given."""
 
@@ -434,6 +473,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     RouterSettings,
     TrainerSettings,
     SinkSettings,
+    ApiSettings,
 )
 
 
