@@ -38,6 +38,11 @@ def stable_event_id(kind: str, *parts: object) -> uuid.UUID:
     return uuid.uuid5(_EVENT_NS, "\x1f".join([kind, *map(str, parts)]))
 
 
+# agent_id and provider of what the router itself emits (its final-failure trajectory and
+# reward): bookkeeping, not an agent's work. Here, below router and evaluator, so both name it.
+ROUTER_AGENT = "stormline-router"
+
+
 def utcnow() -> datetime:
     # Avro timestamp-millis keeps milliseconds; truncating here makes round-trips exact.
     now = datetime.now(UTC)

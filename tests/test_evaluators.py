@@ -239,3 +239,25 @@ async def test_judge_provider_errors_propagate() -> None:
     p = ScriptedProvider([ProviderError(ErrorKind.RATE_LIMIT, "slow down", 429)])
     with pytest.raises(ProviderError):
         await ev.judge(p, traj(), spec=Spec("judge"), default_rubric="r", model="j")
+
+
+# ------------------------------------------------------------------ one outcome each --
+def test_router_outcomes_are_recognised_by_agent_or_provider() -> None:
+    from stormline.schemas.models import ROUTER_AGENT
+
+    assert ev.is_router_outcome(traj(agent_id=ROUTER_AGENT, provider=ROUTER_AGENT))
+    assert ev.is_router_outcome(traj(agent_id="a1", provider=ROUTER_AGENT))  # older router
+    assert not ev.is_router_outcome(traj(provider="openai"))
+
+
+def test_reward_event_id_is_derived_from_trajectory_and_source() -> None:
+    from stormline.schemas.models import stable_event_id
+
+    t = traj(output="4", expected="4")
+    once = ev.reward_for(t, ev.verify(Spec("exact"), t.output, t.expected))
+    again = ev.reward_for(t, ev.verify(Spec("exact"), t.output, t.expected))
+    assert once.event_id == again.event_id == stable_event_id("reward", "tr1", "verifier")
+    other = ev.reward_for(traj(trajectory_id="tr2"), Evaluation(1.0, RewardSource.VERIFIER))
+    assert other.event_id != once.event_id
+    human = ev.reward_for(t, Evaluation(1.0, RewardSource.HUMAN))
+    assert human.event_id == stable_event_id("reward", "tr1", "human") != once.event_id

@@ -19,7 +19,9 @@ Evaluator specs are strings, ``name`` or ``name:argument``:
 Which one runs: the trajectory's ``evaluator`` (copied from the task), else the per-task-type
 mapping, else ``normalised`` when ``expected`` is set, else the judge when one is configured.
 A trajectory whose status is not ``ok`` skips all of that: the failure policy gives it
-``failure_value`` with source ``timeout`` or ``failure`` and the error as reason.
+``failure_value`` with source ``timeout`` or ``failure`` and the error as reason. The
+router's own final-failure trajectory (agent or provider ``stormline-router``) is not
+scored at all (:func:`is_router_outcome`): the router gave that task its one outcome.
 
 Why this file is longer than ~400 lines: it is the whole of "how one trajectory is scored",
 by family in sections (choosing, verifiers, judge, rewards), each a few dozen lines, and it
@@ -41,7 +43,14 @@ import jsonschema
 
 from stormline.consumers.llm import CompletionRequest, LLMProvider
 from stormline.logs import redact
-from stormline.schemas.models import Reward, RewardSource, Trajectory, TrajectoryStatus
+from stormline.schemas.models import (
+    ROUTER_AGENT,
+    Reward,
+    RewardSource,
+    Trajectory,
+    TrajectoryStatus,
+    stable_event_id,
+)
 
 MAX_REASON_CHARS = 2_000
 # Python's re has no timeout; bounding what a task-supplied pattern may scan bounds the
@@ -106,6 +115,12 @@ def parse_spec(text: str) -> Spec:
 
 
 # ------------------------------------------------------------------------ choosing --
+def is_router_outcome(trajectory: Trajectory) -> bool:
+    """The router's own final-failure trajectory: the router already gave the task its
+    one failure Reward, so scoring it here would give that task a second outcome."""
+    return ROUTER_AGENT in (trajectory.agent_id, trajectory.provider)
+
+
 def choose_evaluator(
     trajectory: Trajectory, by_task_type: dict[str, str], *, judge_configured: bool
 ) -> Spec:
@@ -394,8 +409,13 @@ async def judge(
 
 # ------------------------------------------------------------------------ rewards --
 def reward_for(trajectory: Trajectory, evaluation: Evaluation) -> Reward:
-    """The Reward event: the score plus what identifies the attempt it scores."""
+    """The Reward event: the score plus what identifies the attempt it scores.
+
+    Its id comes from the trajectory and the source, so a trajectory scored again (after an
+    evaluator restart between producing and committing) gives the same event, not a second.
+    """
     return Reward(
+        event_id=stable_event_id("reward", trajectory.trajectory_id, evaluation.source.value),
         task_id=trajectory.task_id,
         trajectory_id=trajectory.trajectory_id,
         attempt=trajectory.attempt,

@@ -3,8 +3,11 @@
 Consumes ``trajectories`` in the ``stormline-evaluator`` group, scores each batch (verifiers
 inline, LLM-as-judge calls concurrently on an asyncio loop), produces the rewards, waits for
 their delivery, then commits the batch's offsets. A crash between delivery and commit can
-repeat a reward (the router de-duplicates rewards by trajectory_id); the normal path and a
-SIGTERM never do, because a batch is always finished and committed before the next poll.
+repeat a reward, but with the same event id (``stable_event_id("reward", trajectory_id,
+source)``): the router counts a trajectory once and the sink keeps one row per event id.
+The normal path and a SIGTERM never repeat one, because a batch is always finished and
+committed before the next poll. The router's own final-failure trajectory is skipped: the
+router already gave that task its one Reward.
 
 A trajectory that cannot be scored as configured (unknown evaluator, no ``expected`` for a
 verifier that needs one, a judge reply without a score, a judge 4xx) goes to dead-letters
@@ -94,6 +97,7 @@ class EvaluatorService:
         self._stop = threading.Event()
         self.scored = 0
         self.dead = 0
+        self.skipped = 0  # router outcomes, never scored
         self.batches = 0
         self._redis_retry_at = 0.0
 
@@ -174,9 +178,12 @@ class EvaluatorService:
     # --------------------------------------------------------------------- scoring --
     def process(self, records: Sequence[Received[Any]]) -> list[Reward]:
         """Score and produce (not yet flushed); returns the rewards produced."""
-        results = self.loop.run_until_complete(self._score_all(records))
+        # The router's own final failure already carries the task's one Reward.
+        ours = [r for r in records if not evaluators.is_router_outcome(r.event)]
+        self.skipped += len(records) - len(ours)
+        results = self.loop.run_until_complete(self._score_all(ours))
         produced: list[Reward] = []
-        for rec, result in zip(records, results, strict=True):
+        for rec, result in zip(ours, results, strict=True):
             if isinstance(result, Reward):
                 self.producer.produce(result, topic=self.rewards_topic)
                 produced.append(result)
