@@ -36,8 +36,9 @@ LAYERS: list[tuple[int, str]] = [
     (7, "stormline.consumers.sink"),
     (7, "stormline.streams"),
     (8, "stormline.deploy"),
-    (8, "stormline.api"),
-    (9, "stormline.cli"),
+    (9, "stormline.api"),
+    (10, "stormline.cli"),
+    (10, "stormline.client"),
 ]
 # Packages that only hold others (their __init__ is a docstring).
 CONTAINERS = {"stormline", "stormline.consumers"}

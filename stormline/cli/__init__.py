@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from stormline.cli import analytics, catalog, learning, services, stack, tasks, ui
+from stormline.cli import analytics, api, catalog, learning, services, stack, tasks, ui
 from stormline.cli.ui import ExitCode, settings_of
 from stormline.settings import Settings
 
@@ -99,10 +99,13 @@ for _command in (
     analytics.analytics,
     stack.demo,
     stack.doctor,
+    api.api,
 ):
     app.command(_command.__name__.replace("_", "-"))(_command)
 app.add_typer(catalog.schemas_app, name="schemas")
 app.add_typer(catalog.topics_app, name="topics")
+app.add_typer(api.keys_app, name="keys")
+app.add_typer(api.dead_letters_app, name="dead-letters")
 
 
 def main() -> None:
