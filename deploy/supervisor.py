@@ -99,6 +99,7 @@ def default_services(
     ]
     specs.append(ServiceSpec("evaluator", ["evaluator"]))
     specs.append(ServiceSpec("sink", ["sink"]))
+    specs.append(ServiceSpec("api", ["api"]))  # on STORMLINE_API_HOST:STORMLINE_API_PORT
     if trainer:
         specs.append(ServiceSpec("trainer", ["trainer"]))
     return specs

@@ -6,7 +6,8 @@ outside 0-9, oversized prompt, unknown field...) or would exceed
 ``STORMLINE_MAX_RECORD_BYTES`` is reported with its line number and reason and not sent;
 the others go on. Success is reported only after every record was acknowledged by the
 brokers (idempotent producer, ``acks=all``, then ``flush``); then the tasks get status
-``submitted`` in Redis (``stormline task``), best effort.
+``submitted`` in Redis (``stormline task``), best effort. :func:`wait_for` (from
+:mod:`.waiting`) then blocks until the tasks end, on Redis pub/sub rather than polling.
 
 Slightly over ~400 lines because ``stormline publish`` (file or stdin, progress, summary;
 :func:`run_publish_command`) is here with the loop it reports on, in small functions. The
@@ -28,6 +29,8 @@ from typing import IO, TYPE_CHECKING, Any
 from pydantic import ValidationError
 from rich.console import Console
 
+from stormline.producers.waiting import NotFinished as NotFinished
+from stormline.producers.waiting import wait_for as wait_for
 from stormline.schemas.catalog import TASKS
 from stormline.schemas.kafka import EventProducer
 from stormline.schemas.models import TaskFields, TaskSubmitted

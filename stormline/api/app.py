@@ -53,7 +53,8 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(scope, receive, send)
         kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["method"] in {"POST", "PUT", "PATCH"} and declared != b"0" and kind != JSON:
+        has_body = declared not in (None, b"0") or b"transfer-encoding" in headers
+        if has_body and kind != JSON:
             # Without this FastAPI reads the body as a string and answers with a puzzle.
             body = {"detail": "send the body as JSON, with Content-Type: application/json"}
             return await JSONResponse(body, status_code=415)(scope, receive, send)
