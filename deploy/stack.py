@@ -19,8 +19,8 @@ import json
 import sys
 
 from stormline.deploy import process
-from stormline.deploy.stack_base import Report, ServiceStatus, StackContext
-from stormline.deploy.stack_kafka import KafkaBroker, new_cluster_id
+from stormline.deploy.stack_base import Report, ServiceStatus, StackContext, StackPaths
+from stormline.deploy.stack_kafka import KafkaCluster, follow_layout, new_cluster_id
 from stormline.deploy.stack_servers import ApicurioRegistry, RedisServer, clickhouse_status
 from stormline.settings import Settings
 
@@ -32,11 +32,14 @@ _cluster_id = new_cluster_id
 
 class EmbeddedStack:
     def __init__(self, settings: Settings, report: Report | None = None) -> None:
+        # A data directory that holds a cluster of several nodes is reported and stopped as
+        # that cluster whatever size the settings default to (stack_kafka.follow_layout).
+        settings = follow_layout(StackPaths(settings.data_dir.resolve()), settings)
         self.ctx = StackContext(settings, report)
         self.s = settings
         self.paths = self.ctx.paths
         self.report = self.ctx.report
-        self.kafka = KafkaBroker(self.ctx)
+        self.kafka = KafkaCluster(self.ctx)
         self.registry = ApicurioRegistry(self.ctx)
         self.redis = RedisServer(self.ctx)
 
@@ -57,7 +60,7 @@ class EmbeddedStack:
             ("supervisor", self._supervisor_marker()),
             ("registry", self.registry.marker()),
             ("redis", self.redis.marker()),
-            ("kafka", self.kafka.marker()),
+            *self.kafka.markers(),
         ):
             pid = process.running_pid(self.paths.pidfile(name), marker[0])
             if pid is not None and self.ctx.owned(pid, marker):
@@ -69,7 +72,7 @@ class EmbeddedStack:
 
     def status(self) -> list[ServiceStatus]:
         return [
-            self.kafka.status(),
+            *self.kafka.status(),
             self.registry.status(),
             self.redis.status(),
             clickhouse_status(self.s),

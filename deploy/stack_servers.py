@@ -59,6 +59,9 @@ class ApicurioRegistry:
             # Schemas live in Kafka itself, so ids survive restarts and every process agrees.
             "-Dapicurio.storage.kind=kafkasql",
             f"-Dapicurio.kafkasql.bootstrap.servers={self.s.bootstrap_servers}",
+            # The journal (and the snapshots and events topics, which inherit its properties)
+            # is replicated like every other topic: the schemas survive a lost broker.
+            *self._journal_flags(),
             '-Dquarkus.log.category."io.apicurio".level=WARN',
             "-jar",
             str(jars.apicurio_jar),
@@ -70,6 +73,20 @@ class ApicurioRegistry:
             cwd=jars.apicurio_dir,
         )
         ctx.wait("registry", proc, self.answers, timeout=120)
+
+    def _journal_flags(self) -> list[str]:
+        from stormline.runtime.admin import replication, replication_for
+
+        s = self.s
+        rep = (
+            replication_for(s, s.kafka_brokers)
+            if s.kafka_bootstrap_servers is None
+            else replication(s, timeout=15)
+        )
+        # Apicurio 3.3 hands its own "replication.factor" property on to Kafka as a topic
+        # config (refused: "Unknown topic config name"), so the factor is the broker's
+        # default.replication.factor, which the embedded cluster sets to the same value.
+        return [f"-Dapicurio.kafkasql.topic.min.insync.replicas={rep.min_insync}"]
 
     def answers(self) -> bool:
         import httpx
@@ -137,6 +154,12 @@ class RedisServer:
                 "yes",
                 "--save",
                 "",
+                # Bounded: without a limit, idempotency records grow with traffic until the
+                # machine runs out; full, the policy drops the oldest (every key has a TTL).
+                "--maxmemory",
+                self.s.redis_maxmemory,
+                "--maxmemory-policy",
+                self.s.redis_maxmemory_policy,
                 "--daemonize",
                 "no",
                 "--protected-mode",

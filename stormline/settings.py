@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
@@ -123,10 +123,60 @@ class KafkaSettings(_Section):
     kafka_port: int = Field(default=9092, description="Embedded broker's client port.")
     kafka_controller_port: int = Field(default=9093, description="Embedded KRaft controller port.")
     kafka_heap: str = Field(default="768m", description="Embedded broker's JVM heap.")
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="Nodes of the embedded KRaft cluster (each broker and controller); "
+        "3 replicates every topic.",
+    )
+    kafka_node_ports: list[int] = Field(
+        default_factory=list,
+        description="Client ports of embedded nodes 2..N, e.g. [9094, 9096]; unset = "
+        "KAFKA_PORT + 2, + 4, ...",
+    )
+    kafka_node_controller_ports: list[int] = Field(
+        default_factory=list,
+        description="Controller ports of embedded nodes 2..N; unset = KAFKA_CONTROLLER_PORT "
+        "+ 2, + 4, ...",
+    )
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of every topic (catalog, router changelogs, registry journal); "
+        "unset = 3 on a cluster of 3+ brokers, else 1.",
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="min.insync.replicas of every topic; unset = 2 when replicated 3+ times, "
+        "else 1.",
+    )
+
+    def kafka_nodes(self) -> list[tuple[int, int]]:
+        """(client port, controller port) of each embedded node, node 1 first."""
+        nodes = [(self.kafka_port, self.kafka_controller_port)]
+        for i in range(1, self.kafka_brokers):
+            nodes.append(
+                (
+                    _nth(self.kafka_node_ports, i - 1, self.kafka_port + 2 * i),
+                    _nth(
+                        self.kafka_node_controller_ports, i - 1, self.kafka_controller_port + 2 * i
+                    ),
+                )
+            )
+        return nodes
 
     @property
     def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.kafka_port}"
+        # Every embedded node, so that clients start (and carry on) with any one of them down.
+        return self.kafka_bootstrap_servers or ",".join(
+            f"127.0.0.1:{port}" for port, _ in self.kafka_nodes()
+        )
+
+
+def _nth(values: list[int], i: int, default: int) -> int:
+    return values[i] if i < len(values) else default
 
 
 class RegistrySettings(_Section):
@@ -152,6 +202,19 @@ class StoreSettings(_Section):
 
     redis_url: str | None = Field(default=None, description="unset means embedded redis-server")
     redis_port: int = Field(default=6379, description="Embedded redis-server's port.")
+    redis_maxmemory: str = Field(
+        default="1gb",
+        pattern=r"(?i)^[0-9]+(b|k|kb|m|mb|g|gb)?$",
+        description="Memory limit of the embedded redis-server (e.g. 512mb, 4gb); the README "
+        "says how much a given traffic needs.",
+    )
+    redis_maxmemory_policy: str = Field(
+        default="volatile-lru",
+        pattern=r"^(noeviction|(allkeys|volatile)-(lru|lfu|random)|volatile-ttl)$",
+        description="What the embedded redis-server does when full: volatile-lru drops the "
+        "least recently used keys (all of Stormline's have a TTL: the oldest idempotency "
+        "records go first); noeviction refuses writes instead.",
+    )
     clickhouse_url: str | None = Field(
         default=None,
         description="ClickHouse server (http://user:pass@host:8123/db); unset means chDB on disk.",
@@ -192,6 +255,10 @@ class WorkerSettings(_Section):
         default=0.25, ge=0, description="First retry's backoff ceiling (full jitter, doubles)."
     )
     llm_backoff_max_s: float = Field(default=8.0, ge=0, description="Backoff ceiling.")
+    llm_transport: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="HTTP transport of the openai/anthropic SDKs: aiohttp (less CPU) or httpx.",
+    )
     breaker_failure_threshold: int = Field(
         default=5, ge=1, description="Consecutive failures that open a provider's breaker."
     )
@@ -201,6 +268,11 @@ class WorkerSettings(_Section):
     provider_rate_limits: dict[str, float] = Field(
         default_factory=dict,
         description='Shared token bucket per provider, requests/s, e.g. {"openai": 50}.',
+    )
+    provider_token_limits: dict[str, float] = Field(
+        default_factory=dict,
+        description="Shared budget per provider, tokens/minute (prompt/4 + max_tokens per call), "
+        'e.g. {"openai": 200000}.',
     )
     response_cache_ttl_s: int = Field(
         default=0, ge=0, description="LLM response cache in Redis; 0 turns it off."
@@ -282,7 +354,21 @@ class RouterSettings(_Section):
     router_step_size: float | None = Field(
         default=None, gt=0, le=1, description="Q update step; unset means the sample mean."
     )
-    router_seed: int | None = Field(default=None, description="Seed of the router's RNG.")
+    router_seed: int | None = Field(
+        default=None,
+        description="Seed of the router's decisions (each draws from seed, task id, attempt); "
+        "unset = 0, the same in every router process.",
+    )
+    router_failure_value: float = Field(
+        default=0.0, description="What an agent's error or expired attempt counts in its Q-cell."
+    )
+    router_discount: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Discount gamma of the bandit statistics (window ~1/(1-gamma) rewards); "
+        "unset keeps all evidence.",
+    )
     router_assignment_ttl_s: float = Field(
         default=60.0, gt=0, description="An attempt with no trajectory by then is reassigned."
     )
@@ -373,6 +459,12 @@ class TrainerSettings(_Section):
     trainer_state_interval_s: float = Field(
         default=30.0, gt=0, description="Save join state and commit offsets this often."
     )
+    trainer_join_recent: int = Field(
+        default=10_000,
+        ge=0,
+        description="Recently joined experiences kept so a later human reward replaces the "
+        "automatic one; a human reward for an older one is counted and dropped.",
+    )
 
 
 class SinkSettings(_Section):
@@ -391,6 +483,12 @@ class SinkSettings(_Section):
     )
     sink_retry_max_seconds: float = Field(
         default=30.0, gt=0, description="Longest back-off between retries of a failed write."
+    )
+    sink_max_poll_interval_s: float = Field(
+        default=300.0,
+        ge=10,  # not below the consumers' session timeout (librdkafka refuses that)
+        description="A sink that does not poll for this long (a write stuck) is dropped from "
+        "its group and its partitions move; a part it still finishes is read once.",
     )
     sink_compact_interval_s: float = Field(
         default=60.0,

@@ -25,6 +25,16 @@ def up(
         bool, typer.Option(help="also run the simulated LLM server (with --all)")
     ] = True,
     trainer: Annotated[bool, typer.Option(help="also run the trainer (with --all)")] = True,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=9,
+            help="Kafka nodes (KRaft, each broker and controller); 3 replicates every topic "
+            "3 times with min.insync.replicas=2. Default: the data directory's cluster, else "
+            "STORMLINE_KAFKA_BROKERS (1).",
+        ),
+    ] = None,
 ) -> None:
     """Start the embedded stack (Kafka, schema registry, Redis; chDB on disk). Reuses what runs.
 
@@ -34,9 +44,10 @@ def up(
     from stormline.deploy.errors import StackError
     from stormline.deploy.stack import EmbeddedStack
 
-    stack = EmbeddedStack(
-        settings_of(ctx), report=lambda m: ui.err.print(f"[dim]·[/dim] {escape(m)}")
-    )
+    s = settings_of(ctx)
+    if brokers is not None:
+        s = s.model_copy(update={"kafka_brokers": brokers})
+    stack = EmbeddedStack(s, report=lambda m: ui.err.print(f"[dim]·[/dim] {escape(m)}"))
     try:
         with ui.err.status("starting the embedded stack…"):
             statuses = stack.up()

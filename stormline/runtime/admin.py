@@ -3,7 +3,8 @@
 :func:`ensure_topics` creates whichever of the wanted topics are missing, idempotently (a
 topic created meanwhile by someone else is fine), and returns the cluster metadata after
 it. The topic catalog (``stormline.schemas``) and the router's internal topics both go
-through it; what a topic should look like is theirs to say.
+through it; what a topic should look like is theirs to say, except its replication, which is
+the cluster's (:func:`replication`: one setting for every topic).
 """
 
 from __future__ import annotations
@@ -43,13 +44,47 @@ def admin_client(
 class TopicWanted:
     name: str
     partitions: int
-    # None: 1 on a cluster of fewer than 3 brokers, else 3.
+    # None: the cluster's replication (:func:`replication`), which is what every topic should
+    # use; a number only for a topic that is deliberately not replicated like the rest.
     replication: int | None = None
     config: dict[str, str] = field(default_factory=dict)
 
 
-def default_replication(md: Any) -> int:
-    return 1 if len(md.brokers) < 3 else 3
+@dataclass(frozen=True)
+class Replication:
+    """How every Stormline topic is replicated: ``factor`` copies, ``min_insync`` of them
+    acknowledged before an ``acks=all`` write succeeds (so one broker may be lost)."""
+
+    factor: int
+    min_insync: int
+
+    def topic_config(self) -> dict[str, str]:
+        return {"min.insync.replicas": str(self.min_insync)}
+
+
+def replication_for(settings: Settings, brokers: int) -> Replication:
+    """The replication of a cluster of ``brokers``: STORMLINE_REPLICATION_FACTOR and
+    STORMLINE_MIN_INSYNC_REPLICAS when set, else 3 and 2 on 3+ brokers, 1 and 1 below."""
+    factor = settings.replication_factor or (3 if brokers >= 3 else 1)
+    min_insync = settings.min_insync_replicas or (2 if factor >= 3 else 1)
+    if min_insync > factor:
+        raise ValueError(
+            f"STORMLINE_MIN_INSYNC_REPLICAS={min_insync} exceeds the replication factor {factor}:"
+            " no write could ever be acknowledged"
+        )
+    return Replication(factor, min_insync)
+
+
+def replication(
+    settings: Settings, *, admin: AdminClient | None = None, timeout: float = 30.0
+) -> Replication:
+    """The replication every topic gets on the cluster ``settings`` name (asks it how many
+    brokers it has unless the factor is set). Faust's ``topic_replication_factor``, the
+    registry's journal and :func:`ensure_topics` all take it from here."""
+    if settings.replication_factor is not None:
+        return replication_for(settings, settings.replication_factor)
+    md = (admin or admin_client(settings)).list_topics(timeout=timeout)
+    return replication_for(settings, len(md.brokers))
 
 
 def ensure_topics(
@@ -67,8 +102,16 @@ def ensure_topics(
     missing = [w for w in wanted if w.name not in md.topics]
     if not create or not missing:
         return md, []
-    rf = default_replication(md)
-    new = [NewTopic(w.name, w.partitions, w.replication or rf, config=w.config) for w in missing]
+    rep = replication_for(settings, len(md.brokers))
+    new = [
+        NewTopic(
+            w.name,
+            w.partitions,
+            w.replication or rep.factor,
+            config={**rep.topic_config(), **w.config} if w.replication is None else w.config,
+        )
+        for w in missing
+    ]
     for name, fut in admin.create_topics(new, request_timeout=timeout).items():
         try:
             fut.result(timeout)
