@@ -22,7 +22,7 @@ from stormline.runtime.consumer import position, reader
 from stormline.runtime.partitioning import partition_for
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventProducer
-from stormline.schemas.models import Reward, RewardSource, Trajectory
+from stormline.schemas.models import Reward, RewardSource, Trajectory, stable_event_id
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
 
@@ -186,6 +186,9 @@ def record_reward(
     serde = Serde.from_settings(settings)
     lineage = _lineage(settings, serde, task_id, trajectory_id, agent_id, lookup_timeout)
     reward = Reward(
+        # One human reward per trajectory (contracts): a repeat is the same event, and the
+        # router replaces the automatic reward's contribution with it once.
+        event_id=stable_event_id("reward", lineage["trajectory_id"], src.value),
         task_id=task_id,
         value=value,
         source=src,

@@ -339,7 +339,12 @@ class RouterSettings(_Section):
     router_partitions: int | None = Field(
         default=None, ge=1, description="Partitions of the router's internal topics and tables."
     )
-    router_replication: int = Field(default=1, ge=1, description="Replicas of internal topics.")
+    router_replication: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replicas of the router's internal topics and changelogs; unset = every "
+        "topic's replication (STORMLINE_REPLICATION_FACTOR or the cluster's).",
+    )
     router_strategy: str = Field(
         default="thompson",
         pattern="^(epsilon_greedy|ucb1|thompson|random|round_robin)$",

@@ -42,15 +42,15 @@ import asyncio
 import heapq
 import json
 import logging
-import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from typing import Any, TypeVar
 
 import faust
 from faust.types import EventT
 
+from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
     ASSIGNMENTS,
@@ -72,7 +72,7 @@ from stormline.schemas.models import (
     Trajectory,
     WorkerStatus,
 )
-from stormline.schemas.serde import DecodeError, Serde
+from stormline.schemas.serde import DecodeError, RegistryUnavailable, Serde
 from stormline.settings import Settings
 from stormline.streams.health import AgentHealth, Directory, HealthConfig
 from stormline.streams.kafka import (
@@ -81,6 +81,7 @@ from stormline.streams.kafka import (
     ensure_internal_topics,
     faust_app,
     read_broadcast,
+    replicas,
 )
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import split_key
@@ -92,11 +93,41 @@ from stormline.streams.router import (
     by_priority,
     epoch,
 )
+from stormline.streams.stores import register as register_store
 from stormline.streams.strategies import StrategyConfig
 
 log = logging.getLogger("stormline.router")
 
 K_TASK, K_TRAJ, K_REWARD, K_TICK = b"T", b"J", b"R", b"K"
+R = TypeVar("R")
+# Transient failures (the registry or a broker away) are retried with backoff, never acked;
+# the stream waits meanwhile. Only a record that can never succeed goes to dead-letters.
+RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the registry or a broker unreachable, not the record."""
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+    if isinstance(exc, MessageSizeTooLargeError):
+        return False
+    return isinstance(exc, (RegistryUnavailable, OSError, asyncio.TimeoutError, KafkaError))
+
+
+async def retrying(what: str, fn: Callable[[], Awaitable[R]]) -> R:
+    """``await fn()`` until it succeeds or fails for a reason that is not transient."""
+    async for attempt in RETRY.async_retrying(transient, log=log, what=what):
+        with attempt:
+            return await fn()
+    raise AssertionError("unreachable: the retry policy never stops on a transient failure")
+
+
+def oversize(exc: BaseException) -> bool:
+    from aiokafka.errors import MessageSizeTooLargeError
+
+    return isinstance(exc, MessageSizeTooLargeError)
+
+
 MISSING_TYPE = "<none>"  # trajectories/rewards that name no task type land together
 
 
@@ -128,6 +159,9 @@ def router_config(s: Settings) -> RouterConfig:
         default_deadline_s=s.router_default_deadline_s,
         done_retention_s=s.router_done_retention_s,
         policy_weight=s.router_policy_weight,
+        failure_value=s.router_failure_value,
+        discount=s.router_discount,
+        seed=s.router_seed or 0,
     )
 
 
@@ -144,15 +178,18 @@ class Router:
         self.extra: dict[str, int] = {"dead_letters": 0, "forwarded": 0, "policy_loads": 0}
         self._tick_sent: dict[str, float] = {}
         self._schedule: list[tuple[float, str, str]] = []
-        self._last_scan = 0.0
+        self._rescan = True  # a full scan of the tasks table, once after each rebalance
         self._started: float | None = None
-        self.app = faust_app(s, self.partitions)
+        self.app = faust_app(s, self.partitions, replicas(s))
         app = self.app
+
+        store = register_store() if s.router_store == "memory" else None
 
         def table(name: str) -> Any:
             return app.Table(
                 name,
                 default=None,
+                store=store,
                 partitions=self.partitions,
                 schema=faust.Schema(key_serializer="json", value_serializer="json"),
             )
@@ -164,7 +201,6 @@ class Router:
             tasks=_Scheduled(self.tasks, self._schedule),
             types=self.types,
             directory=self.directory,
-            rng=random.Random(s.router_seed),
         )
 
         def raw_topic(name: str, internal: bool = False) -> Any:
@@ -194,9 +230,12 @@ class Router:
         }
         for ev in events:
             topic = topics[type(ev)]
-            await topic.send(
-                key=ev.key().encode(), value=self.serde.encode(topic.get_topic_name(), ev)
-            )
+
+            async def send(topic: Any = topic, ev: Event = ev) -> Any:
+                value = self.serde.encode(topic.get_topic_name(), ev)
+                return await topic.send(key=ev.key().encode(), value=value)
+
+            await retrying(f"sending {type(ev).__name__}", send)
 
     async def dead_letter(
         self, ev: EventT[bytes], kind: str, error: str, raw: bytes | None = None
@@ -217,14 +256,35 @@ class Router:
             group=app_id(self.settings),
         )
         if letter is not None:
-            await self.t_dead.send(
-                key=key or b"", value=self.serde.encode(self.t_dead.get_topic_name(), letter)
-            )
+
+            async def send() -> Any:
+                value = self.serde.encode(self.t_dead.get_topic_name(), letter)
+                return await self.t_dead.send(key=key or b"", value=value)
+
+            await retrying("sending a dead letter", send)
 
     async def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
-            body = {"k": "out", "ok": o.ok, "detail": o.detail[:500]}
-            await self.health_in.send(key=o.agent_id.encode(), value=json.dumps(body).encode())
+            body = json.dumps({"k": "out", "ok": o.ok, "detail": o.detail[:500]}).encode()
+            await self.forward(self.health_in, o.agent_id.encode(), body)
+
+    async def forward(self, topic: Any, key: bytes, value: bytes) -> None:
+        """Send to one of the router's own topics, retrying transient failures."""
+        await retrying(
+            f"sending to {topic.get_topic_name()}", lambda: topic.send(key=key, value=value)
+        )
+
+    async def decoded(self, ev: EventT[bytes], etype: type[Any], raw: bytes | None = None) -> Any:
+        """``raw`` (the event's value by default) decoded; transient failures retried.
+
+        DecodeError (a record that can never decode) is the caller's to dead-letter.
+        """
+        value = ev.value if raw is None else raw
+
+        async def decode() -> Any:
+            return self._decode(value, etype)
+
+        return await retrying(f"decoding {etype.__name__}", decode)
 
     # ------------------------------------------------------------------------ agents --
     def _wire(self) -> None:
@@ -242,25 +302,24 @@ class Router:
             async for events in stream.take_events(
                 s.router_batch_max, s.router_batch_window_ms / 1000
             ):
-                batch: list[tuple[TaskSubmitted, bytes]] = []
+                batch: list[tuple[TaskSubmitted, Any]] = []
                 for ev in events:
                     try:
-                        batch.append((self._decode(ev.value, TaskSubmitted), ev.value))
+                        batch.append((await self.decoded(ev, TaskSubmitted), ev))
                     except DecodeError as exc:
                         await self.dead_letter(ev, exc.kind, exc.message)
-                for task, raw in by_priority(batch):
-                    await self.by_type.send(key=task.task_type.encode(), value=K_TASK + raw)
+                for task, ev in by_priority(batch):
+                    await self._forward_one(ev, task.task_type.encode(), K_TASK)
                     self.extra["forwarded"] += 1
 
         async def forward(stream: Any, etype: type[Trajectory] | type[Reward], kind: bytes) -> None:
             async for ev in stream.events():
                 try:
-                    event = self._decode(ev.value, etype)
+                    event = await self.decoded(ev, etype)
                 except DecodeError as exc:
                     await self.dead_letter(ev, exc.kind, exc.message)
                     continue
-                key = (event.task_type or MISSING_TYPE).encode()
-                await self.by_type.send(key=key, value=kind + ev.value)
+                await self._forward_one(ev, (event.task_type or MISSING_TYPE).encode(), kind)
 
         @app.agent(self.t_traj, name="forward-trajectories")
         async def forward_trajectories(stream: Any) -> None:
@@ -274,14 +333,23 @@ class Router:
         async def forward_heartbeats(stream: Any) -> None:
             async for ev in stream.events():
                 try:
-                    hb = self._decode(ev.value, AgentHeartbeat)
+                    hb = await self.decoded(ev, AgentHeartbeat)
                 except DecodeError as exc:
                     await self.dead_letter(ev, exc.kind, exc.message)
                     continue
                 stopped = hb.status == WorkerStatus.STOPPED
                 for agent in sorted({*hb.agent_ids, *hb.capabilities}):
                     body = {"k": "hb", "caps": hb.capabilities.get(agent), "stopped": stopped}
-                    await self.health_in.send(key=agent.encode(), value=json.dumps(body).encode())
+                    await self.forward(self.health_in, agent.encode(), json.dumps(body).encode())
+
+    async def _forward_one(self, ev: EventT[bytes], key: bytes, kind: bytes) -> None:
+        """One input record onto the by-type topic; one too large to send is dead-lettered."""
+        try:
+            await self.forward(self.by_type, key, kind + ev.value)
+        except Exception as exc:
+            if not oversize(exc):
+                raise
+            await self.dead_letter(ev, "oversize", f"{type(exc).__name__}: {exc}")
 
     def _wire_owners(self) -> None:
         """The stateful agents: routing per task type, health per agent."""
@@ -293,7 +361,7 @@ class Router:
                 value: bytes = ev.value
                 kind, body = value[:1], value[1:]
                 try:
-                    await self._route_one(kind, body)
+                    await self._route_one(ev, kind, body)
                 except DecodeError as exc:
                     await self.dead_letter(ev, exc.kind, exc.message, raw=body)
                 except Exception as exc:
@@ -315,6 +383,10 @@ class Router:
         """Timers (through the by-type/health topics) and the broadcast reader."""
         app, s = self.app, self.settings
 
+        @app.on_rebalance_complete.connect
+        async def rebalanced(sender: Any, **kwargs: Any) -> None:
+            self._rescan = True  # records recovered from the changelog are not on the heap
+
         @app.timer(interval=s.router_tick_s, name="task-clock")
         async def task_clock() -> None:
             await self._ticks()
@@ -331,7 +403,7 @@ class Router:
                     and rec.get("status") in ("healthy", "degraded")
                     and now - float(rec.get("last_seen", 0)) > timeout
                 ):
-                    await self.health_in.send(key=agent.encode(), value=b'{"k": "check"}')
+                    await self.forward(self.health_in, agent.encode(), b'{"k": "check"}')
 
         @app.task
         async def broadcast() -> None:
@@ -358,16 +430,18 @@ class Router:
             raise DecodeError("oversize", f"record of {len(raw)} bytes exceeds max_record_bytes")
         return self.serde.decode(raw, etype)
 
-    async def _route_one(self, kind: bytes, body: bytes) -> None:
-        now = time.time()
+    async def _route_one(self, ev: EventT[bytes], kind: bytes, body: bytes) -> None:
         core = self.core
         if kind == K_TASK:
-            await self.emit(core.on_task(self._decode(body, TaskSubmitted), now))
+            task = await self.decoded(ev, TaskSubmitted, body)
+            await self.emit(core.on_task(task, time.time()))
         elif kind == K_TRAJ:
-            await self.outcomes(core.on_trajectory(self._decode(body, Trajectory), now))
+            traj = await self.decoded(ev, Trajectory, body)
+            await self.outcomes(core.on_trajectory(traj, time.time()))
         elif kind == K_REWARD:
-            core.on_reward(self._decode(body, Reward), now)
+            core.on_reward(await self.decoded(ev, Reward, body), time.time())
         elif kind == K_TICK:
+            now = time.time()
             events, outcomes = core.on_tick(body.decode(), now)
             await self.emit(events)
             await self.outcomes(outcomes)
@@ -421,19 +495,29 @@ class Router:
         now = time.time()
         self._grace_until()
         due: list[tuple[str, str]] = []
-        # Records written here are on the schedule heap; a periodic full scan catches those
-        # recovered from the changelog after a restart or a rebalance.
-        if now - self._last_scan > 5.0:
-            self._last_scan = now
-            due = self.core.due(now)
+        # Records written here are on the schedule heap, so a tick costs what is due; one full
+        # scan after each rebalance catches the records recovered from the changelog.
+        if self._rescan:
+            self._rescan = False
+            for tid, rec in list(self.tasks.items()):
+                due_at = float(rec.get("due_at", 0))
+                heapq.heappush(self._schedule, (due_at, rec.get("task_type", ""), tid))
         while self._schedule and self._schedule[0][0] <= now:
             _, ttype, tid = heapq.heappop(self._schedule)
-            due.append((ttype, tid))
+            rec = self.tasks.get(tid)
+            # Gone (a partition this worker lost, or forgotten) or rescheduled since: the
+            # record is the truth, and its newer heap entry will come.
+            if rec is not None and float(rec.get("due_at", 0)) <= now:
+                due.append((ttype, tid))
+        gap = max(1.0, 2 * self.settings.router_tick_s)
         for ttype, tid in due:
-            if now - self._tick_sent.get(tid, 0.0) < max(1.0, 2 * self.settings.router_tick_s):
+            sent = self._tick_sent.get(tid, 0.0)
+            if now - sent < gap:
+                # A tick is in flight: look again once it should have been handled.
+                heapq.heappush(self._schedule, (sent + gap, ttype, tid))
                 continue
             self._tick_sent[tid] = now
-            await self.by_type.send(key=ttype.encode(), value=K_TICK + tid.encode())
+            await self.forward(self.by_type, ttype.encode(), K_TICK + tid.encode())
         if len(self._tick_sent) > 100_000:
             cutoff = now - 60
             self._tick_sent = {k: v for k, v in self._tick_sent.items() if v > cutoff}

@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from stormline.runtime.admin import TopicWanted, ensure_topics
+from stormline.runtime.admin import TopicWanted, ensure_topics, replication
 from stormline.runtime.connection import KafkaConnection
 from stormline.schemas.catalog import AGENT_HEALTH, CHECKPOINTS, HEARTBEATS
 from stormline.schemas.models import (
@@ -34,7 +34,12 @@ def app_id(s: Settings) -> str:
     return f"{s.topic_prefix}{s.router_app_id}"
 
 
-def faust_app(s: Settings, partitions: int) -> faust.App:
+def replicas(s: Settings) -> int:
+    """The replication of the router's topics: the same as every other topic's."""
+    return s.router_replication or replication(s).factor
+
+
+def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.App:
     """The Faust app with the one connection config and the router's broker settings."""
     datadir = Path(s.data_dir) / "router"
     datadir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +54,7 @@ def faust_app(s: Settings, partitions: int) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=partitions,
-        topic_replication_factor=s.router_replication,
+        topic_replication_factor=replication_factor,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
         # Group joins otherwise take the 30 s defaults after every restart.
@@ -58,6 +63,10 @@ def faust_app(s: Settings, partitions: int) -> faust.App:
         broker_rebalance_timeout=20.0,
         broker_commit_interval=1.0,
         producer_linger_ms=1,
+        # As the confluent producers: a task up to STORMLINE_MAX_RECORD_BYTES, forwarded or
+        # inside its assignment, is not refused by Faust's 1,000,000-byte default.
+        producer_max_request_size=max(s.max_record_bytes * 2, 1_048_576),
+        producer_compression_type="lz4",
         producer_acks=-1,
         stream_wait_empty=False,
         web_enabled=True,
@@ -70,6 +79,7 @@ def faust_app(s: Settings, partitions: int) -> faust.App:
 def internal_topics(settings: Settings) -> list[TopicWanted]:
     """The router's own topics: the two repartition topics and the tables' changelogs."""
     n = settings.router_partitions or settings.default_partitions
+    # None: the cluster's replication and min.insync.replicas, as every catalog topic has.
     rf = settings.router_replication
     day = {"retention.ms": str(24 * 3600 * 1000)}
     compact = {"cleanup.policy": "compact"}
@@ -91,6 +101,20 @@ def ensure_internal_topics(settings: Settings) -> None:
     ensure_topics(settings, internal_topics(settings))
 
 
+def broadcast_config(settings: Settings) -> dict[str, Any]:
+    """The group-less reader's aiokafka arguments: the one connection config, no group.
+
+    Before the runtime kernel this reader was built with the bootstrap servers alone, so on
+    a SASL/SSL cluster it read no heartbeats and no agent was ever a candidate.
+    """
+    return {
+        **KafkaConnection.from_settings(settings).aiokafka(),
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+    }
+
+
 async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Event]:
     """Heartbeats (the lookback window), agent-health and checkpoints (all), then live.
 
@@ -105,12 +129,7 @@ async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Even
         AGENT_HEALTH.name(s): AgentHealthChanged,
         CHECKPOINTS.name(s): CheckpointPublished,
     }
-    consumer = AIOKafkaConsumer(
-        **KafkaConnection.from_settings(s).aiokafka(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = AIOKafkaConsumer(**broadcast_config(s))
     await consumer.start()
     try:
         tps = []

@@ -10,9 +10,10 @@ JSON (:meth:`QCell.to_dict` / :meth:`QCell.from_dict`). It keeps:
 * ``successes``/``failures`` for Beta-Bernoulli Thompson sampling and ``total``/``sumsq`` for
   the Gaussian variant; ``binary`` stays true while every reward was exactly 0 or 1.
 
-Rewards are deduplicated by :func:`reward_key` (trajectory id and attempt): the caller keeps
-the set of keys already applied (see ``streams/app.py``), so a redelivered or late reward for
-an old attempt is counted once.
+Outcomes are counted once per attempt by :class:`AttemptLedger` (kept in the task's record):
+an attempt's automatic outcome (a verifier/judge/failure reward, or the router's own expiry)
+counts once; a later human reward for it, or a real reward for an attempt the router had
+already expired, *replaces* the earlier contribution (:meth:`QCell.replace`) exactly once.
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ def split_key(key: str) -> tuple[str, str]:
     return task_type, agent_id
 
 
-def reward_key(trajectory_id: str, attempt: int) -> str:
-    return f"{trajectory_id}#{attempt}"
-
-
 @dataclass
 class QCell:
     value: float = 0.0
@@ -51,14 +48,25 @@ class QCell:
     extra: dict[str, float] = field(default_factory=dict)
 
     # -- learning --
-    def update(self, reward: float, step_size: float | None = None) -> QCell:
+    def update(
+        self, reward: float, step_size: float | None = None, discount: float | None = None
+    ) -> QCell:
         """Apply one reward in place and return self.
 
         ``step_size`` None: sample mean (stationary agents). A fixed step in (0, 1] weights
         recent rewards more, which tracks an agent whose quality drifts (a model upgrade).
+        ``discount`` (gamma in (0, 1)) shrinks the Beta/Gaussian evidence before each update,
+        so Thompson's posterior forgets at rate gamma and follows an agent that degrades
+        (the effective window is about 1/(1-gamma) rewards).
         """
         if not math.isfinite(reward):
             raise ValueError("reward must be finite")
+        if discount is not None and discount < 1.0:
+            self.successes *= discount
+            self.failures *= discount
+            self.total *= discount
+            self.sumsq *= discount
+            self.extra["weight"] = self.extra.get("weight", float(self.count)) * discount + 1.0
         self.count += 1
         step = (1.0 / self.count) if step_size is None else step_size
         self.value += step * (reward - self.value)
@@ -77,21 +85,45 @@ class QCell:
             self.failures += 1.0 - clipped
         return self
 
+    def replace(self, old: float, new: float, step_size: float | None = None) -> QCell:
+        """Swap one applied reward ``old`` for ``new`` (a human correction); count unchanged."""
+        if not (math.isfinite(old) and math.isfinite(new)):
+            raise ValueError("reward must be finite")
+        if self.count == 0:
+            return self.update(new, step_size)
+        self.total += new - old
+        self.sumsq += new * new - old * old
+        o, n = min(1.0, max(0.0, old)), min(1.0, max(0.0, new))
+        self.successes = max(0.0, self.successes + n - o)
+        self.failures = max(0.0, self.failures + o - n)
+        if new not in (0.0, 1.0):
+            self.binary = False
+        step = (1.0 / self.count) if step_size is None else step_size
+        self.value += step * (new - old)
+        return self
+
     def pulled(self) -> QCell:
         self.pulls += 1
         return self
 
     # -- statistics --
     @property
+    def weight(self) -> float:
+        """The evidence behind the sums: ``count``, or its discounted version."""
+        return self.extra.get("weight", float(self.count))
+
+    @property
     def mean(self) -> float:
-        return self.total / self.count if self.count else 0.0
+        w = self.weight
+        return self.total / w if w > 0 else 0.0
 
     @property
     def variance(self) -> float:
-        if self.count < 2:
+        w = self.weight
+        if w < 2:
             return 0.25  # the largest variance of a [0, 1] reward: an honest prior
         m = self.mean
-        return max(self.sumsq / self.count - m * m, 1e-6)
+        return max(self.sumsq / w - m * m, 1e-6)
 
     # -- storage --
     def to_dict(self) -> dict[str, object]:
@@ -117,21 +149,64 @@ class QCell:
         return cls(**known)
 
 
-class RewardLedger:
-    """The keys of rewards already applied, for one task (kept inside its task record)."""
+AUTO, HUMAN, EXPIRY = "auto", "human", "expiry"
 
-    def __init__(self, keys: list[str] | None = None) -> None:
-        self._keys = list(keys or [])
 
-    def seen(self, key: str) -> bool:
-        return key in self._keys
+@dataclass(frozen=True)
+class Entry:
+    """What counts for one attempt now: the agent, the value, and where it came from."""
 
-    def add(self, key: str) -> bool:
-        """Record ``key``; False if it was already there (a duplicate)."""
-        if key in self._keys:
-            return False
-        self._keys.append(key)
-        return True
+    agent: str
+    value: float
+    kind: str  # AUTO | HUMAN | EXPIRY
+    trajectory_id: str = ""
 
-    def keys(self) -> list[str]:
-        return list(self._keys)
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with an outcome: ``apply`` a new value, ``replace`` ``old``, or nothing."""
+
+    action: str  # "apply" | "replace" | "duplicate"
+    old: Entry | None = None
+
+
+# What may replace what: a human word beats everything; a real reward beats the router's
+# own guess that an attempt that expired had failed; nothing replaces a human reward.
+_REPLACES = {HUMAN: {AUTO, EXPIRY}, AUTO: {EXPIRY}, EXPIRY: set[str]()}
+
+
+class AttemptLedger:
+    """The outcome counted for each attempt of one task (kept inside its task record).
+
+    Stored as ``{str(attempt): [agent, value, kind, trajectory id]}`` (JSON round-trips).
+    """
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._d: dict[str, list[Any]] = {k: list(v) for k, v in (data or {}).items()}
+
+    def get(self, attempt: int) -> Entry | None:
+        v = self._d.get(str(attempt))
+        if not v:
+            return None
+        return Entry(str(v[0]), float(v[1]), str(v[2]), str(v[3]) if len(v) > 3 else "")
+
+    def attempt_of(self, trajectory_id: str) -> int | None:
+        """The attempt whose outcome came from ``trajectory_id`` (a reward that lacks it)."""
+        for k, v in self._d.items():
+            if len(v) > 3 and v[3] == trajectory_id:
+                return int(k)
+        return None
+
+    def decide(self, attempt: int, kind: str) -> Decision:
+        old = self.get(attempt)
+        if old is None:
+            return Decision("apply")
+        if old.kind in _REPLACES[kind]:
+            return Decision("replace", old)
+        return Decision("duplicate", old)
+
+    def record(self, attempt: int, entry: Entry) -> None:
+        self._d[str(attempt)] = [entry.agent, entry.value, entry.kind, entry.trajectory_id]
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {k: list(v) for k, v in self._d.items()}

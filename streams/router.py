@@ -8,13 +8,20 @@ unit tests) and a clock passed in, so every rule below is testable without Kafka
   AgentHealthChanged).
 * **Choice**: :func:`streams.strategies.choose_agent` over the Q-cells of (task type, candidate),
   optionally blended with a checkpoint scorer.
-* **Task lifecycle** (one record per task id): ``waiting`` (no candidate; retried until the
-  deadline) -> ``assigned`` (attempt n, expires at t) -> ``done`` (a trajectory for the current
-  attempt arrived, or the task failed for good). An expired attempt is reassigned as attempt
-  n+1, preferring an agent not tried yet; after ``max_attempts`` the task gets a final failed
-  Trajectory and a Reward with source ``failure``. Nothing is dropped silently.
-* **Rewards** update the Q-cell once per (trajectory id, attempt): the keys already applied
-  live in the task record, kept ``done_retention_s`` after the task finished.
+* **Task lifecycle** (one record per task id, states and moves of
+  :mod:`stormline.schemas.lifecycle`; an illegal move is refused and logged): ``submitted`` ->
+  ``waiting`` (no candidate; retried until the deadline) -> ``assigned`` (attempt n, expires
+  at t) -> ``succeeded`` / ``failed``. Expiry is the router's decision alone, on its clock: a
+  worker's TIMEOUT trajectory does not end the attempt. An expired attempt counts as a
+  failure of its agent and is reassigned as attempt n+1, preferring an agent not tried yet;
+  after ``max_attempts`` the task gets a final failed Trajectory and a Reward from
+  :data:`ROUTER_AGENT`. Nothing is dropped silently.
+* **Choice is a function of (task id, attempt)**: each decision draws from an RNG seeded
+  with them, so an attempt redone after a crash (the assignment sent, the record lost) goes
+  to the same agent given the same statistics.
+* **Outcomes** (success, wrong answer, error, expiry) update the Q-cell of the attempt's
+  agent once per attempt (:class:`streams.qtable.AttemptLedger` in the task record); a human
+  reward replaces the automatic one; errors count ``failure_value``.
 
 Slightly over ~400 lines because :class:`RouterCore` is one state machine over the task record
 (assign, wait, expire, fail, reward); its steps are small methods that all read and write that
@@ -23,13 +30,16 @@ record, and splitting the class would put the record's rules in two places.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from stormline.schemas.lifecycle import FINAL, IllegalTransition, TaskState, check
 from stormline.schemas.models import (
+    ROUTER_AGENT,
     AssignedTask,
     Event,
     PolicyKind,
@@ -39,13 +49,24 @@ from stormline.schemas.models import (
     TaskSubmitted,
     Trajectory,
     TrajectoryStatus,
+    stable_event_id,
 )
 from stormline.streams.health import Directory, HealthConfig
 from stormline.streams.policy import Scorer
-from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key
+from stormline.streams.qtable import (
+    AUTO,
+    EXPIRY,
+    HUMAN,
+    AttemptLedger,
+    Entry,
+    QCell,
+    cell_key,
+)
 from stormline.streams.strategies import Choice, StrategyConfig, choose_agent
 
-ROUTER_AGENT = "stormline-router"  # agent_id/provider on what the router itself emits
+log = logging.getLogger("stormline.router")
+
+# ROUTER_AGENT (agent_id/provider on what the router itself emits) lives in schemas.models.
 NO_AGENT = "no capable healthy agent"
 ABSOLUTE_MS = 10**12  # a deadline_ms above this is an epoch time, below it a duration
 T = TypeVar("T")
@@ -62,6 +83,9 @@ class RouterConfig:
     default_deadline_s: float = 300.0
     done_retention_s: float = 3600.0
     policy_weight: float = 0.5
+    failure_value: float = 0.0  # what an error or an expired attempt counts for its agent
+    discount: float | None = None  # gamma of the discounted statistics (None: keep all)
+    seed: int = 0  # with (task id, attempt): the RNG of each decision
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,14 @@ def epoch(dt: datetime) -> float:
 def at(ts: float) -> datetime:
     d = datetime.fromtimestamp(ts, UTC)
     return d.replace(microsecond=d.microsecond // 1000 * 1000)
+
+
+# Records written before the lifecycle vocabulary used these words.
+_LEGACY = {"new": TaskState.SUBMITTED.value, "done": TaskState.SUCCEEDED.value}
+
+
+def state_of(rec: Mapping[str, Any]) -> TaskState:
+    return TaskState(_LEGACY.get(str(rec.get("state")), str(rec.get("state"))))
 
 
 def by_priority(batch: list[tuple[TaskSubmitted, T]]) -> list[tuple[TaskSubmitted, T]]:
@@ -110,11 +142,15 @@ class RouterCore:
         self.tasks = tasks
         self.types = types
         self.directory = directory
-        self.rng = rng or random.Random()
+        # A seeded ``rng`` (tests, benchmarks) picks the decisions' base seed; otherwise the
+        # configured one, so that every router process decides an attempt the same way.
+        self.seed = rng.getrandbits(64) if rng is not None else cfg.seed
         self.scorer: Scorer | None = None
         # Expiries wait until then (the app sets it to the end of its catch-up grace).
         self.hold_expiry_until = 0.0
         self.policy_version: str | None = None
+        # (task id, state, attempt) of every applied move, for the Redis status writer.
+        self.moves: list[tuple[str, TaskState, int]] = []
         self.counters: dict[str, int] = {
             k: 0
             for k in (
@@ -128,11 +164,31 @@ class RouterCore:
                 "failed_attempts",
                 "trajectories",
                 "trajectories_stale",
+                "trajectories_timeout_deferred",
                 "rewards_applied",
+                "rewards_replaced",
                 "rewards_duplicate",
                 "rewards_ignored",
+                "expiries_counted",
+                "illegal_transitions",
             )
         }
+
+    def rng_for(self, task_id: str, attempt: int) -> random.Random:
+        """The RNG of the decision for ``attempt`` of ``task_id`` (a str seed is hashed)."""
+        return random.Random(f"{self.seed}\x1f{task_id}\x1f{attempt}")
+
+    def _move(self, task_id: str, rec: dict[str, Any], new: TaskState) -> bool:
+        """Set ``rec``'s state to ``new`` if the lifecycle allows it; log and refuse if not."""
+        try:
+            check(task_id, state_of(rec) if rec.get("state") else None, new)
+        except IllegalTransition as exc:
+            self.counters["illegal_transitions"] += 1
+            log.warning("refused: %s", exc)
+            return False
+        rec["state"] = new.value
+        self.moves.append((task_id, new, max(int(rec.get("attempt", 0)), 1)))
+        return True
 
     # -- tasks --
     def on_task(self, task: TaskSubmitted, now: float) -> list[Event]:
@@ -142,15 +198,15 @@ class RouterCore:
         rec: dict[str, Any] = {
             "task": task.model_dump(mode="json"),
             "task_type": task.task_type,
-            "state": "new",
+            "state": TaskState.SUBMITTED.value,
             "attempt": 0,
             "agent": None,
             "tried": [],
-            "rewarded": [],
+            "rewarded": {},
             "deadline_at": self._deadline(task),
             "due_at": now,
         }
-        out = self._assign(rec, now, avoid=(), task=task)
+        out = self._assign(task.task_id, rec, now, avoid=(), task=task)
         self.tasks[task.task_id] = rec
         return out
 
@@ -163,6 +219,7 @@ class RouterCore:
 
     def _assign(
         self,
+        task_id: str,
         rec: dict[str, Any],
         now: float,
         avoid: tuple[str, ...],
@@ -177,7 +234,8 @@ class RouterCore:
         fresh = {a: p for a, p in candidates.items() if a not in avoid} or candidates
         cells = {a: QCell.from_dict(self.qtable.get(cell_key(task.task_type, a))) for a in fresh}
         tstats = dict(self.types.get(task.task_type) or {"routed": 0})
-        choice, prior = self._pick(task, fresh, cells, int(tstats["routed"]))
+        rng = self.rng_for(task_id, int(rec["attempt"]) + 1)
+        choice, prior = self._pick(task, fresh, cells, int(tstats["routed"]), rng)
         agent = choice.agent_id
         tstats["routed"] = int(tstats["routed"]) + 1
         self.types[task.task_type] = tstats
@@ -194,10 +252,17 @@ class RouterCore:
         """No capable healthy agent: fail the task past its deadline, else retry later."""
         if now >= rec["deadline_at"]:
             self.counters["failed_no_agent"] += 1
-            return self._fail(rec, now, NO_AGENT, RewardSource.FAILURE, task)
-        if rec["state"] != "waiting":
+            return self._fail(rec, now, NO_AGENT, task)
+        if int(rec["attempt"]) > 0:
+            # A reassignment that found nobody: the task stays assigned (the lifecycle has no
+            # assigned -> waiting), its expired attempt counted, and the clock retries.
+            if not rec.get("reassign"):
+                self.counters["waiting"] += 1
+            rec["reassign"] = True
+        elif state_of(rec) != TaskState.WAITING:
+            if not self._move(task.task_id, rec, TaskState.WAITING):
+                return []
             self.counters["waiting"] += 1
-        rec["state"] = "waiting"
         rec["due_at"] = min(now + self.cfg.retry_s, rec["deadline_at"])
         return []
 
@@ -219,6 +284,7 @@ class RouterCore:
         fresh: Mapping[str, bool],
         cells: Mapping[str, QCell],
         routed: int,
+        rng: random.Random,
     ) -> tuple[Choice, dict[str, float] | None]:
         """The agent for this attempt, and the prior that weighed in (None if none did).
 
@@ -232,7 +298,7 @@ class RouterCore:
             a = probing[0]
             return Choice(a, cells[a].value, PolicyKind.EXPLORE.value), None
         choice = choose_agent(
-            self.cfg.strategy, cells, self.rng, step=routed, prior=prior, prior_weight=weight
+            self.cfg.strategy, cells, rng, step=routed, prior=prior, prior_weight=weight
         )
         return choice, prior
 
@@ -248,12 +314,15 @@ class RouterCore:
         agent = choice.agent_id
         rec["attempt"] = int(rec["attempt"]) + 1
         rec["agent"] = agent
-        rec["state"] = "assigned"
+        rec.pop("reassign", None)
+        rec["state"] = TaskState.ASSIGNED.value  # every state but a final one may reassign
+        self.moves.append((task.task_id, TaskState.ASSIGNED, rec["attempt"]))
         rec["tried"] = [*rec["tried"], agent]
         rec["expires_at"] = now + self.cfg.assignment_ttl_s
         rec["due_at"] = rec["expires_at"]
         self.counters["assigned"] += 1
         return TaskAssigned(
+            event_id=stable_event_id("assignment", task.task_id, rec["attempt"]),
             task_id=task.task_id,
             attempt=rec["attempt"],
             agent_id=agent,
@@ -272,22 +341,24 @@ class RouterCore:
         rec: dict[str, Any],
         now: float,
         reason: str,
-        src: RewardSource,
         task: TaskSubmitted | None = None,
     ) -> list[Event]:
+        """The task's final failure: a Trajectory and a Reward from the router itself."""
         task = task or TaskSubmitted.model_validate(rec["task"])
-        agent = rec.get("agent") or ROUTER_AGENT
+        if not self._move(task.task_id, rec, TaskState.FAILED):
+            return []
         attempt = max(int(rec["attempt"]), 1)
         tid = f"{task.task_id}:router-final"
-        rec["state"] = "done"
         rec["done_at"] = now
         rec["due_at"] = now + self.cfg.done_retention_s
+        rec["reason"] = reason
         return [
             Trajectory(
+                event_id=stable_event_id("final-failure", task.task_id, attempt),
                 task_id=task.task_id,
                 trajectory_id=tid,
                 attempt=attempt,
-                agent_id=agent,
+                agent_id=ROUTER_AGENT,
                 task_type=task.task_type,
                 provider=ROUTER_AGENT,
                 policy_version=self.policy_version,
@@ -298,14 +369,15 @@ class RouterCore:
                 final=True,
             ),
             Reward(
+                event_id=stable_event_id("reward", tid, RewardSource.FAILURE.value),
                 task_id=task.task_id,
                 trajectory_id=tid,
                 attempt=attempt,
-                agent_id=agent,
+                agent_id=ROUTER_AGENT,
                 task_type=task.task_type,
                 policy_version=self.policy_version,
                 value=0.0,
-                source=src,
+                source=RewardSource.FAILURE,
                 reason=reason,
             ),
         ]
@@ -316,35 +388,39 @@ class RouterCore:
         if rec is None or now < float(rec.get("due_at", 0)):
             return [], []  # stale or duplicate tick: the record is the truth
         rec = dict(rec)
-        state = rec["state"]
+        state = state_of(rec)
         out: list[Event] = []
         outcomes: list[Outcome] = []
-        if state == "done":
+        if state in FINAL:
             del self.tasks[task_id]
             return [], []
-        if state == "assigned" and now < self.hold_expiry_until:
+        if state == TaskState.ASSIGNED and now < self.hold_expiry_until:
+            rec["due_at"] = self.hold_expiry_until  # look again after the catch-up grace
+            self.tasks[task_id] = rec
             return [], []
-        if state == "waiting":
-            out = self._assign(rec, now, avoid=tuple(rec["tried"]))
-        elif state == "assigned":
-            self.counters["expired"] += 1
-            outcomes.append(Outcome(rec["agent"], False, f"attempt {rec['attempt']} expired"))
-            if int(rec["attempt"]) >= self.cfg.max_attempts:
-                self.counters["failed_attempts"] += 1
-                out = self._fail(
-                    rec,
-                    now,
-                    f"no trajectory after {rec['attempt']} attempts",
-                    RewardSource.FAILURE,
-                )
-            else:
-                self.counters["reassigned"] += 1
-                out = self._assign(rec, now, avoid=tuple(rec["tried"]))
+        if state in (TaskState.WAITING, TaskState.SUBMITTED) or rec.get("reassign"):
+            out = self._assign(task_id, rec, now, avoid=tuple(rec["tried"]))
+        elif state == TaskState.ASSIGNED:
+            outcomes, out = self._expire(task_id, rec, now)
         self.tasks[task_id] = rec
         return out, outcomes
 
+    def _expire(
+        self, task_id: str, rec: dict[str, Any], now: float
+    ) -> tuple[list[Outcome], list[Event]]:
+        """The current attempt expired: it counts against its agent; reassign or fail."""
+        self.counters["expired"] += 1
+        attempt, agent = int(rec["attempt"]), str(rec["agent"])
+        self._count(rec, rec["task_type"], agent, attempt, self.cfg.failure_value, EXPIRY)
+        outcomes = [Outcome(agent, False, f"attempt {attempt} expired")]
+        if attempt >= self.cfg.max_attempts:
+            self.counters["failed_attempts"] += 1
+            return outcomes, self._fail(rec, now, f"no trajectory after {attempt} attempts")
+        self.counters["reassigned"] += 1
+        return outcomes, self._assign(task_id, rec, now, avoid=tuple(rec["tried"]))
+
     def due(self, now: float) -> list[tuple[str, str]]:
-        """(task type, task id) of the records whose next step is due."""
+        """(task type, task id) of the records whose next step is due (a full scan)."""
         return [
             (rec["task_type"], tid)
             for tid, rec in list(self.tasks.items())
@@ -353,57 +429,106 @@ class RouterCore:
 
     # -- results --
     def on_trajectory(self, traj: Trajectory, now: float) -> list[Outcome]:
-        if traj.provider == ROUTER_AGENT:
+        if traj.provider == ROUTER_AGENT or traj.agent_id == ROUTER_AGENT:
             return []  # our own final failure, already accounted for
         self.counters["trajectories"] += 1
-        outcome = Outcome(
-            traj.agent_id,
-            traj.status == TrajectoryStatus.OK,
-            traj.error or traj.status.value,
-        )
+        timeout = traj.status == TrajectoryStatus.TIMEOUT
+        outcome = Outcome(traj.agent_id, traj.status == TrajectoryStatus.OK, traj.error or "")
+        # A worker's TIMEOUT says nothing the router's own clock will not decide: the agent
+        # may never have run (an assignment read after its expiry).
+        outcomes = [] if timeout else [outcome]
         rec = self.tasks.get(traj.task_id)
         if (
             rec is None
-            or rec["state"] == "done"
+            or state_of(rec) in FINAL
             or int(traj.attempt) != int(rec["attempt"])
             or traj.agent_id != rec["agent"]
         ):
             self.counters["trajectories_stale"] += 1
-            return [outcome]
+            return outcomes
+        if timeout:
+            self.counters["trajectories_timeout_deferred"] += 1
+            return []
         rec = dict(rec)
-        rec["state"] = "done"
-        rec["done_at"] = now
-        rec["due_at"] = now + self.cfg.done_retention_s
-        self.tasks[traj.task_id] = rec
-        return [outcome]
+        ok = traj.status == TrajectoryStatus.OK
+        if self._move(traj.task_id, rec, TaskState.SUCCEEDED if ok else TaskState.FAILED):
+            rec["done_at"] = now
+            rec["due_at"] = now + self.cfg.done_retention_s
+            self.tasks[traj.task_id] = rec
+        return outcomes
 
     def on_reward(self, reward: Reward, now: float) -> bool:
-        """Apply ``reward`` to its Q-cell; False if ignored or already counted."""
-        if reward.source == RewardSource.FAILURE or reward.agent_id == ROUTER_AGENT:
+        """Count ``reward`` for its attempt's agent; False if ignored or already counted.
+
+        An automatic reward counts once per attempt (an error's counts ``failure_value``); a
+        human reward replaces the automatic one's contribution, once, whatever the order; a
+        TIMEOUT reward is ignored, because the attempt's expiry on the router's clock is what
+        counts for it.
+        """
+        if reward.agent_id == ROUTER_AGENT or reward.source == RewardSource.TIMEOUT:
             self.counters["rewards_ignored"] += 1
-            return False  # bookkeeping of the router itself, not evidence about an agent
+            return False  # the router's own bookkeeping, or decided by the router's clock
         rec = self.tasks.get(reward.task_id)
         task_type = reward.task_type or (rec or {}).get("task_type", "")
         if rec is None:
-            # Unknown or forgotten task: keep a done record so a redelivery is still caught.
+            # Unknown or forgotten task: keep a ledger-only record so a redelivery is caught.
             rec = {
                 "task_type": task_type,
-                "state": "done",
+                "state": TaskState.SUCCEEDED.value,
                 "attempt": reward.attempt,
                 "agent": reward.agent_id,
                 "tried": [],
-                "rewarded": [],
+                "rewarded": {},
                 "done_at": now,
                 "due_at": now + self.cfg.done_retention_s,
             }
-        ledger = RewardLedger(rec.get("rewarded"))
-        if not ledger.add(reward_key(reward.trajectory_id, reward.attempt)):
+        rec = dict(rec)
+        failed = reward.source == RewardSource.FAILURE
+        value = self.cfg.failure_value if failed else reward.value
+        kind = HUMAN if reward.source == RewardSource.HUMAN else AUTO
+        attempt = reward.attempt
+        if kind == HUMAN:
+            # `stormline reward` given only a trajectory id does not know the attempt.
+            found = AttemptLedger(_ledger(rec.get("rewarded"))).attempt_of(reward.trajectory_id)
+            attempt = found if found is not None else attempt
+        applied = self._count(
+            rec, task_type, reward.agent_id, attempt, value, kind, reward.trajectory_id
+        )
+        self.tasks[reward.task_id] = rec
+        return applied
+
+    def _count(
+        self,
+        rec: dict[str, Any],
+        task_type: str,
+        agent: str,
+        attempt: int,
+        value: float,
+        kind: str,
+        trajectory_id: str = "",
+    ) -> bool:
+        """Apply one attempt's outcome to the Q-table through the ledger in ``rec``."""
+        ledger = AttemptLedger(_ledger(rec.get("rewarded")))
+        decision = ledger.decide(attempt, kind)
+        if decision.action == "duplicate":
             self.counters["rewards_duplicate"] += 1
             return False
-        rec = {**rec, "rewarded": ledger.keys()}
-        self.tasks[reward.task_id] = rec
-        key = cell_key(task_type, reward.agent_id)
-        cell = QCell.from_dict(self.qtable.get(key)).update(reward.value, self.cfg.step_size)
+        old = decision.old
+        target = old.agent if old is not None else agent
+        key = cell_key(task_type, target)
+        cell = QCell.from_dict(self.qtable.get(key))
+        if old is not None:
+            cell.replace(old.value, value, self.cfg.step_size)
+            self.counters["rewards_replaced"] += 1
+        else:
+            cell.update(value, self.cfg.step_size, self.cfg.discount)
+            self.counters["expiries_counted" if kind == EXPIRY else "rewards_applied"] += 1
         self.qtable[key] = cell.to_dict()
-        self.counters["rewards_applied"] += 1
+        ledger.record(attempt, Entry(target, value, kind, trajectory_id))
+        rec["rewarded"] = ledger.to_dict()
         return True
+
+
+def _ledger(data: Any) -> dict[str, Any]:
+    """The ledger of a record; one written by an older router (a list of keys) starts empty."""
+    return data if isinstance(data, dict) else {}

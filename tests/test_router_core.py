@@ -102,7 +102,7 @@ def test_a_trajectory_for_the_current_attempt_stops_the_clock() -> None:
     (a1,) = c.on_task(task("t", ["a"]), T0)
     assert c.on_trajectory(traj(a1), T0 + 1)[0].ok  # type: ignore[arg-type]
     assert c.on_tick("t", T0 + 100) == ([], [])
-    assert c.tasks["t"]["state"] == "done"
+    assert c.tasks["t"]["state"] == "succeeded"
 
 
 def test_no_capable_agent_waits_then_fails_with_the_reason() -> None:
@@ -133,12 +133,13 @@ def test_duplicate_and_late_rewards_are_counted_once() -> None:
     assert c.on_reward(r, T0 + 1)
     assert not c.on_reward(r.model_copy(update={"event_id": r.event_id}), T0 + 2)
     assert c.qtable[cell_key("qa", "x")]["count"] == 1
+    # A FAILURE reward of the same attempt is that attempt's outcome too: counted already.
     failure = r.model_copy(update={"source": RewardSource.FAILURE, "trajectory_id": "z"})
     assert not c.on_reward(failure, T0)
     # A reward for a task the router never saw is applied once as well.
     r2 = r.model_copy(update={"task_id": "other"})
     assert c.on_reward(r2, T0) and not c.on_reward(r2, T0)
-    assert c.counters["rewards_duplicate"] == 2
+    assert c.counters["rewards_duplicate"] == 3
 
 
 def test_policy_prior_stamps_checkpoint_kind_and_version() -> None:

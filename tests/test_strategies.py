@@ -9,7 +9,16 @@ import pytest
 
 from stormline.schemas.models import HealthStatus as H
 from stormline.streams.health import ALLOWED, AgentHealth, HealthConfig, ProbeBudget, probe_ready_at
-from stormline.streams.qtable import QCell, RewardLedger, cell_key, reward_key, split_key
+from stormline.streams.qtable import (
+    AUTO,
+    EXPIRY,
+    HUMAN,
+    AttemptLedger,
+    Entry,
+    QCell,
+    cell_key,
+    split_key,
+)
 from stormline.streams.strategies import STRATEGIES, StrategyConfig, choose_agent, decayed_epsilon
 
 PROBS = {"a": 0.2, "b": 0.45, "c": 0.8, "d": 0.5}  # c is best by a 0.3 gap
@@ -113,12 +122,47 @@ def test_cells_round_trip_through_their_json_form() -> None:
     assert split_key(cell_key("math", "agent-1")) == ("math", "agent-1")
 
 
-def test_reward_ledger_counts_a_key_once() -> None:
-    led = RewardLedger()
-    assert led.add(reward_key("tr-1", 1))
-    assert not led.add(reward_key("tr-1", 1))
-    assert led.add(reward_key("tr-1", 2))  # another attempt is another reward
-    assert RewardLedger(led.keys()).seen(reward_key("tr-1", 1))
+def test_attempt_ledger_counts_an_attempt_once_and_a_human_replaces_it() -> None:
+    led = AttemptLedger()
+    assert led.decide(1, AUTO).action == "apply"
+    led.record(1, Entry("a", 1.0, AUTO))
+    assert led.decide(1, AUTO).action == "duplicate"
+    assert led.decide(2, AUTO).action == "apply"  # another attempt is another outcome
+    d = led.decide(1, HUMAN)
+    assert d.action == "replace" and d.old == Entry("a", 1.0, AUTO)
+    led.record(1, Entry("a", 0.0, HUMAN))
+    again = AttemptLedger(led.to_dict())  # through its JSON form
+    assert again.decide(1, HUMAN).action == "duplicate"
+    assert again.decide(1, AUTO).action == "duplicate"  # a late automatic one never wins
+    led.record(3, Entry("b", 0.0, EXPIRY))
+    assert led.decide(3, AUTO).action == "replace"  # a real result beats the expiry guess
+    assert led.decide(3, EXPIRY).action == "duplicate"
+
+
+def test_replace_swaps_one_reward_for_another() -> None:
+    c = QCell()
+    for v in (1.0, 1.0, 0.0):
+        c.update(v)
+    c.replace(1.0, 0.0)
+    ref = QCell()
+    for v in (1.0, 0.0, 0.0):
+        ref.update(v)
+    assert (c.count, c.successes, c.failures) == (ref.count, ref.successes, ref.failures)
+    assert c.value == pytest.approx(ref.value) and c.mean == pytest.approx(ref.mean)
+
+
+def test_discount_forgets_old_evidence() -> None:
+    c = QCell()
+    for _ in range(200):
+        c.update(1.0, discount=0.95)
+    for _ in range(40):
+        c.update(0.0, discount=0.95)
+    # About 1/(1-gamma) = 20 rewards of memory: the 40 recent failures dominate.
+    assert c.failures > 5 * c.successes and c.mean < 0.2
+    plain = QCell()
+    for v in [1.0] * 200 + [0.0] * 40:
+        plain.update(v)
+    assert plain.mean > 0.8
 
 
 # ------------------------------------------------------------------------- health --
