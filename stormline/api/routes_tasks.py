@@ -154,7 +154,8 @@ async def task_events(request: Request, task_id: str, who: Caller) -> StreamingR
 @router.post("/tasks/{task_id}/cancel", response_model=TaskStatus)
 @needs(Role.SUBMIT)
 async def cancel_task(request: Request, task_id: str, who: Caller) -> TaskStatus:
-    """Mark the task ``cancelled`` (through the guarded status); 409 once it is final."""
+    """Mark the task ``cancelled`` (through the guarded status); again: the same answer;
+    409 once it succeeded or failed."""
     st = request.app.state
     cur = await _owned(request, who, task_id)
     if cur.state not in FINAL_STATES:
