@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -92,7 +93,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     st.store = ApiStore(settings)
     st.state = RedisState(settings)
     st.log = log
-    st.hub = StatusHub(settings, st.store.r, _on_final(st.store))
+    # Its own connection, without a socket timeout: a subscription is idle for long spells.
+    listener = aioredis.Redis.from_url(settings.redis_address, socket_connect_timeout=2.0)
+    st.hub = StatusHub(settings, listener, _on_final(st.store))
     hub_task = asyncio.create_task(st.hub.run())
     with contextlib.suppress(Exception):  # fail later, per request, if the registry is down
         await asyncio.to_thread(st.serde.register, TASKS.name(settings), TaskSubmitted)
@@ -105,6 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(st.producer.close, 10)
         await st.state.aclose()
         await st.store.aclose()
+        await listener.aclose()
 
 
 def _on_final(store: ApiStore) -> Any:

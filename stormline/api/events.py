@@ -115,29 +115,60 @@ class StatusHub:
                 await self.on_final(done)
 
 
+_RANK = {
+    TaskState.SUBMITTED: 0,
+    TaskState.WAITING: 1,
+    TaskState.ASSIGNED: 2,
+    TaskState.RUNNING: 3,
+    TaskState.SUCCEEDED: 4,
+    TaskState.FAILED: 4,
+    TaskState.CANCELLED: 4,
+}
+
+
+def later(ev: StatusEvent, last: tuple[int, int] | None) -> bool:
+    """Whether ``ev`` is news after ``last`` (attempt, rank): a message already reflected by
+    the status read at the start, or an older one, is not sent again."""
+    return last is None or (ev.attempt, _RANK[ev.state]) > last
+
+
 async def status_events(
     hub: StatusHub,
     task_id: str,
     read: Callable[[], Awaitable[TaskStatus | None]],
     keepalive_s: float = 15.0,
 ) -> AsyncIterator[bytes]:
-    """SSE bytes for one task: its status now, each change, and the end at a final state."""
+    """SSE bytes for one task: its status now, each change, and the end at a final state.
+
+    Each change is sent as its message says (so quick successive changes all show); the hash
+    is read at the start, after a resubscription, and for the final event's whole status.
+    """
     with hub.watch(task_id) as q:
-        last: tuple[str, int] | None = None
+        last: tuple[int, int] | None = None
         current = await read()
+        item: Item = (
+            None
+            if current is None
+            else StatusEvent(task_id=task_id, state=current.state, attempt=current.attempt)
+        )
         while True:
-            if current is not None and (current.state.value, current.attempt) != last:
-                last = (current.state.value, current.attempt)
-                ev = StatusEvent(task_id=task_id, state=current.state, attempt=current.attempt)
-                if current.final:
-                    ev.status = current
-                    yield sse("final", ev.model_dump_json())
+            if item is not None and later(item, last):
+                last = (item.attempt, _RANK[item.state])
+                if item.state in FINAL_STATES:
+                    item.status = current if current and current.final else await read()
+                    yield sse("final", item.model_dump_json())
                     return
-                yield sse("status", ev.model_dump_json())
+                yield sse("status", item.model_dump_json())
+            current = None
             try:
-                await asyncio.wait_for(q.get(), keepalive_s)
+                item = await asyncio.wait_for(q.get(), keepalive_s)
             except TimeoutError:
                 yield b": keep-alive\n\n"
+                item = None
                 continue
-            # The hash is the truth (a message only says that it changed).
-            current = await read()
+            if item is None:  # resubscribed: a change may have been missed
+                current = await read()
+                if current is not None:
+                    item = StatusEvent(
+                        task_id=task_id, state=current.state, attempt=current.attempt
+                    )
