@@ -243,3 +243,29 @@ def test_dead_letter_keeps_half_the_record_limit_and_says_so() -> None:
     small = dead_letter(s, topic="tasks", value=b"ab", error="bad", **common)
     assert small is not None and small.raw_value == b"ab" and small.error == "bad"
     assert dead_letter(s, topic="dead-letters", value=b"ab", error="bad", **common) is None
+
+
+# ---------------------------------------------------------------------- replication --
+def test_replication_follows_the_cluster_unless_set() -> None:
+    from stormline.runtime.admin import replication_for
+
+    s = Settings()
+    assert (replication_for(s, 1).factor, replication_for(s, 1).min_insync) == (1, 1)
+    assert (replication_for(s, 3).factor, replication_for(s, 3).min_insync) == (3, 2)
+    assert (replication_for(s, 5).factor, replication_for(s, 5).min_insync) == (3, 2)
+    assert replication_for(s, 3).topic_config() == {"min.insync.replicas": "2"}
+    two = Settings(replication_factor=2)
+    assert (replication_for(two, 3).factor, replication_for(two, 3).min_insync) == (2, 1)
+    with pytest.raises(ValueError, match="exceeds the replication factor"):
+        replication_for(Settings(replication_factor=2, min_insync_replicas=3), 3)
+
+
+def test_bootstrap_lists_every_embedded_node() -> None:
+    one = Settings(kafka_port=19092, kafka_controller_port=19093)
+    assert one.bootstrap_servers == "127.0.0.1:19092"
+    three = Settings(
+        kafka_brokers=3, kafka_port=19092, kafka_controller_port=19093, kafka_node_ports=[19200]
+    )
+    assert three.kafka_nodes() == [(19092, 19093), (19200, 19095), (19096, 19097)]
+    assert three.bootstrap_servers == "127.0.0.1:19092,127.0.0.1:19200,127.0.0.1:19096"
+    assert Settings(kafka_brokers=3, kafka_bootstrap_servers="b:9092").bootstrap_servers == "b:9092"
