@@ -12,7 +12,7 @@ import yaml
 
 from stormline.consumers.llm import CompletionRequest, ErrorKind, LLMProvider, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
-from stormline.consumers.llm.providers import make_provider
+from stormline.consumers.llm.providers import TRANSPORTS, Transport, make_provider
 from stormline.consumers.llm.resilience import (
     CallOutcome,
     CircuitBreaker,
@@ -69,14 +69,17 @@ def _stats(sim: ServerThread) -> dict:  # type: ignore[type-arg]
     return httpx.get(f"{sim.url}/admin/stats").json()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 async def test_completion_through_the_official_sdk(
-    sim: ServerThread, provider: str, monkeypatch: pytest.MonkeyPatch
+    sim: ServerThread, provider: str, transport: Transport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import hashlib
 
     monkeypatch.setenv(KEY_VAR, KEY)
-    p = make_provider(_cfg(sim, provider, price_in_per_mtok=1000, price_out_per_mtok=2000))
+    p = make_provider(
+        _cfg(sim, provider, price_in_per_mtok=1000, price_out_per_mtok=2000), transport=transport
+    )
     try:
         c = await p.complete(_req())
         assert c.output == "42" and c.provider == provider and c.model == "sim-perfect"
@@ -109,6 +112,7 @@ async def test_openai_logprobs_and_token_ids_are_recorded(sim: ServerThread) -> 
     assert all(lp <= 0 for lp in step.logprobs)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 @pytest.mark.parametrize(
     ("fault", "kind"),
@@ -121,26 +125,64 @@ async def test_openai_logprobs_and_token_ids_are_recorded(sim: ServerThread) -> 
     ],
 )
 async def test_sdk_errors_map_to_provider_error_kinds(
-    sim: ServerThread, provider: str, fault: str, kind: ErrorKind, monkeypatch: pytest.MonkeyPatch
+    sim: ServerThread,
+    provider: str,
+    transport: Transport,
+    fault: str,
+    kind: ErrorKind,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(KEY_VAR, KEY)
     _fault(sim, kind=fault, count=1, hang_s=3)
-    p = make_provider(_cfg(sim, provider))
+    p = make_provider(_cfg(sim, provider), transport=transport)
     try:
         with pytest.raises(ProviderError) as ei:
             await p.complete(_req(timeout_s=0.3))
     finally:
         await p.aclose()
     assert ei.value.kind is kind
+    assert ei.value.retry_after_s is None  # a bare 429 says nothing about when
     assert KEY not in str(ei.value)
     assert _stats(sim)["requests"] == 1  # SDK retries are off: retries are ours
 
 
-async def test_connection_refused_is_a_server_error() -> None:
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("hint", "seconds"),
+    [
+        ("all", {"openai": 2.5, "anthropic": 3.0}),  # retry-after-ms / whole retry-after
+        ("retry-after", {"openai": 3.0, "anthropic": 3.0}),  # whole seconds, rounded up
+        ("retry-after-date", {"openai": 3.5, "anthropic": 3.5}),  # HTTP date: 2.5 to 3.5 s
+        ("reset", {"openai": 2.5, "anthropic": 2.5}),  # the exhausted limit's reset alone
+    ],
+)
+async def test_a_429_tells_when_to_retry_through_the_sdk_headers(
+    sim: ServerThread,
+    provider: str,
+    hint: str,
+    seconds: dict[str, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    _fault(sim, kind="429", count=1, retry_after_s=2.5, hint=hint)
+    p = make_provider(_cfg(sim, provider))
+    try:
+        with pytest.raises(ProviderError) as ei:
+            await p.complete(_req())
+    finally:
+        await p.aclose()
+    assert ei.value.kind is ErrorKind.RATE_LIMIT and ei.value.status == 429
+    got = ei.value.rate_limit_hint
+    assert got is not None and 2.3 <= got <= seconds[provider]  # (dates: whole seconds)
+    assert "retry in" in str(ei.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_connection_refused_is_a_server_error(transport: Transport) -> None:
     cfg = ProviderConfig(
         provider="openai", model="m", base_url=f"http://127.0.0.1:{free_port()}/v1"
     )
-    p = make_provider(cfg)
+    p = make_provider(cfg, transport=transport)
     try:
         with pytest.raises(ProviderError) as ei:
             await p.complete(_req(timeout_s=2))

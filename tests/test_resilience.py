@@ -1,4 +1,5 @@
-"""Unit tests of pure logic: retry policy, circuit breaker, offset tracking, agent registry."""
+"""Unit tests of pure logic: retry policy, 429 waits, circuit breaker, offset tracking, agent
+registry."""
 
 from __future__ import annotations
 
@@ -164,6 +165,138 @@ async def test_open_breaker_fails_fast_without_calling() -> None:
             failing, policy=RetryPolicy(5, 0, 0), breaker=b, timeout_s=1, sleep=_no_sleep
         )
     assert ei.value.kind is ErrorKind.CIRCUIT_OPEN and calls == 2
+
+
+def _hinted(seconds: float) -> ProviderError:
+    return ProviderError(ErrorKind.RATE_LIMIT, "429", 429, retry_after_s=seconds)
+
+
+class FakeThrottle:
+    """Records what the policy asks of the shared budget; ``shared`` is what others pushed."""
+
+    def __init__(self, shared: float = 0.0) -> None:
+        self.calls: list[tuple[str, float | None]] = []
+        self.shared = shared
+
+    async def acquire(self, deadline: float | None) -> None:
+        self.calls.append(("acquire", deadline))
+
+    async def hold(self, seconds: float) -> float:
+        self.calls.append(("hold", seconds))
+        return max(seconds, self.shared)
+
+
+async def test_a_429_that_says_when_waits_and_burns_no_try() -> None:
+    calls = 0
+    slept: list[float] = []
+
+    async def sleep(d: float) -> None:
+        slept.append(d)
+
+    async def fn() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise _hinted(1.5)
+        return "ok"
+
+    out = CallOutcome()
+    b = CircuitBreaker(threshold=1)  # one counted failure would open it
+    throttle = FakeThrottle()
+    result = await call_with_policy(
+        fn,
+        policy=RetryPolicy(1, 0, 0),  # a single try: a burnt one would fail the call
+        breaker=b,
+        timeout_s=1,
+        outcome=out,
+        sleep=sleep,
+        throttle=throttle,
+        deadline=100.0,
+        clock=lambda: 0.0,
+    )
+    assert result == "ok" and calls == 3 and slept == [1.5, 1.5]
+    assert (out.tries, out.rate_limited, out.waited_s, out.errors) == (3, 2, 3.0, [])
+    assert b.state is BreakerState.CLOSED  # busy is not down
+    # The budget is asked before every request and told of every wait.
+    assert throttle.calls == [
+        ("acquire", 100.0),
+        ("hold", 1.5),
+        ("acquire", 100.0),
+        ("hold", 1.5),
+        ("acquire", 100.0),
+    ]
+
+
+async def test_a_429_waits_as_long_as_the_shared_budget_says() -> None:
+    slept: list[float] = []
+
+    async def sleep(d: float) -> None:
+        slept.append(d)
+
+    results = iter([_hinted(1.0), "ok"])
+
+    async def fn() -> str:
+        r = next(results)
+        if isinstance(r, ProviderError):
+            raise r
+        return r
+
+    await call_with_policy(
+        fn,
+        policy=RetryPolicy(1, 0, 0),
+        breaker=CircuitBreaker(),
+        timeout_s=1,
+        sleep=sleep,
+        throttle=FakeThrottle(shared=4.0),  # another worker's 429 asked for longer
+    )
+    assert slept == [4.0]
+
+
+async def test_a_429_wait_past_the_deadline_fails_final_without_retrying() -> None:
+    calls = 0
+
+    async def fn() -> str:
+        nonlocal calls
+        calls += 1
+        raise _hinted(30.0)
+
+    out = CallOutcome()
+    with pytest.raises(ProviderError) as ei:
+        await call_with_policy(
+            fn,
+            policy=RetryPolicy(5, 0, 0),
+            breaker=CircuitBreaker(),
+            timeout_s=1,
+            outcome=out,
+            sleep=_no_sleep,
+            deadline=10.0,
+            clock=lambda: 0.0,
+        )
+    assert calls == 1 and ei.value.kind is ErrorKind.RATE_LIMIT and ei.value.final
+    assert not ei.value.retryable and ei.value.rate_limit_hint is None
+    assert "after the assignment expires" in out.errors[-1]
+
+
+async def test_a_bare_429_is_a_retryable_error_that_burns_tries() -> None:
+    calls = 0
+
+    async def fn() -> str:
+        nonlocal calls
+        calls += 1
+        raise ProviderError(ErrorKind.RATE_LIMIT, "429", 429)  # no headers: no hint
+
+    out = CallOutcome()
+    with pytest.raises(ProviderError):
+        await call_with_policy(
+            fn,
+            policy=RetryPolicy(3, 0, 0),
+            breaker=CircuitBreaker(threshold=100),
+            timeout_s=1,
+            outcome=out,
+            sleep=_no_sleep,
+            throttle=FakeThrottle(),
+        )
+    assert calls == 3 and out.tries == 3 and out.rate_limited == 0
 
 
 def test_offset_tracker_commits_only_contiguous_completed_work() -> None:

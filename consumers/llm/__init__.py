@@ -26,14 +26,38 @@ RETRYABLE = {ErrorKind.TIMEOUT, ErrorKind.RATE_LIMIT, ErrorKind.SERVER}
 
 
 class ProviderError(Exception):
-    def __init__(self, kind: ErrorKind, message: str, status: int | None = None) -> None:
+    """A call that gave no answer.
+
+    ``retry_after_s``: how long a 429 asked the caller to wait (from its headers, see
+    :mod:`consumers.llm.ratelimits`); None when it did not say. ``final``: retrying cannot
+    help within this assignment (e.g. the wait a provider asks for ends after its expiry).
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        status: int | None = None,
+        *,
+        retry_after_s: float | None = None,
+        final: bool = False,
+    ) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.status = status
+        self.retry_after_s = retry_after_s
+        self.final = final
 
     @property
     def retryable(self) -> bool:
-        return self.kind in RETRYABLE
+        return self.kind in RETRYABLE and not self.final
+
+    @property
+    def rate_limit_hint(self) -> float | None:
+        """Seconds to wait before the same call may succeed, when a 429 said so."""
+        if self.kind is not ErrorKind.RATE_LIMIT or self.final:
+            return None
+        return self.retry_after_s
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,18 @@ callers configure it, attempts first. Only retryable :class:`~consumers.llm.Prov
 kinds (429, 5xx/connection, timeout) are retried. The sleep is injectable so that tests drive
 it.
 
+A 429 that says when to come back (``Retry-After`` or the providers' rate-limit headers,
+:attr:`~consumers.llm.ProviderError.retry_after_s`) is not a failure of the provider and burns
+no try: the call waits that long and goes again within the same try, as often as needed, but
+never past ``deadline`` (the assignment's expiry: then it fails, final). A :class:`Throttle`
+(the worker's shared budget in Redis) is asked before every request and told of every such
+wait, so that every worker calling that provider waits too. A bare 429 (no headers) is a
+retryable error like a 5xx.
+
 The circuit breaker is per provider endpoint: closed -> open after ``threshold`` consecutive
 retryable failures -> half-open after ``cooldown_s`` (one probe call allowed) -> closed on a
 success, open again on a failure. Client errors (4xx) say nothing about provider health and
-do not count.
+do not count, nor do 429s with a wait (the provider is up, only busy).
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from stormline.consumers.llm import ErrorKind, ProviderError
+from stormline.consumers.llm.ratelimits import within
 from stormline.runtime import retry
 
 T = TypeVar("T")
@@ -92,8 +101,23 @@ class CircuitBreaker:
 class CallOutcome:
     """What happened across the tries of one call (kept for the trajectory)."""
 
-    tries: int = 0
+    tries: int = 0  # requests sent
     errors: list[str] = field(default_factory=list)
+    rate_limited: int = 0  # of them, 429s that said when to come back (no try burnt)
+    waited_s: float = 0.0  # time spent waiting for them
+
+
+class Throttle(Protocol):
+    """A budget shared by every caller of one provider (the worker's: Redis)."""
+
+    async def acquire(self, deadline: float | None) -> None:
+        """Wait until the budget allows one request; raise a final ProviderError when that
+        would be after ``deadline`` (monotonic seconds)."""
+        ...
+
+    async def hold(self, seconds: float) -> float:
+        """A 429 asked for ``seconds``: make every caller wait; return this caller's wait."""
+        ...
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -118,12 +142,59 @@ async def _one_try(
     else:
         breaker.record_success()
         return result
+    if err.rate_limit_hint is not None:
+        breaker.release_probe()  # busy, not down: says nothing about health
+        raise err
     out.errors.append(str(err))
     if err.retryable:
         breaker.record_failure()
     else:
         breaker.release_probe()
     raise err
+
+
+@dataclass
+class _Waits:
+    """How one try waits for the budget and for the 429s that say when to come back."""
+
+    throttle: Throttle | None
+    deadline: float | None
+    sleep: Callable[[float], Awaitable[None]]
+    clock: Callable[[], float]
+
+
+async def _try_riding_429s(
+    fn: Callable[[], Awaitable[T]],
+    breaker: CircuitBreaker,
+    timeout_s: float,
+    out: CallOutcome,
+    waits: _Waits,
+) -> T:
+    """One try: budget, request; a 429 with a wait waits (shared) and goes again."""
+    while True:
+        if waits.throttle is not None:
+            try:
+                await waits.throttle.acquire(waits.deadline)
+            except ProviderError as err:
+                out.errors.append(str(err))
+                raise
+        try:
+            return await _one_try(fn, breaker, timeout_s, out)
+        except ProviderError as err:
+            hint = err.rate_limit_hint
+            if hint is None:
+                raise
+            wait = await waits.throttle.hold(hint) if waits.throttle is not None else hint
+            wait = max(wait, hint)
+            if not within(wait, waits.clock(), waits.deadline):
+                msg = f"{err}; waiting {wait:.3g} s would end after the assignment expires"
+                out.errors.append(msg)
+                raise ProviderError(
+                    ErrorKind.RATE_LIMIT, msg, err.status, retry_after_s=wait, final=True
+                ) from None
+            out.rate_limited += 1
+            out.waited_s += wait
+            await waits.sleep(wait)
 
 
 async def call_with_policy(
@@ -134,11 +205,19 @@ async def call_with_policy(
     timeout_s: float,
     outcome: CallOutcome | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    throttle: Throttle | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    """Run ``fn`` with a per-try timeout, retries and the breaker; raise the last error."""
+    """Run ``fn`` with a per-try timeout, retries and the breaker; raise the last error.
+
+    ``throttle`` is asked before every request and told of every 429 wait; ``deadline``
+    (``clock`` seconds, monotonic) bounds those waits.
+    """
     out = outcome if outcome is not None else CallOutcome()
+    waits = _Waits(throttle, deadline, sleep, clock)
     tries = policy.async_retrying(_retryable).copy(sleep=sleep)
     async for attempt in tries:
         with attempt:
-            return await _one_try(fn, breaker, timeout_s, out)
+            return await _try_riding_429s(fn, breaker, timeout_s, out, waits)
     raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover

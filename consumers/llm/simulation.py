@@ -33,7 +33,7 @@ import hashlib
 import random
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +156,10 @@ def load_config(path: Path | str | None) -> SimConfig:
 
 
 # ------------------------------------------------------------------------- state --
+# How a simulated 429 says when to come back (the headers are the transport's to spell).
+HINTS = ("all", "retry-after", "retry-after-date", "reset")
+
+
 @dataclass
 class Fault:
     kind: str
@@ -163,6 +167,8 @@ class Fault:
     until: float | None = None
     model: str | None = None
     hang_s: float = 3600.0
+    retry_after_s: float | None = None  # a 429 that says when to retry; None: a bare 429
+    hint: str = "all"  # which headers say it (HINTS)
 
     def active(self, now: float) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -180,6 +186,11 @@ class SimState:
     by_prompt: Counter[str] = field(default_factory=Counter)
     credentials: Counter[str] = field(default_factory=Counter)
     faults_served: Counter[str] = field(default_factory=Counter)
+    # (monotonic arrival time, model, status, prompt's first 80 characters) of the latest
+    # requests, oldest first.
+    timeline: deque[tuple[float, str, int, str]] = field(
+        default_factory=lambda: deque(maxlen=10_000)
+    )
 
     def take_fault(self, model: str) -> Fault | None:
         now = time.monotonic()
@@ -201,9 +212,18 @@ class Reply:
     task_type: str = "*"
     p: float = 0.5  # probability of the answer given (logprobs are derived from it)
     delay_s: float = 0.0
+    retry_after_s: float | None = None  # a 429's "come back in"
+    hint: str = "all"
 
 
 def reply(st: SimState, model: str, prompt: str) -> Reply:
+    """Decide one reply (see :func:`_decide`) and note it on the timeline."""
+    r = _decide(st, model, prompt)
+    st.timeline.append((time.monotonic(), model, r.status, prompt[:80]))
+    return r
+
+
+def _decide(st: SimState, model: str, prompt: str) -> Reply:
     """Decide one reply: fault, latency, error rate, then a right answer or a near miss."""
     st.requests += 1
     st.by_model[model] += 1
@@ -214,7 +234,12 @@ def reply(st: SimState, model: str, prompt: str) -> Reply:
         if fault.kind == "hang":
             # Clients time out long before; should one wait, it gets a gateway timeout.
             return Reply(504, "simulated hang", delay_s=fault.hang_s)
-        return Reply(int(fault.kind), f"simulated fault {fault.kind}")
+        return Reply(
+            int(fault.kind),
+            f"simulated fault {fault.kind}",
+            retry_after_s=fault.retry_after_s if fault.kind == "429" else None,
+            hint=fault.hint,
+        )
     delay = 0.0
     if profile.latency_ms or profile.jitter_ms:
         delay = max(0.0, st.rng.gauss(profile.latency_ms, profile.jitter_ms)) / 1000

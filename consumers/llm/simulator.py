@@ -10,8 +10,16 @@ What the simulated model answers (the grading convention, the skill table, fault
 Admin endpoints for tests: ``POST /admin/faults`` with ``{"kind": "400"|"429"|"500"|"503"|"hang",
 "count": N}`` (the next N requests) or ``{"kind": ..., "seconds": S}`` (a time window),
 optionally ``"model"``; ``DELETE /admin/faults``; ``GET /admin/stats`` (request counts by
-model and by prompt, and sha256 prefixes of the credentials seen, never the credentials);
+model and by prompt, sha256 prefixes of the credentials seen, never the credentials, and the
+``timeline`` of the latest requests: ``[monotonic arrival, model, status, prompt[:80]]``);
 ``POST /admin/reset``; ``POST /admin/config`` replaces the configuration.
+
+A 429 fault with ``"retry_after_s": S`` says when to come back the way the providers do
+(a bare 429 says nothing): ``"hint": "all"`` (default) sends ``retry-after`` and the
+dialect's own headers (OpenAI: ``retry-after-ms``, ``x-ratelimit-*-requests|tokens``;
+Anthropic: ``anthropic-ratelimit-*`` with RFC 3339 resets); ``"retry-after"`` only
+``retry-after`` in whole seconds; ``"retry-after-date"`` ``retry-after`` as an HTTP date;
+``"reset"`` only the exhausted limit's ``remaining: 0`` and its reset.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import random
 import threading
 import time
 import uuid
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,7 +42,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from stormline.consumers.llm.simulation import (
+    HINTS,
     Fault,
+    Reply,
     SimConfig,
     SimState,
     reply,
@@ -45,8 +57,11 @@ class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.state = SimState(config, random.Random(config.seed))
 
-    # The body of one answer, shared by both API dialects.
-    async def _answer(self, request: Request, body: dict[str, Any]) -> tuple[str, str, int] | Any:
+    # The body of one answer, shared by both API dialects: (type, text, p), or the Reply of
+    # an error.
+    async def _answer(
+        self, request: Request, body: dict[str, Any]
+    ) -> tuple[str, str, float] | Reply:
         st = self.state
         model = str(body.get("model", ""))
         messages = body.get("messages") or []
@@ -62,7 +77,7 @@ class Simulator:
         if r.delay_s:
             await asyncio.sleep(r.delay_s)
         if r.status != 200:
-            return r.status, r.text
+            return r
         return r.task_type, r.text, r.p
 
     async def chat_completions(self, request: Request) -> Response:
@@ -70,8 +85,8 @@ class Simulator:
         if isinstance(body, Response):
             return body
         res = await self._answer(request, body)
-        if isinstance(res[0], int):
-            return _openai_error(res[0], res[1])
+        if isinstance(res, Reply):
+            return _openai_error(res.status, res.text, _hint_headers("openai", res))
         _, text, p = res
         prompt_tokens = sum(len(tokens(str(m.get("content", "")))) for m in body["messages"])
         toks = tokens(text)
@@ -113,8 +128,8 @@ class Simulator:
         if isinstance(body, Response):
             return body
         res = await self._answer(request, body)
-        if isinstance(res[0], int):
-            return _anthropic_error(res[0], res[1])
+        if isinstance(res, Reply):
+            return _anthropic_error(res.status, res.text, _hint_headers("anthropic", res))
         _, text, _p = res
         system = body.get("system") or ""
         prompt_tokens = len(tokens(str(system))) + sum(
@@ -147,12 +162,18 @@ class Simulator:
         if kind not in ("400", "429", "500", "503", "hang"):
             return _plain(400, "kind must be one of 400, 429, 500, 503, hang")
         seconds = body.get("seconds")
+        hint = str(body.get("hint", "all"))
+        if hint not in HINTS:
+            return _plain(400, f"hint must be one of {', '.join(HINTS)}")
+        retry_after_s = body.get("retry_after_s")
         fault = Fault(
             kind=kind,
             remaining=int(body["count"]) if body.get("count") is not None else None,
             until=time.monotonic() + float(seconds) if seconds is not None else None,
             model=body.get("model"),
             hang_s=float(body.get("hang_s", 3600.0)),
+            retry_after_s=float(retry_after_s) if retry_after_s is not None else None,
+            hint=hint,
         )
         self.state.faults.append(fault)
         return _plain(200, "ok")
@@ -169,6 +190,7 @@ class Simulator:
             "by_prompt": dict(st.by_prompt),
             "credential_sha256_16": dict(st.credentials),
             "faults_served": dict(st.faults_served),
+            "timeline": list(st.timeline),
         }
         return Response(json.dumps(out), media_type="application/json")
 
@@ -212,16 +234,64 @@ def _plain(status: int, text: str) -> Response:
     return Response(text, status_code=status, media_type="text/plain")
 
 
-def _openai_error(status: int, message: str) -> Response:
+def _openai_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     kind = "rate_limit_exceeded" if status == 429 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    return Response(
+        json.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
 
 
-def _anthropic_error(status: int, message: str) -> Response:
+def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     kind = "rate_limit_error" if status == 429 else "api_error"
     body = {"type": "error", "error": {"type": kind, "message": message}}
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
+    return Response(
+        json.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _go_duration(seconds: float) -> str:
+    """OpenAI's spelling of a reset: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:g}s" if minutes else f"{rest:g}s"
+
+
+def _hint_headers(dialect: Literal["openai", "anthropic"], r: Reply) -> dict[str, str]:
+    """The headers a provider sends with a 429 that says when to come back."""
+    s = r.retry_after_s
+    if r.status != 429 or s is None:
+        return {}
+    at = datetime.now(UTC) + timedelta(seconds=s)
+    out: dict[str, str] = {}
+    if r.hint in ("all", "retry-after"):
+        out["retry-after"] = str(math.ceil(s))
+    if r.hint == "retry-after-date":
+        # HTTP dates have whole seconds: round up, so that it is never early.
+        out["retry-after"] = format_datetime(at + timedelta(seconds=1), usegmt=True)
+    if r.hint in ("all", "reset"):
+        if dialect == "openai":
+            out |= {
+                "x-ratelimit-limit-requests": "60",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": _go_duration(s),
+                "x-ratelimit-limit-tokens": "150000",
+                "x-ratelimit-remaining-tokens": "149000",
+                "x-ratelimit-reset-tokens": "6ms",
+            }
+        else:
+            out |= {
+                "anthropic-ratelimit-requests-limit": "60",
+                "anthropic-ratelimit-requests-remaining": "0",
+                "anthropic-ratelimit-requests-reset": at.isoformat().replace("+00:00", "Z"),
+                "anthropic-ratelimit-tokens-limit": "150000",
+                "anthropic-ratelimit-tokens-remaining": "149000",
+                "anthropic-ratelimit-tokens-reset": datetime.now(UTC).isoformat(),
+            }
+    if r.hint == "all" and dialect == "openai":
+        out["retry-after-ms"] = str(round(s * 1000))
+    return out
 
 
 # ----------------------------------------------------------------------- serving --

@@ -11,12 +11,23 @@ from anthropic.types import MessageParam
 
 from stormline.consumers.llm import Completion, CompletionRequest
 from stormline.consumers.llm.agents import ProviderConfig
-from stormline.consumers.llm.providers._errors import client_pool, to_provider_error
+from stormline.consumers.llm.providers._errors import (
+    Transport,
+    client_pool,
+    http_client,
+    to_provider_error,
+)
 from stormline.schemas.models import Step, ToolCall, Usage
 
 
 class AnthropicProvider:
-    def __init__(self, config: ProviderConfig, *, max_connections: int = 1024) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        *,
+        max_connections: int = 1024,
+        transport: Transport = "aiohttp",
+    ) -> None:
         self.config = config
         self.name = config.key
         api_key = config.api_key() or "no-key-needed"
@@ -26,9 +37,10 @@ class AnthropicProvider:
                 base_url=config.base_url,
                 max_retries=0,
                 timeout=config.timeout_s,
-                http_client=anthropic.DefaultAsyncHttpxClient(limits=limits),
+                http_client=http_client(anthropic, transport, limits),
             ),
             max_connections,
+            transport,
         )
         self._next = itertools.cycle(self._clients)
 

@@ -12,7 +12,12 @@ from openai.types.chat.chat_completion import Choice
 
 from stormline.consumers.llm import Completion, CompletionRequest, ErrorKind, ProviderError
 from stormline.consumers.llm.agents import ProviderConfig
-from stormline.consumers.llm.providers._errors import client_pool, to_provider_error
+from stormline.consumers.llm.providers._errors import (
+    Transport,
+    client_pool,
+    http_client,
+    to_provider_error,
+)
 from stormline.schemas.models import Step, ToolCall, Usage
 
 # vLLM's `return_tokens_as_token_ids` (and the simulator) spell tokens as "token_id:123".
@@ -20,7 +25,13 @@ _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 
 
 class OpenAIProvider:
-    def __init__(self, config: ProviderConfig, *, max_connections: int = 1024) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        *,
+        max_connections: int = 1024,
+        transport: Transport = "aiohttp",
+    ) -> None:
         self.config = config
         self.name = config.key
         api_key = config.api_key() or "no-key-needed"
@@ -30,9 +41,10 @@ class OpenAIProvider:
                 base_url=config.base_url,
                 max_retries=0,
                 timeout=config.timeout_s,
-                http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+                http_client=http_client(openai, transport, limits),
             ),
             max_connections,
+            transport,
         )
         self._next = itertools.cycle(self._clients)
 

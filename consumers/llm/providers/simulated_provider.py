@@ -39,7 +39,7 @@ class SimulatedProvider:
                 kind = ErrorKind.SERVER
             else:
                 kind = ErrorKind.CLIENT
-            raise ProviderError(kind, r.text, status=r.status)
+            raise ProviderError(kind, r.text, status=r.status, retry_after_s=r.retry_after_s)
         latency_ms = (time.perf_counter() - t0) * 1000
         steps = [Step(role="user", content=request.prompt)]
         if request.system_prompt:
