@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 # Order matters only for reading the report.
-SUITES = ["serde", "worker", "router", "learning", "trainer", "sink", "end_to_end"]
+SUITES = ["serde", "worker", "router", "learning", "trainer", "sink", "end_to_end", "api"]
 OUT = Path(__file__).parent
 console = Console()
 
@@ -124,6 +124,8 @@ TARGETS: list[tuple[str, str, str, float, str, str]] = [
         "largest share (3.9 ms). 1,000 tasks/s needs under 2 ms of CPU per task for the whole "
         "loop: compiled clients and a router outside Python",
     ),
+    ("api", "api_tasks_per_s", ">=", 2_000, "issue 17", ""),
+    ("api", "api_request_p99_ms", "<", 100, "issue 17", ""),
 ]
 
 

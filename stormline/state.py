@@ -213,18 +213,89 @@ class RedisState:
         return await self._safe(op, 0.0)
 
     # -- task status --------------------------------------------------------------------
-    async def set_status(self, task_id: str, state: str, attempt: int, **fields: Any) -> None:
-        args: list[Any] = [attempt, "state", state, "attempt", attempt, "updated_at", time.time()]
-        for k, v in fields.items():
-            if v is not None:
-                args += [k, str(v)[:2000]]
-        await self._safe(
-            lambda: self._status(keys=[f"{self.prefix}task:{task_id}"], args=args), None
-        )
+    async def set_status(
+        self, task_id: str, state: TaskState | str, attempt: int, **fields: Any
+    ) -> bool:
+        """Move the task to ``state`` if the lifecycle allows it and ``attempt`` is not lower
+        than the current one; PUBLISH the change. Whether it applied (False if Redis is down)."""
+        args = _status_args(self.settings, task_id, TaskState(state), attempt, fields)
+        keys = [f"{self.prefix}task:{task_id}"]
+        return bool(await self._safe(lambda: self._status(keys=keys, args=args), 0))
+
+    async def set_result(self, task_id: str, attempt: int, **fields: Any) -> bool:
+        """Result fields (trajectory_id, output, error) of the current attempt, no state change;
+        refused once the task is final or at another attempt."""
+        args = _status_args(self.settings, task_id, "", attempt, fields)
+        keys = [f"{self.prefix}task:{task_id}"]
+        return bool(await self._safe(lambda: self._status(keys=keys, args=args), 0))
 
     async def aclose(self) -> None:
         with contextlib.suppress(*_REDIS_DOWN):
             await self._r.aclose()
+
+    # -- shared provider budget (the LLM rate limits; owned by consumers/llm's engineer) ----
+    # KEYS[1] the provider's budget. ARGV: requests/s, their burst, tokens/minute, tokens,
+    # hold seconds, take (1) or adjust (0). On Redis' clock, so that skewed workers agree.
+    _BUDGET_LUA = """
+local rps, burst, tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local need, hold, take = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'req', 'tok', 'ts', 'until')
+local dt = math.max(0, now - (tonumber(b[3]) or now))
+local req = math.min(burst, (tonumber(b[1]) or burst) + dt * rps)
+local tok = math.min(tpm, (tonumber(b[2]) or tpm) + dt * tpm / 60)
+local untl = tonumber(b[4]) or 0
+if hold > 0 then untl = math.max(untl, now + hold) end
+local wait = math.max(0, untl - now)
+if not take then
+  tok = math.min(tpm, tok - need)
+elseif wait == 0 then
+  if rps > 0 and req < 1 then wait = (1 - req) / rps end
+  local want = math.min(need, tpm)
+  if tpm > 0 and tok < want then wait = math.max(wait, (want - tok) * 60 / tpm) end
+  if wait == 0 then
+    req = req - 1
+    tok = tok - need
+  end
+end
+redis.call('HSET', KEYS[1], 'req', string.format('%.6f', req), 'tok', string.format('%.6f', tok),
+  'ts', string.format('%.6f', now), 'until', string.format('%.6f', untl))
+local refill = 60
+if rps > 0 then refill = math.max(refill, burst / rps) end
+redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(0, untl - now) + refill) * 1000))
+return string.format('%.6f', wait)
+"""
+
+    async def take_budget(
+        self,
+        provider: str,
+        *,
+        rps: float = 0.0,
+        burst: float | None = None,
+        tpm: float = 0.0,
+        tokens: float = 0.0,
+        hold_s: float = 0.0,
+        take: bool = True,
+    ) -> float:
+        """One request (and ``tokens``) from the provider's budget shared by every worker:
+        ``rps`` requests/s (bucket of ``burst``, default ``max(rps, 1)``) and ``tpm`` tokens a
+        minute (bucket of one minute's worth); 0 = no such limit. ``hold_s``: a 429 asked
+        for that long; nobody takes from the budget before it has passed.
+
+        Returns the seconds to wait before asking again; 0 means taken. ``take=False`` only
+        adjusts (``tokens`` > 0 charges, < 0 refunds; the hold) and returns the hold left.
+        0 when Redis is down (then there is no shared budget).
+        """
+        script = self.__dict__.get("_budget")
+        if script is None:
+            script = self.__dict__["_budget"] = self._r.register_script(self._BUDGET_LUA)
+        args = [rps, (burst or max(rps, 1.0)) if rps else 0, tpm, tokens, hold_s, int(take)]
+
+        async def op() -> float:
+            return float(await script(keys=[f"{self.prefix}budget:{provider}"], args=args))
+
+        return await self._safe(op, 0.0)
 
 
 def _where(settings: Settings) -> str:
