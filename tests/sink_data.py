@@ -27,6 +27,7 @@ BASE = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 AGENTS = ("alpha", "beta", "gamma")
 TYPES = ("math", "code")
 STRATEGIES = ("ucb", "thompson")
+TENANTS = ("default", "acme")  # every third task is acme's
 
 
 @dataclass
@@ -55,7 +56,11 @@ def make(n_tasks: int = 40, seed: int = 7, base: datetime = BASE) -> DataSet:
         at = base + timedelta(seconds=30 * i)
         ttype = TYPES[i % 2]
         task = TaskSubmitted(
-            task_id=f"task-{i}", task_type=ttype, prompt=f"question {i}", occurred_at=at
+            task_id=f"task-{i}",
+            tenant=TENANTS[i % 3 == 0],
+            task_type=ttype,
+            prompt=f"question {i}",
+            occurred_at=at,
         )
         ds.tasks.append(task)
         if i % 10 == 9:
@@ -139,6 +144,7 @@ def make(n_tasks: int = 40, seed: int = 7, base: datetime = BASE) -> DataSet:
                 source_topic="x.tasks",
                 partition=0,
                 offset=j,
+                raw_key=b"task-0" if j == 0 else None,  # acme's task: its letter is acme's
                 raw_value=b"\x00junk",
                 error_kind=kind,
                 error=f"bad record {j}",

@@ -36,6 +36,7 @@ from stormline.consumers.sink.store import (
 from stormline.consumers.sink.tables import BY_NAME, TABLES
 from stormline.schemas.catalog import spec_for
 from stormline.schemas.kafka import EventProducer, ensure_topics
+from stormline.schemas.models import DeadLetter
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from tests import sink_data
@@ -317,6 +318,51 @@ def test_cli_formats_plot_and_sql(
         timeout=60,
     )
     assert notplot.returncode == 2 and "time series" in notplot.stderr
+
+
+def _of_tenant(ds: sink_data.DataSet, tenant: str) -> sink_data.DataSet:
+    """The events of ``tenant``'s tasks (dead letters: by their record's key)."""
+    ids = {t.task_id for t in ds.tasks if t.tenant == tenant}
+    return sink_data.DataSet(
+        tasks=[t for t in ds.tasks if t.task_id in ids],
+        assignments=[a for a in ds.assignments if a.task_id in ids],
+        trajectories=[t for t in ds.trajectories if t.task_id in ids],
+        rewards=[r for r in ds.rewards if r.task_id in ids],
+        others=[e for e in ds.others if isinstance(e, DeadLetter) and e.key() in ids],
+    )
+
+
+@pytest.mark.parametrize("tenant", ["acme", "default", "nobody"])
+def test_every_canned_query_takes_a_tenant(
+    loaded: tuple[Settings, sink_data.DataSet], tenant: str
+) -> None:
+    s, ds = loaded
+    store, mine = _store(s), _of_tenant(ds, tenant)
+    assert (len(mine.tasks) > 5) == (tenant != "nobody")
+
+    def run(name: str, **kw: Any) -> list[dict[str, Any]]:
+        return an.run_canned(store, name, tenant=tenant, **kw).dicts()
+
+    _assert_rows(run("per_agent"), expect_per_agent(mine, an.EPOCH))
+    _assert_rows(run("reward_over_time", bucket_seconds=120), expect_reward_over_time(mine, 120))
+    _assert_rows(run("regret"), expect_regret(mine))
+    _assert_rows(run("tasks_by_status"), expect_tasks_by_status(mine))
+    letters = [(r["reason"], r["letters"]) for r in run("dead_letters")]
+    assert letters == ([("decode", 1)] if tenant == "acme" else [])
+    per_topic: dict[str, int] = defaultdict(int)
+    for r in run("throughput", bucket_seconds=3600):
+        per_topic[r["topic"]] += r["events"]
+    want: dict[str, int] = defaultdict(int)
+    for ev in mine.events():
+        want[spec_for(ev).name(s)] += 1
+    assert dict(per_topic) == dict(want)
+
+
+def test_tenant_names_are_quoted_not_spliced() -> None:
+    sql = an.render_sql(an.CANNED["regret"].sql, tenant="x' OR 1=1 --")
+    assert "tenant = 'x\\' OR 1=1 --'" in sql
+    with pytest.raises(an.AnalyticsError, match="tenant"):
+        an.render_sql(an.CANNED["regret"].sql, tenant="")
 
 
 # -------------------------------------------------- the server DDL runs the same SQL --

@@ -24,6 +24,9 @@ Definitions (so the figures can be checked by hand):
   highest attempt number seen.
 * dead_letters: dead letters by reason (error kind) and source topic.
 * throughput: events per topic per time bucket, by Kafka record time.
+
+Every query takes ``tenant`` (for the HTTP API): given, each table in it reads only that
+tenant's rows (:func:`table_source`), so every figure is the one of that tenant's tasks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from stormline.consumers.sink.store import Result, Store
+from stormline.consumers.sink.tables import BY_NAME, TABLES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -65,7 +69,7 @@ t AS (
            quantilesExactInclusive(0.5, 0.95)(latency_ms) AS latency_q,
            sum(total_tokens) AS tokens,
            sum(cost_usd) AS cost_usd
-    FROM trajectories
+    FROM {trajectories}
     WHERE occurred_at >= {since}
     GROUP BY agent_id
 ),
@@ -74,7 +78,7 @@ r AS (
            count() AS n_rewards,
            avg(value) AS mean_reward,
            if(count() > 1, 1.96 * stddevSamp(value) / sqrt(count()), nan) AS half_width
-    FROM rewards
+    FROM {rewards}
     WHERE occurred_at >= {since}
     GROUP BY agent_id
 )
@@ -104,11 +108,11 @@ SELECT toDateTime64(toStartOfInterval(rw.occurred_at, INTERVAL {bucket} SECOND),
        if(a.a_strategy = '', 'none', a.a_strategy) AS strategy,
        count() AS n,
        avg(rw.value) AS mean_reward
-FROM rewards AS rw
+FROM {rewards} AS rw
 LEFT JOIN (
     SELECT task_id, attempt,
            any(strategy) AS a_strategy, any(policy) AS a_policy, any(policy_version) AS a_version
-    FROM assignments
+    FROM {assignments}
     GROUP BY task_id, attempt
 ) AS a ON rw.task_id = a.task_id AND rw.attempt = a.attempt
 WHERE rw.occurred_at >= {since}
@@ -126,7 +130,7 @@ SELECT task_type,
        (max(agent_mean) * sum(n) - sum(total)) / sum(n) AS regret_per_reward
 FROM (
     SELECT task_type, agent_id, count() AS n, sum(value) AS total, avg(value) AS agent_mean
-    FROM rewards
+    FROM {rewards}
     WHERE occurred_at >= {since}
     GROUP BY task_type, agent_id
 )
@@ -141,15 +145,15 @@ FROM (
            greatest(a.max_assigned, tr.max_tried) AS attempts,
            multiIf(tr.last_status != '', tr.last_status,
                    a.max_assigned > 0, 'assigned', 'pending') AS status
-    FROM (SELECT DISTINCT task_id FROM tasks WHERE occurred_at >= {since}) AS t
+    FROM (SELECT DISTINCT task_id FROM {tasks} WHERE occurred_at >= {since}) AS t
     LEFT JOIN (
-        SELECT task_id, max(attempt) AS max_assigned FROM assignments GROUP BY task_id
+        SELECT task_id, max(attempt) AS max_assigned FROM {assignments} GROUP BY task_id
     ) AS a ON t.task_id = a.task_id
     LEFT JOIN (
         SELECT task_id,
                argMax(status, (attempt, occurred_at, offset)) AS last_status,
                max(attempt) AS max_tried
-        FROM trajectories
+        FROM {trajectories}
         GROUP BY task_id
     ) AS tr ON t.task_id = tr.task_id
 )
@@ -164,7 +168,7 @@ SELECT error_kind AS reason,
        min(occurred_at) AS first_seen,
        max(occurred_at) AS last_seen,
        argMin(error, (occurred_at, offset)) AS first_error
-FROM dead_letters
+FROM {dead_letters}
 WHERE occurred_at >= {since}
 GROUP BY reason, source_topic
 ORDER BY letters DESC, reason, source_topic
@@ -188,7 +192,7 @@ SELECT toDateTime64(toStartOfInterval(ts, INTERVAL {bucket} SECOND), 3, 'UTC') A
        count() / {bucket} AS events_per_s
 FROM (
 """
-    + "\n    UNION ALL\n".join(f"    SELECT topic, ts FROM {t}" for t in _EVENT_TABLES)
+    + "\n    UNION ALL\n".join(f"    SELECT topic, ts FROM {{{t}}}" for t in _EVENT_TABLES)
     + """
 )
 WHERE ts >= {since}
@@ -232,6 +236,10 @@ CANNED: dict[str, Canned] = {
 }
 
 
+# A table in a canned query is written {name}: render_sql decides what it reads.
+_TABLE_REF = re.compile(r"\{(" + "|".join(TABLES) + r")\}")
+
+
 class AnalyticsError(ValueError):
     """Bad analytics input; the message says what to do."""
 
@@ -259,9 +267,40 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-def render_sql(sql: str, since: datetime = EPOCH, bucket_seconds: int = 60) -> str:
+def quote(text: str) -> str:
+    """``text`` as a ClickHouse string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def table_source(table: str, tenant: str | None = None) -> str:
+    """What ``{table}`` in a canned query reads: the table, or only ``tenant``'s rows of it.
+
+    Tasks and assignments carry the tenant; trajectories, steps and rewards reach it through
+    their task_id, dead letters through their record's key (the task id of task-keyed
+    topics). Heartbeats, health changes and checkpoints belong to no tenant: none of them.
+    """
+    if tenant is None:
+        return table
+    lit = quote(tenant)
+    if table in ("tasks", "assignments"):
+        where = f"tenant = {lit}"
+    else:
+        column = "raw_key" if table == "dead_letters" else "task_id"
+        has = any(c.name == column for c in BY_NAME[table].columns)
+        where = f"{column} IN (SELECT task_id FROM tasks WHERE tenant = {lit})" if has else "0"
+    return f"(SELECT * FROM {table} WHERE {where})"
+
+
+def render_sql(
+    sql: str, since: datetime = EPOCH, bucket_seconds: int = 60, tenant: str | None = None
+) -> str:
+    """``sql`` with ``{since}``, ``{bucket}`` and each ``{table}`` filled in (tenant: only
+    that tenant's rows, see :func:`table_source`)."""
     if bucket_seconds < 1:
         raise AnalyticsError("--bucket must be at least 1 second")
+    if tenant is not None and not tenant:
+        raise AnalyticsError("tenant must be a non-empty name (or None: every tenant)")
+    sql = _TABLE_REF.sub(lambda m: table_source(m[1], tenant), sql)
     if since <= EPOCH:
         # No --since: drop the filter instead of comparing every row with 1970.
         sql = re.sub(r"[\w.]+ >= \{since\}", "1", sql)
@@ -272,11 +311,17 @@ def render_sql(sql: str, since: datetime = EPOCH, bucket_seconds: int = 60) -> s
 
 
 def run_canned(
-    store: Store, name: str, *, since: datetime = EPOCH, bucket_seconds: int = 60
+    store: Store,
+    name: str,
+    *,
+    since: datetime = EPOCH,
+    bucket_seconds: int = 60,
+    tenant: str | None = None,
 ) -> Result:
+    """Canned query ``name``; ``tenant``: over that tenant's rows only (None: everyone's)."""
     if name not in CANNED:
         raise AnalyticsError(f"no canned query {name!r}; choose one of: {', '.join(CANNED)}")
-    return store.query(render_sql(CANNED[name].sql, since, bucket_seconds))
+    return store.query(render_sql(CANNED[name].sql, since, bucket_seconds, tenant))
 
 
 # ------------------------------------------------------------------------ shaping --

@@ -218,8 +218,10 @@ class Table:
     """A sink table: the Avro schema of ``topic``'s event, plus only what is declared to
     differ. ``fields``: how a field is kept when not as it is; ``extras``: computed columns;
     ``explode``: the array of records whose items are this table's rows, each repeating the
-    event fields in ``carry``. ``order_by`` leads the server table's sort key (the origin
-    columns end it)."""
+    event fields in ``carry``. ``order_by`` leads the server table's sort key and
+    ``event_id`` (with the item's index, exploded) ends it (:attr:`key`): ReplacingMergeTree
+    keeps one row per key, so ``order_by`` holds only columns that every copy of an event
+    has alike (never ``occurred_at``: a re-scored reward has its own)."""
 
     name: str
     topic: TopicSpec
@@ -250,6 +252,12 @@ class Table:
             at = next(i for i, c in enumerate(cols) if c.name == extra.after)
             cols.insert(at + 1, extra.column())
         return (*self.origin, *cols)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The server table's sort key: one row per event id (and item)."""
+        index = tuple(c.name for c in self.columns if c.scope == "index")
+        return (*self.order_by, "event_id", *index)
 
     @cached_property
     def schema(self) -> pa.Schema:

@@ -24,10 +24,13 @@ SCHEMA_HEADER = """\
 -- (tests/test_event_shapes.py fails when this file and the generator differ). The same SQL
 -- runs on chDB over the sink's Parquet parts and on these tables.
 --
--- Idempotency: (topic, partition, offset) identifies an event. The sink never re-inserts an
--- offset it already stored, each insert carries an insert_deduplication_token, and
--- ReplacingMergeTree collapses exact repeats on merge (ORDER BY ends with the origin).
--- ORDER BY starts with the columns the canned queries group and filter by.
+-- One row per event id: the sink never re-inserts an offset it already stored, nor an event
+-- id the table holds at a lower offset (a re-sent trajectory, a re-scored reward), and each
+-- insert carries an insert_deduplication_token. ReplacingMergeTree is the last line: its sort
+-- key ends with event_id (steps: event_id, step_index) and holds only columns that are the
+-- same in every copy of an event, so merges and FINAL collapse copies to one row (the sink
+-- queries with final=1). No PARTITION BY: copies of one event may differ in occurred_at
+-- (a re-scored reward), and ReplacingMergeTree only collapses within one partition.
 """
 
 KAFKA_HEADER = """\
@@ -49,8 +52,8 @@ KAFKA_HEADER = """\
 -- unchanged. Origin columns come from the Kafka engine's virtual columns (_topic,
 -- _partition, _offset, _timestamp_ms, _key). Source columns are qualified with the queue
 -- table's name, so an origin alias (partition, offset) never shadows an event field.
--- Delivery is at least once; ReplacingMergeTree over (..., topic, partition, offset)
--- collapses redelivered rows on merge (query with FINAL where exact counts matter).
+-- Delivery is at least once; ReplacingMergeTree over (..., event_id) collapses redelivered
+-- and re-sent events on merge (query with FINAL, or SETTINGS final = 1, for exact counts).
 -- Do not run `stormline sink` against the same tables at the same time.
 """
 
@@ -64,11 +67,10 @@ SETTINGS kafka_broker_list = 'kafka:9092', kafka_topic_list = '{topic}',
 
 def create_table(table: Table) -> str:
     cols = ",\n".join(f"    `{c.name}` {c.clickhouse}" for c in table.columns)
-    order = ", ".join([*table.order_by, "topic", "partition", "offset"])
+    order = ", ".join(table.key)
     return (
         f"CREATE TABLE IF NOT EXISTS {table.name}\n(\n{cols}\n)\n"
         "ENGINE = ReplacingMergeTree\n"
-        "PARTITION BY toYYYYMM(occurred_at)\n"
         f"ORDER BY ({order})\n"
         "SETTINGS non_replicated_deduplication_window = 10000;"
     )

@@ -39,6 +39,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from stormline.consumers.sink.dedup import SeenIds, first_copies, id_hash
 from stormline.consumers.sink.store import Store, open_store
 from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
 from stormline.runtime.consumer import position
@@ -54,7 +55,8 @@ log = logging.getLogger("stormline.sink")
 class SinkStats:
     events: int = 0
     rows: int = 0
-    skipped: int = 0
+    skipped: int = 0  # rows of offsets already stored (a redelivery)
+    duplicates: int = 0  # rows of event ids already stored at a lower offset (a re-send)
     batches: int = 0
     failures: int = 0
     first_record_at: float | None = None  # monotonic time the first event arrived
@@ -76,7 +78,13 @@ class Sink:
         self.serde = serde or Serde.from_settings(settings)
         # A write may be retried for a while: the partitions are paused and polled, so
         # the group never sees a stuck member (max.poll.interval.ms is not at risk).
-        overrides: dict[str, Any] = {"max.poll.interval.ms": 300_000}
+        # Past it, a sink stuck in a write is dropped from the group; a part it finishes
+        # later is read once (store.read_plan) and holds the same rows as the new owner's.
+        poll_ms = int(settings.sink_max_poll_interval_s * 1000)
+        overrides: dict[str, Any] = {
+            "max.poll.interval.ms": poll_ms,
+            "session.timeout.ms": min(10_000, poll_ms),
+        }
         self.consumer = EventConsumer(
             settings, self.serde, group_id or settings.sink_group, SINK_SPECS, **overrides
         )
@@ -85,6 +93,7 @@ class Sink:
         self._buffer: list[Received[Any]] = []
         self._buffer_since: float | None = None
         self._high: dict[str, dict[tuple[str, int], int]] = {}
+        self._seen: dict[str, SeenIds] = {}
         self._stop = threading.Event()
         self._assigned = False
         self._paused = False
@@ -95,6 +104,7 @@ class Sink:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         # Another sink may have written these partitions since we last owned them.
         self._high.clear()
+        self._seen.clear()
         self._assigned = True
         if self._paused:  # the store is failing: new partitions wait too
             _consumer.pause(partitions)
@@ -140,6 +150,7 @@ class Sink:
                 )
                 if full or old or (batch.dead and not self._buffer):
                     self._flush_with_retry()
+                    idle_since = time.monotonic()  # a write is activity, however long
                 self._maybe_compact()
                 if until_idle is not None and time.monotonic() - idle_since >= until_idle:
                     break
@@ -218,7 +229,16 @@ class Sink:
             self._high[table] = self.store.high_water(table)
         return self._high[table]
 
-    def _write_and_commit(self) -> None:
+    def _query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return self.store.query(sql).rows
+
+    def _seen_ids(self, table: str) -> SeenIds:
+        if table not in self._seen:
+            self._seen[table] = SeenIds.load(table, self._query_rows)
+        return self._seen[table]
+
+    def _rows_by_table(self) -> dict[str, list[dict[str, Any]]]:
+        """The buffer as rows, each record decoded once; a poison record is dead-lettered."""
         tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for rec in self._buffer:
             origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key)
@@ -229,11 +249,24 @@ class Sink:
                 continue
             for table, row in produced:
                 tables[table].append(row)
+        return tables
+
+    def _fresh(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows the table does not hold yet: new offsets, and of those the first copy of
+        each event id (:mod:`.dedup`)."""
+        high = self._high_water(table)
+        fresh = [r for r in rows if r["offset"] > high.get((r["topic"], r["partition"]), -1)]
+        self.stats.skipped += len(rows) - len(fresh)
+        if not fresh:
+            return fresh
+        keep = first_copies(fresh, self._seen_ids(table), self._query_rows, table)
+        self.stats.duplicates += len(fresh) - len(keep)
+        return [fresh[i] for i in keep]
+
+    def _write_and_commit(self) -> None:
         written = 0
-        for table, rows in tables.items():
-            high = self._high_water(table)
-            fresh = [r for r in rows if r["offset"] > high.get((r["topic"], r["partition"]), -1)]
-            self.stats.skipped += len(rows) - len(fresh)
+        for table, rows in self._rows_by_table().items():
+            fresh = self._fresh(table, rows)
             if not fresh:
                 continue
             try:
@@ -241,10 +274,13 @@ class Sink:
             except Exception:
                 # Some (topic, partition) parts may have landed: re-read before the retry.
                 self._high.pop(table, None)
+                self._seen.pop(table, None)
                 raise
+            high = self._high[table]
             for r in fresh:
                 key = (r["topic"], r["partition"])
                 high[key] = max(high.get(key, -1), r["offset"])
+            self._seen[table].add([id_hash(r["event_id"]) for r in fresh])
             self.stats.per_table[table] += len(fresh)
             written += len(fresh)
         self.consumer.commit()

@@ -7,7 +7,9 @@ what a table keeps differently, each with its reason:
 
 * every row first carries where it came from (:data:`ORIGIN`: ``topic``, ``partition``,
   ``offset``, the Kafka record time ``ts`` and ``key``); ``(topic, partition, offset)``
-  identifies an event, and the sink's idempotency rests on it;
+  identifies a record and ``event_id`` an event (a re-sent one comes back at a new offset
+  with the same id): the sink keeps one row per event id (:mod:`.dedup`), and the server
+  tables' sort keys end with it (:attr:`.columns.Table.key`);
 * ``steps``: every Trajectory step flattened into its own row, because latency and token
   queries per step need it;
 * optional strings and ints are stored as ``''`` and ``0`` (not NULL), optional floats stay
@@ -95,14 +97,14 @@ DECLARED: tuple[Table, ...] = (
     _table(
         "assignments",
         ASSIGNMENTS,
-        ("agent_id", "occurred_at"),
+        ("task_type", "task_id"),  # a re-decided attempt keeps its id, maybe not its agent
         # The task's routing keys only, for per-tenant/type queries without a join.
         fields={"task": Flatten(only=("tenant", "task_type", "priority"))},
     ),
     _table(
         "trajectories",
         TRAJECTORIES,
-        ("agent_id", "occurred_at"),
+        ("task_type", "task_id"),
         fields={
             "steps": Length("n_steps"),  # the steps themselves: table steps
             "usage": Flatten(fields=_TOKENS),  # unprefixed: prompt_tokens, ..., cost_usd
@@ -122,7 +124,7 @@ DECLARED: tuple[Table, ...] = (
     _table(
         "steps",
         TRAJECTORIES,
-        ("agent_id", "trajectory_id", "step_index"),
+        ("task_id",),
         explode="steps",
         carry=("event_id", "occurred_at", "schema_version", "task_id", "trajectory_id", "agent_id"),
         fields={
@@ -133,14 +135,14 @@ DECLARED: tuple[Table, ...] = (
         },
         extras=(Extra("step_index", "int", int, "toInt32(item_number - 1)", "agent_id", "index"),),
     ),
-    _table("rewards", REWARDS, ("agent_id", "task_type", "occurred_at")),
+    _table("rewards", REWARDS, ("task_type", "task_id")),
     _table(
         "heartbeats",
         HEARTBEATS,
-        ("worker_id", "occurred_at"),
+        ("worker_id",),
         fields={"capabilities": Drop("static per agent; see agents.yaml")},
     ),
-    _table("agent_health", AGENT_HEALTH, ("agent_id", "occurred_at")),
+    _table("agent_health", AGENT_HEALTH, ("agent_id",)),
     _table(
         "checkpoints",
         CHECKPOINTS,
@@ -159,7 +161,7 @@ DECLARED: tuple[Table, ...] = (
     _table(
         "dead_letters",
         DEAD_LETTERS,
-        ("error_kind", "source_topic", "occurred_at"),
+        ("error_kind", "source_topic"),
         fields={
             # The event's own partition/offset would clash with the origin columns.
             "partition": Keep(rename="source_partition"),

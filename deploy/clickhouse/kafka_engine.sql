@@ -16,8 +16,8 @@
 -- unchanged. Origin columns come from the Kafka engine's virtual columns (_topic,
 -- _partition, _offset, _timestamp_ms, _key). Source columns are qualified with the queue
 -- table's name, so an origin alias (partition, offset) never shadows an event field.
--- Delivery is at least once; ReplacingMergeTree over (..., topic, partition, offset)
--- collapses redelivered rows on merge (query with FINAL where exact counts matter).
+-- Delivery is at least once; ReplacingMergeTree over (..., event_id) collapses redelivered
+-- and re-sent events on merge (query with FINAL, or SETTINGS final = 1, for exact counts).
 -- Do not run `stormline sink` against the same tables at the same time.
 
 CREATE TABLE IF NOT EXISTS kafka_tasks

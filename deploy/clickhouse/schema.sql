@@ -8,10 +8,13 @@
 -- (tests/test_event_shapes.py fails when this file and the generator differ). The same SQL
 -- runs on chDB over the sink's Parquet parts and on these tables.
 --
--- Idempotency: (topic, partition, offset) identifies an event. The sink never re-inserts an
--- offset it already stored, each insert carries an insert_deduplication_token, and
--- ReplacingMergeTree collapses exact repeats on merge (ORDER BY ends with the origin).
--- ORDER BY starts with the columns the canned queries group and filter by.
+-- One row per event id: the sink never re-inserts an offset it already stored, nor an event
+-- id the table holds at a lower offset (a re-sent trajectory, a re-scored reward), and each
+-- insert carries an insert_deduplication_token. ReplacingMergeTree is the last line: its sort
+-- key ends with event_id (steps: event_id, step_index) and holds only columns that are the
+-- same in every copy of an event, so merges and FINAL collapse copies to one row (the sink
+-- queries with final=1). No PARTITION BY: copies of one event may differ in occurred_at
+-- (a re-scored reward), and ReplacingMergeTree only collapses within one partition.
 
 CREATE TABLE IF NOT EXISTS tasks
 (
@@ -35,8 +38,7 @@ CREATE TABLE IF NOT EXISTS tasks
     `metadata` Map(String, String)
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (tenant, task_type, task_id, topic, partition, offset)
+ORDER BY (tenant, task_type, task_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS assignments
@@ -64,8 +66,7 @@ CREATE TABLE IF NOT EXISTS assignments
     `priority` Int32
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (agent_id, occurred_at, topic, partition, offset)
+ORDER BY (task_type, task_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS trajectories
@@ -99,8 +100,7 @@ CREATE TABLE IF NOT EXISTS trajectories
     `final` Bool
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (agent_id, occurred_at, topic, partition, offset)
+ORDER BY (task_type, task_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS steps
@@ -126,8 +126,7 @@ CREATE TABLE IF NOT EXISTS steps
     `n_token_ids` Int32
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (agent_id, trajectory_id, step_index, topic, partition, offset)
+ORDER BY (task_id, event_id, step_index)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS rewards
@@ -152,8 +151,7 @@ CREATE TABLE IF NOT EXISTS rewards
     `reason` String
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (agent_id, task_type, occurred_at, topic, partition, offset)
+ORDER BY (task_type, task_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS heartbeats
@@ -175,8 +173,7 @@ CREATE TABLE IF NOT EXISTS heartbeats
     `detail` String
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (worker_id, occurred_at, topic, partition, offset)
+ORDER BY (worker_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS agent_health
@@ -195,8 +192,7 @@ CREATE TABLE IF NOT EXISTS agent_health
     `reason` String
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (agent_id, occurred_at, topic, partition, offset)
+ORDER BY (agent_id, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS checkpoints
@@ -220,8 +216,7 @@ CREATE TABLE IF NOT EXISTS checkpoints
     `decision` String
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (policy, version, topic, partition, offset)
+ORDER BY (policy, version, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS dead_letters
@@ -244,6 +239,5 @@ CREATE TABLE IF NOT EXISTS dead_letters
     `consumer_group` String
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (error_kind, source_topic, occurred_at, topic, partition, offset)
+ORDER BY (error_kind, source_topic, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
