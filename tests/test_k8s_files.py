@@ -169,14 +169,17 @@ def test_k8s_router_and_trainer_share_a_read_write_many_checkpoint_claim() -> No
 
 
 def test_keda_lag_scaling_is_an_option_off_by_default() -> None:
+    """A kustomize Component that the default kustomization leaves out (one line turns it on):
+    the ScaledObject on the workers' group and topic, and the CPU HPA deleted."""
     from stormline.schemas.catalog import ASSIGNMENTS
 
     keda = K8S / "keda"
-    overlay = yaml.safe_load((keda / "kustomization.yaml").read_text())
+    component = yaml.safe_load((keda / "kustomization.yaml").read_text())
     default = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert "keda" not in " ".join(default["resources"])  # off by default
-    assert ".." in overlay["resources"]
-    for r in overlay["resources"]:
+    assert component["kind"] == "Component"
+    assert "components" not in default and "keda" not in default["resources"]  # off by default
+    assert "# components:\n# - keda" in (K8S / "kustomization.yaml").read_text()
+    for r in component["resources"]:
         assert (keda / r).exists(), r
     (so,) = [d for d in yaml.safe_load_all((keda / "worker-scaledobject.yaml").read_text()) if d]
     target = so["spec"]["scaleTargetRef"]["name"]
@@ -186,10 +189,9 @@ def test_keda_lag_scaling_is_an_option_off_by_default() -> None:
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["consumerGroup"] == s.topic(s.worker_group)
     assert trigger["metadata"]["topic"] == ASSIGNMENTS.name(s)
-    assert (
-        trigger["metadata"]["bootstrapServers"] == configmap()["STORMLINE_KAFKA_BOOTSTRAP_SERVERS"]
-    )
-    # The overlay deletes the CPU HPA on the same Deployment (two HPAs would fight).
+    bootstrap = configmap()["STORMLINE_KAFKA_BOOTSTRAP_SERVERS"]
+    assert trigger["metadata"]["bootstrapServers"] == bootstrap
+    # The component deletes the CPU HPA on the same Deployment (two HPAs would fight).
     hpas = {d["metadata"]["name"] for d in k8s_docs() if d["kind"] == "HorizontalPodAutoscaler"}
-    (patch,) = overlay["patches"]
+    (patch,) = component["patches"]
     assert patch["target"]["name"] in hpas and "$patch: delete" in patch["patch"]
