@@ -181,11 +181,11 @@ class ApiStore:
         self, tenant: str, since: float, offset: int, limit: int
     ) -> tuple[list[tuple[str, dict[str, str]]], bool]:
         """A page of the tenant's task index from ``since`` (oldest first), and whether more."""
-        ids = await self.r.zrangebyscore(
+        raw = await self.r.zrangebyscore(
             self._tenant_key(tenant, "tasks"), since, "+inf", start=offset, num=limit + 1
         )
-        more = len(ids) > limit
-        ids = [_text(i) for i in ids[:limit]]
+        more = len(raw) > limit
+        ids = [_text(i) for i in raw[:limit]]
         pipe = self.r.pipeline(transaction=False)
         for task_id in ids:
             pipe.hgetall(self.task_key(task_id))
