@@ -9,6 +9,11 @@ old and new producers coexist.
 With ``STORMLINE_SCHEMA_REGISTRY_URL=none`` there is no registry: the id is the first 31
 bits of the SHA-256 of the schema's canonical form, which every process computes the same
 way from the schemas in this package (current and released).
+
+No secret leaves in an event: :meth:`Serde.encode` looks for every secret this process
+knows (:func:`stormline.logs.secret_needles`) in the encoded bytes, where any text field's
+value lies whole, and re-encodes with them masked when one is there (rare, so the common
+path pays one substring search per secret). Registry errors never show a URL's password.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import struct
 import threading
@@ -27,9 +33,11 @@ import fastavro
 from fastavro.schema import to_parsing_canonical_form
 from pydantic import ValidationError
 
+from stormline import logs
 from stormline.schemas.models import EVENT_TYPES, Event
 from stormline.settings import Settings
 
+_log = logging.getLogger("stormline.serde")
 AVRO_DIR = Path(__file__).parent / "avro"
 RELEASED_DIR = Path(__file__).parent / "released"
 MAGIC = 0
@@ -109,8 +117,11 @@ class ConfluentRegistry:
 
 
 def _unavailable(url: str, exc: Exception) -> RegistryUnavailable:
+    # The URL may carry credentials, and so may the client's error text: neither may reach
+    # a log line or a dead letter.
     return RegistryUnavailable(
-        f"The schema registry at {url} did not answer ({type(exc).__name__}: {exc}). Run "
+        f"The schema registry at {logs.redact_url(url)} did not answer "
+        f"({type(exc).__name__}: {logs.redact(str(exc))}). Run "
         "`stormline up` for the embedded one, or set STORMLINE_SCHEMA_REGISTRY_URL to a "
         "Confluent-compatible registry (or to 'none' to use schema fingerprints as ids)."
     )
@@ -151,6 +162,7 @@ class Serde:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Serde:
+        logs.register_settings(settings)  # their secrets never leave in an event
         return cls(registry_for(settings))
 
     # -- encode --
@@ -174,6 +186,23 @@ class Serde:
         buf = io.BytesIO()
         buf.write(self._header(topic, type(event)))
         fastavro.schemaless_writer(buf, parsed_schema(type(event)), event.model_dump())
+        data = buf.getvalue()
+        needles = logs.SECRETS.needles
+        if needles and any(n in data for n in needles):
+            return self._encode_redacted(topic, event)
+        return data
+
+    def _encode_redacted(self, topic: str, event: Event) -> bytes:
+        """``event`` with every secret in its text (and bytes) fields masked."""
+        _log.warning(
+            "a secret was in a %s event for %s: masked before it left",
+            type(event).__name__,
+            topic,
+        )
+        buf = io.BytesIO()
+        buf.write(self._header(topic, type(event)))
+        clean = logs.redact_tree(event.model_dump())
+        fastavro.schemaless_writer(buf, parsed_schema(type(event)), clean)
         return buf.getvalue()
 
     # -- decode --

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
-from stormline.schemas.models import AgentHeartbeat, PolicyKind, Step, TaskSubmitted, WorkerStatus
+from stormline.schemas.models import (
+    AgentHeartbeat,
+    PolicyKind,
+    RewardSource,
+    Step,
+    TaskSubmitted,
+    WorkerStatus,
+)
 from stormline.trainer import state as state_io
 from stormline.trainer.checkpoints import gate
-from stormline.trainer.join import Joiner, SourceRef, propensity_of
+from stormline.trainer.join import Experience, Joiner, SourceRef, propensity_of
 from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer, encode_experiences, task_keys
 from stormline.trainer.replay import ReplayError, parse_offsets
 from stormline.trainer.update import split_holdout, trained_on
@@ -211,3 +219,73 @@ def test_offset_specs() -> None:
         parse_offsets("4=1", "rewards", 3)
     with pytest.raises(ReplayError, match="P=N"):
         parse_offsets("abc", "rewards", 3)
+
+
+# ------------------------------------------------- human feedback over automatic rewards --
+HUMAN_ORDERS = list(itertools.permutations(["trajectory", "auto", "human"]))
+
+
+def _feed(j: Joiner, order: list[str], offset: int = 0) -> list[Experience]:
+    t = trajectory(1, "a", "math", "x")
+    events = {
+        "trajectory": lambda at: j.add_trajectory(t, ref(T, offset), at),
+        "auto": lambda at: j.add_reward(reward(1, "a", 0.0), ref(R, offset), at),
+        "human": lambda at: j.add_reward(
+            reward(1, "a", 1.0, source=RewardSource.HUMAN), ref(R, offset + 1), at
+        ),
+        "assignment": lambda at: j.add_assignment(
+            assignment(1, "a", "math", "x", PolicyKind.QTABLE), ref(A, offset), at
+        ),
+    }
+    out: list[Experience] = []
+    for n, name in enumerate(order):
+        out += events[name](10 * n + offset)
+    return out
+
+
+def _buffered(exps: list[Experience]) -> dict[str, Experience]:
+    """What the service's buffer keeps: a human correction replaces its trajectory's entry."""
+    buf: dict[str, Experience] = {}
+    for e in exps:
+        if e.reward_source == "human" or e.trajectory_id not in buf:
+            buf[e.trajectory_id] = e
+    return buf
+
+
+@pytest.mark.parametrize("order", HUMAN_ORDERS, ids="-".join)
+def test_a_human_reward_wins_over_the_automatic_one_in_any_order(order: tuple[str, ...]) -> None:
+    j = Joiner()
+    exps = _feed(j, list(order))
+    humans = [e for e in exps if e.reward_source == "human"]
+    assert len(humans) == 1 and humans[0].reward == 1.0 and humans[0].task_type == "math"
+    assert humans[0].reward_ref == ref(R, 1)
+    assert _buffered(exps)["traj-1"].reward == 1.0
+    # A redelivered human reward, or the automatic one again, changes nothing after that.
+    assert _feed(j, ["human", "auto", "trajectory"], offset=100) == []
+    assert j.pending == 0 and j.stats.joined == 1
+    # The state file keeps the decision across a restart.
+    back = Joiner()
+    back.load_dict(j.to_dict())
+    assert back.add_reward(reward(1, "a", 1.0, source=RewardSource.HUMAN), ref(R, 9), 99) == []
+
+
+@pytest.mark.parametrize("order", HUMAN_ORDERS, ids="-".join)
+def test_a_human_reward_wins_while_the_pair_waits_for_its_assignment(
+    order: tuple[str, ...],
+) -> None:
+    j = Joiner(assignment_wait_ms=1000)
+    exps = _feed(j, [*order, "assignment"])
+    assert [(e.reward, e.reward_source, e.propensity is not None) for e in exps] == [
+        (1.0, "human", True)
+    ]
+
+
+def test_a_human_reward_for_a_trajectory_joined_long_ago_is_counted_not_applied() -> None:
+    j = Joiner(recent_capacity=2)
+    for i in range(1, 5):
+        j.add_trajectory(trajectory(i, "a", "m", "x"), ref(T, i), i)
+        j.add_reward(reward(i, "a", 0.0), ref(R, i), i)
+    assert j.add_reward(reward(1, "a", 1.0, source=RewardSource.HUMAN), ref(R, 9), 9) == []
+    assert j.stats.human_too_late == 1
+    [e] = j.add_reward(reward(4, "a", 1.0, source=RewardSource.HUMAN), ref(R, 10), 10)
+    assert (e.trajectory_id, e.reward) == ("traj-4", 1.0) and j.stats.human_corrections == 1

@@ -1,9 +1,14 @@
-"""The trainer through the real broker and one real local Ray (started once per session)."""
+"""The trainer through the real broker and one real local Ray (started once per session).
+
+Longer than ~400 lines because the tests share this module's Ray learner (tens of seconds to
+start) and its publishing and checkpoint-reading helpers.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +22,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from stormline.runtime.connection import client_logger, confluent_config
 from stormline.schemas.catalog import CHECKPOINTS, REWARDS, TRAJECTORIES
-from stormline.schemas.kafka import EventProducer
-from stormline.schemas.models import CheckpointPublished, TaskSubmitted
+from stormline.schemas.kafka import EventProducer, end_offsets
+from stormline.schemas.models import CheckpointPublished, Reward, RewardSource, TaskSubmitted
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from stormline.streams.policy import load_policy
@@ -34,8 +39,8 @@ from stormline.trainer.policy import (
 from stormline.trainer.replay import Range, read_range, replay
 from stormline.trainer.service import TrainerService
 from stormline.trainer.update import UpdateOutcome
-from tests.conftest import settings_env
-from tests.trainer_events import AGENTS, BEST, world
+from tests.conftest import settings_env, uncommitted, wait_until
+from tests.trainer_events import AGENTS, BEST, reward, world
 
 CFG = PolicyConfig(buckets=4096, dim=16, hidden=32)
 pytestmark = pytest.mark.timeout(600)
@@ -332,3 +337,138 @@ def test_a_ray_cluster_gets_every_part_of_stormline() -> None:
     assert {t for t in tops if not t.endswith(".dist-info")} == {"stormline"}
     for module in ("trainer/distributed.py", "schemas/models.py", "schemas/avro/reward.avsc"):
         assert f"stormline/{module}" in names
+
+
+# ------------------------------------------------------------------- crash windows --
+def _trained_ids(store_dir: Path, version: int) -> list[str]:
+    meta = json.loads((store_dir / f"v{version:06d}" / "meta.json").read_text())
+    return sorted(meta["trajectory_ids"])
+
+
+@pytest.mark.parametrize("point", ["after-publish", "after-checkpoint"])
+def test_a_kill_9_during_an_update_trains_nothing_twice(
+    topics: Settings, serde: Serde, point: str
+) -> None:
+    s = tuned(
+        topics,
+        trainer_batch_size=30,
+        trainer_holdout_fraction=0.0,
+        trainer_state_interval_s=0.5,
+        trainer_assignment_wait_s=0.0,
+        ray_num_workers=1,
+        ray_num_cpus=1,
+    )
+    episodes = world(30, seed=7)
+    publish_world(s, serde, episodes)
+    env = settings_env(s)
+    # First life: killed -9 at `point` of its first update.
+    crash = subprocess.run(
+        [sys.executable, "-m", "tests.trainer_crash", point],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert crash.returncode == -9, crash.stderr[-3000:]
+    # Second life: the plain trainer, until it has committed everything there is.
+    life = subprocess.Popen(
+        [sys.executable, "-m", "stormline.cli", "trainer"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        topics_read = [TRAJECTORIES.name(s), REWARDS.name(s)]
+        wait_until(
+            lambda: life.poll() is not None or not uncommitted(s, s.trainer_group_id, topics_read),
+            timeout=240,
+            what="the restarted trainer to commit every record",
+        )
+        assert life.poll() is None, "the restarted trainer stopped"
+    finally:
+        life.send_signal(signal.SIGTERM)
+        _, err = life.communicate(timeout=120)
+    assert life.returncode == 0, err[-3000:]
+    store_dir = Path(s.data_dir) / "checkpoints" / s.trainer_policy_name
+    events = checkpoints_on_topic(s, serde, 2)
+    # One version, trained on every episode once; a re-publication is the same event.
+    assert {e.version for e in events} == {1}, [e.version for e in events]
+    assert len({e.event_id for e in events}) == 1
+    assert sorted(p.name for p in store_dir.iterdir() if p.name.startswith("v")) == ["v000001"]
+    assert _trained_ids(store_dir, 1) == sorted(t.trajectory_id for _, t, _ in episodes)
+
+
+def test_a_checkpoint_without_meta_is_ignored_and_the_trainer_starts(
+    topics: Settings, serde: Serde, learner: RayLearner
+) -> None:
+    s = tuned(topics, trainer_batch_size=20, trainer_holdout_fraction=0.0)
+    store_dir = Path(s.data_dir) / "checkpoints" / s.trainer_policy_name
+    # A crash between the weights and meta.json of v1 (the old layout wrote in place), and a
+    # temporary directory of the new layout left half-written.
+    (store_dir / "v000001").mkdir(parents=True)
+    (store_dir / "v000001" / "weights.safetensors").write_bytes(b"half a file")
+    (store_dir / ".v000002.tmp-0123abcd").mkdir()
+    outs: list[UpdateOutcome] = []
+    svc = TrainerService(s, learner, serde=serde, cfg=CFG, on_update=outs.append)
+    try:
+        assert svc.weights is None and svc.store.latest() is None
+        publish_world(s, serde, world(20, seed=8))
+        run_until(svc, lambda: bool(outs))
+    finally:
+        svc.close()
+    # The new version skips past the leftover, which stays as it was.
+    assert outs[0].event.version == 2 and svc.store.versions() == [2]
+    assert svc.store.latest() == (svc.store.uri_of(2), outs[0].event.sha256)
+    assert (store_dir / "v000001" / "weights.safetensors").read_bytes() == b"half a file"
+    [event] = checkpoints_on_topic(s, serde, 1)
+    assert event.version == 2
+
+
+# ------------------------------------------------------------------ human feedback --
+def caught_up(svc: TrainerService, s: Settings) -> bool:
+    """The trainer has applied every record of the rewards topic there is now."""
+    name = REWARDS.name(s)
+    ends = end_offsets(s, name, s.default_partitions)
+    return all(svc.state.positions.get((name, p), 0) >= end for p, end in enumerate(ends))
+
+
+def test_the_trainer_trains_a_human_reward_over_the_automatic_one_once(
+    topics: Settings, serde: Serde, learner: RayLearner
+) -> None:
+    s = tuned(topics, trainer_batch_size=10_000, trainer_holdout_fraction=0.0)
+    episodes = world(20, seed=9)
+    publish_world(s, serde, episodes)
+
+    def human(i: int) -> Reward:
+        _, t, r = episodes[i]
+        return reward(i, t.agent_id, 1.0 - r.value, t.task_type, source=RewardSource.HUMAN)
+
+    trained: list[list[Experience]] = []
+    svc = TrainerService(
+        s, learner, serde=serde, cfg=CFG, on_update=lambda o: trained.append(o.trained)
+    )
+    try:
+        run_until(svc, lambda: svc.state.joiner.stats.joined == 20)
+        # Human feedback on 5 experiences still buffered: they replace the automatic ones.
+        prod = EventProducer(s, serde)
+        prod.publish([human(i) for i in range(5)])
+        run_until(svc, lambda: caught_up(svc, s))
+        svc.update()
+        # Feedback on one already trained, and the first 5 delivered again.
+        prod.publish([human(i) for i in range(6)])
+        prod.close()
+        run_until(svc, lambda: caught_up(svc, s))
+        svc.update()
+    finally:
+        svc.close()
+    first = trained[0]
+    by_id = {e.trajectory_id: e for e in first}
+    assert len(first) == 20 and len(by_id) == 20
+    for i, (_, t, r) in enumerate(episodes):
+        want = 1.0 - r.value if i < 5 else r.value
+        assert by_id[t.trajectory_id].reward == want, (i, by_id[t.trajectory_id])
+    assert len(trained) == 2, "the correction of a trained experience is trained next"
+    assert [(e.trajectory_id, e.reward, e.reward_source) for e in trained[1]] == [
+        ("traj-5", 1.0 - episodes[5][2].value, "human")
+    ]

@@ -14,6 +14,7 @@ from stormline.schemas.models import (
     TaskAssigned,
     Trajectory,
     TrajectoryStatus,
+    stable_event_id,
 )
 
 WORDS = {
@@ -43,7 +44,24 @@ def trajectory(i: int, agent: str, task_type: str, text: str, **kw: object) -> T
     )
 
 
-def reward(i: int, agent: str, value: float, task_type: str = "") -> Reward:
+def reward(
+    i: int,
+    agent: str,
+    value: float,
+    task_type: str = "",
+    source: RewardSource = RewardSource.VERIFIER,
+) -> Reward:
+    if source == RewardSource.HUMAN:  # the contract's id of a human reward
+        return Reward(
+            event_id=stable_event_id("reward", f"traj-{i}", source.value),
+            task_id=f"task-{i}",
+            trajectory_id=f"traj-{i}",
+            attempt=1,
+            agent_id=agent,
+            task_type=task_type,
+            value=value,
+            source=source,
+        )
     return Reward(
         task_id=f"task-{i}",
         trajectory_id=f"traj-{i}",

@@ -10,6 +10,13 @@ Layout under ``checkpoint_uri`` (a directory, ``file://``, ``s3://``, ``memory:/
 Versions are the next integer after the highest one present, so a restarted trainer
 continues the sequence. A consumer verifies the weights' sha256 against the published one
 before deserialising anything (:func:`load_checkpoint`).
+
+Crash safety. A version is written whole under a temporary name (``.v000007.tmp-<id>``),
+weights first, ``meta.json`` last, and then renamed to ``v000007`` (atomic on a local
+filesystem). A version counts only when its ``meta.json`` and weights are both there, so a
+directory left by a crash mid-write (or on a store whose rename is a copy) is ignored by
+:meth:`CheckpointStore.versions` and :meth:`CheckpointStore.latest`; the next version
+number still skips past it, so nothing is ever written over such a leftover.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,12 +34,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from stormline.schemas.models import CheckpointPublished, OffsetRange
+from stormline.schemas.models import CheckpointPublished, OffsetRange, stable_event_id
 from stormline.trainer.policy import PolicyConfig, RouterNet, Scorer
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
 _VERSION = re.compile(r"v(\d{6,})$")
+PROMOTED = "promoted.json"
 
 
 class ChecksumMismatch(ValueError):
@@ -71,13 +80,19 @@ def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def _path(uri: str) -> str:
+    """``uri`` as a path of its filesystem (what ``fs.mv`` takes)."""
+    return str(fsspec.core.url_to_fs(uri)[1])
+
+
 class CheckpointStore:
     def __init__(self, uri: str, policy: str) -> None:
         self.base = _join(uri, policy)
         self.policy = policy
         self.fs, self.root = fsspec.core.url_to_fs(self.base)
 
-    def versions(self) -> list[int]:
+    def _numbered(self) -> list[int]:
+        """Every ``vNNNNNN`` directory, complete or not."""
         if not self.fs.exists(self.root):
             return []
         out = []
@@ -86,6 +101,14 @@ class CheckpointStore:
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
+
+    def complete(self, version: int) -> bool:
+        d = f"{self.root.rstrip('/')}/v{version:06d}"
+        return bool(self.fs.exists(f"{d}/{META}") and self.fs.exists(f"{d}/{WEIGHTS}"))
+
+    def versions(self) -> list[int]:
+        """The complete versions, oldest first (a crash's leftovers are not versions)."""
+        return [v for v in self._numbered() if self.complete(v)]
 
     def uri_of(self, version: int) -> str:
         return _join(self.base, f"v{version:06d}")
@@ -101,13 +124,11 @@ class CheckpointStore:
         decision: str,
         extra: dict[str, Any] | None = None,
     ) -> CheckpointPublished:
-        """Write weights then meta (meta last: a directory without it is incomplete)."""
-        version = (self.versions() or [0])[-1] + 1
+        """Write a new version whole under a temporary name, then rename it complete."""
+        version = (self._numbered() or [0])[-1] + 1
         uri = self.uri_of(version)
         blob = st_save(state)
         sha = hashlib.sha256(blob).hexdigest()
-        with fsspec.open(_join(uri, WEIGHTS), "wb") as f:
-            f.write(blob)
         meta = {
             "policy": self.policy,
             "version": version,
@@ -120,25 +141,27 @@ class CheckpointStore:
             "created_at": time.time(),
             **(extra or {}),
         }
-        with fsspec.open(_join(uri, META), "w") as f:
+        tmp = _join(self.base, f".v{version:06d}.tmp-{uuid.uuid4().hex[:8]}")
+        with fsspec.open(_join(tmp, WEIGHTS), "wb") as f:
+            f.write(blob)
+        with fsspec.open(_join(tmp, META), "w") as f:  # meta last: it marks the version whole
             json.dump(meta, f, indent=2, sort_keys=True)
+        self.fs.mv(_path(tmp), _path(uri), recursive=True)
         if promoted:
-            with fsspec.open(_join(self.base, "promoted.json"), "w") as f:
-                json.dump({"version": version, "uri": uri, "sha256": sha}, f)
-        return CheckpointPublished(
-            policy=self.policy,
-            version=version,
-            uri=uri,
-            sha256=sha,
-            metrics={k: float(v) for k, v in metrics.items()},
-            trained_on=trained_on,
-            promoted=promoted,
-            decision=decision,
-        )
+            self._write_promoted({"version": version, "uri": uri, "sha256": sha})
+        return published_event(self, version, meta)
+
+    def _write_promoted(self, pointer: dict[str, Any]) -> None:
+        """Replace ``promoted.json`` by rename, so a reader never sees half of it."""
+        tmp = _join(self.base, f".{PROMOTED}.tmp-{uuid.uuid4().hex[:8]}")
+        with fsspec.open(tmp, "w") as f:
+            json.dump(pointer, f)
+        final = _join(self.base, PROMOTED)
+        self.fs.mv(_path(tmp), _path(final))
 
     def promoted(self) -> tuple[str, str] | None:
         """(uri, sha256) of the promoted checkpoint, if any."""
-        path = _join(self.base, "promoted.json")
+        path = _join(self.base, PROMOTED)
         fs, p = fsspec.core.url_to_fs(path)
         if not fs.exists(p):
             return None
@@ -152,6 +175,24 @@ class CheckpointStore:
             return None
         meta = read_meta(self.uri_of(vs[-1]))
         return self.uri_of(vs[-1]), meta["sha256"]
+
+
+def published_event(
+    store: CheckpointStore, version: int, meta: dict[str, Any]
+) -> CheckpointPublished:
+    """The announcement of ``version``; its event id is stable, so a re-publication after a
+    crash is the same event."""
+    return CheckpointPublished(
+        event_id=stable_event_id("checkpoint", store.policy, version),
+        policy=store.policy,
+        version=version,
+        uri=store.uri_of(version),
+        sha256=meta["sha256"],
+        metrics={k: float(v) for k, v in meta["metrics"].items()},
+        trained_on=[OffsetRange.model_validate(r) for r in meta["trained_on"]],
+        promoted=bool(meta["promoted"]),
+        decision=meta["decision"],
+    )
 
 
 def read_meta(uri: str) -> dict[str, Any]:

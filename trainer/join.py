@@ -8,13 +8,18 @@ and persists :meth:`Joiner.to_dict` (see :mod:`trainer.state`).
   is evicted and reported. Event time rather than wall time makes the join deterministic in
   the input, so a replay of a range produces the same experiences as the live run did.
 * At most ``max_entries`` entries wait; beyond that the oldest are evicted and reported.
-* Duplicate rewards: **first wins**. A duplicate is almost always an at-least-once
-  redelivery of the same reward; a genuinely different second reward (a human overriding a
-  judge) would need the experience already trained on to be retracted, which a
-  contextual-bandit update cannot do. First-wins keeps every experience immutable, so a
-  replay reproduces it; the duplicate is counted, and a corrected reward belongs in the
-  rewards topic under a new trajectory attempt. Joined ids are remembered (bounded) so a
-  late duplicate after the join is dropped, not re-joined.
+* Duplicate rewards: **first wins**, except that a **human** reward (``source=human``) wins
+  over an automatic one (verifier, judge, timeout, failure) whatever the arrival order, once:
+  before the join it replaces the pending automatic reward; after the join it emits one
+  *correction*, the same experience with the human reward (``reward_source == "human"``),
+  which the service puts in place of the automatic experience if that one is still
+  buffered, or trains next if it was already trained (an update cannot be retracted; the
+  correction is what the policy learns from then on). A correction needs the experience's
+  context, kept for the ``recent_capacity`` most recently joined trajectories; a human
+  reward for an older one is counted (``human_too_late``) and dropped. Any other duplicate is
+  almost always an at-least-once redelivery; it is counted and dropped. Joined ids are
+  remembered (bounded), with the source their reward came from, so a late duplicate after
+  the join is dropped, not re-joined, and a second human reward changes nothing.
 * Assignments (optional) and heartbeats add context: the task text and capabilities, the
   router's logged score, epsilon and policy, from which a propensity is derived; agents'
   capabilities from heartbeats. Without an assignment the text falls back to the
@@ -36,10 +41,17 @@ from stormline.schemas.models import (
     AgentHeartbeat,
     PolicyKind,
     Reward,
+    RewardSource,
     Step,
     TaskAssigned,
     Trajectory,
 )
+
+HUMAN, AUTO = RewardSource.HUMAN.value, "auto"  # the two kinds of reward source the join tells
+
+
+def _is_human(rew: _Entry) -> bool:
+    return bool(rew.data.get("source") == HUMAN)
 
 
 class SourceRef(BaseModel):
@@ -97,6 +109,9 @@ class JoinStats:
     joined: int = 0
     duplicate_rewards: int = 0
     duplicate_trajectories: int = 0
+    human_replaced: int = 0  # a human reward took a pending automatic reward's place
+    human_corrections: int = 0  # a human reward after the join: one corrected experience
+    human_too_late: int = 0  # ... whose context was no longer kept
     evicted_expired: int = 0
     evicted_overflow: int = 0
 
@@ -142,13 +157,17 @@ class Joiner:
     keep_steps: bool = False
     done_capacity: int = 200_000
     assignment_wait_ms: int = 0
+    recent_capacity: int = 20_000
     stats: JoinStats = field(default_factory=JoinStats)
     clock_ms: int = 0  # event-time watermark
     # Insertion-ordered, so the oldest entry is first: eviction is O(1).
     _traj: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     _rew: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     _asg: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
-    _done: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # Joined trajectory id -> the source of the reward it was joined with.
+    _done: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # The most recent joined experiences (JSON), for a late human reward's correction.
+    _recent: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     _ready: OrderedDict[str, tuple[_Entry, _Entry]] = field(default_factory=OrderedDict)
     _agent_caps: dict[str, list[str]] = field(default_factory=dict)
 
@@ -171,15 +190,66 @@ class Joiner:
     def add_reward(self, r: Reward, ref: SourceRef, at_ms: int) -> list[Experience]:
         self._tick(at_ms)
         tid = r.trajectory_id
-        if tid in self._done or tid in self._rew:
+        human = r.source == RewardSource.HUMAN
+        entry = _Entry("reward", r.model_dump(mode="json"), ref, at_ms)
+        if tid in self._done:
+            if human and self._done[tid] != HUMAN:
+                return self._correct(tid, entry)
             self.stats.duplicate_rewards += 1
             return []
-        entry = _Entry("reward", r.model_dump(mode="json"), ref, at_ms)
+        pending = self._rew.get(tid)
+        if pending is not None:
+            if human and not _is_human(pending):
+                self._rew[tid] = entry  # keeps its place: eviction order is arrival order
+                self.stats.human_replaced += 1
+            else:
+                self.stats.duplicate_rewards += 1
+            return []
         traj = self._traj.pop(tid, None)
         if traj is None:
             self._rew[tid] = entry
             return []
         return self._pair(traj, entry)
+
+    def _correct(self, tid: str, rew: _Entry) -> list[Experience]:
+        """A human reward for a joined trajectory: replace the reward, once."""
+        key = f"{rew.data['task_id']}#{rew.data['attempt']}"
+        ready = self._ready.get(key)
+        self._done[tid] = HUMAN
+        if ready is not None and ready[0].data["trajectory_id"] == tid:
+            self._ready[key] = (ready[0], rew)  # not emitted yet: it leaves with the human one
+            self.stats.human_replaced += 1
+            return []
+        recent = self._recent.get(tid)
+        if recent is None:
+            self.stats.human_too_late += 1
+            return []
+        r = rew.data
+        fixed = Experience.model_validate(
+            {
+                **recent,
+                "reward": r["value"],
+                "reward_components": r.get("components", {}),
+                "reward_source": r.get("source", ""),
+                "reward_at_ms": rew.at_ms,
+                "reward_ref": rew.ref,
+            }
+        )
+        self._remember(fixed)
+        self.stats.human_corrections += 1
+        return [fixed]
+
+    def mark_trained(self, trajectory_ids: list[str]) -> None:
+        """Treat these as joined (their experiences are in a checkpoint already): after a
+        crash between writing a checkpoint and saving the state, their records come again."""
+        for tid in trajectory_ids:
+            self._traj.pop(tid, None)
+            self._rew.pop(tid, None)
+            self._done.setdefault(tid, "")
+        for key, (t, _) in list(self._ready.items()):
+            if t.data["trajectory_id"] in self._done:
+                del self._ready[key]
+        self._trim_done()
 
     def add_assignment(self, a: TaskAssigned, ref: SourceRef, at_ms: int) -> list[Experience]:
         self._tick(at_ms)
@@ -249,10 +319,20 @@ class Joiner:
         self.clock_ms = max(self.clock_ms, at_ms)
 
     # ---------------------------------------------------------------------- join --
-    def _pair(self, traj: _Entry, rew: _Entry) -> list[Experience]:
-        self._done[traj.data["trajectory_id"]] = None  # from now on, duplicates are dropped
+    def _trim_done(self) -> None:
         while len(self._done) > self.done_capacity:
             self._done.popitem(last=False)
+
+    def _remember(self, e: Experience) -> None:
+        self._recent[e.trajectory_id] = e.model_dump(mode="json")
+        self._recent.move_to_end(e.trajectory_id)
+        while len(self._recent) > self.recent_capacity:
+            self._recent.popitem(last=False)
+
+    def _pair(self, traj: _Entry, rew: _Entry) -> list[Experience]:
+        # From now on, duplicates are dropped; a human reward still corrects an automatic one.
+        self._done[traj.data["trajectory_id"]] = HUMAN if _is_human(rew) else AUTO
+        self._trim_done()
         key = f"{traj.data['task_id']}#{traj.data['attempt']}"
         if key in self._asg or self.assignment_wait_ms <= 0:
             return [self._emit(traj, rew)]
@@ -266,7 +346,7 @@ class Joiner:
         task = asg.data["task"] if asg else {}
         a = asg.data if asg else {}
         self.stats.joined += 1
-        return Experience(
+        exp = Experience(
             trajectory_id=tid,
             task_id=t["task_id"],
             attempt=t["attempt"],
@@ -293,6 +373,9 @@ class Joiner:
             assignment_ref=asg.ref if asg else None,
             steps=[Step.model_validate(s) for s in t.get("steps", [])],
         )
+        self._done[tid] = HUMAN if _is_human(rew) else AUTO  # a correction may have come
+        self._remember(exp)
+        return exp
 
     # --------------------------------------------------------------- persistence --
     def to_dict(self) -> dict[str, Any]:
@@ -305,7 +388,8 @@ class Joiner:
             "trajectories": dump(self._traj),
             "rewards": dump(self._rew),
             "assignments": dump(self._asg),
-            "done": list(self._done),
+            "done": [[k, src] for k, src in self._done.items()],
+            "recent": list(self._recent.values()),
             "ready": [
                 [
                     k,
@@ -328,7 +412,11 @@ class Joiner:
         self._traj = load(d.get("trajectories", []))
         self._rew = load(d.get("rewards", []))
         self._asg = load(d.get("assignments", []))
-        self._done = OrderedDict((k, None) for k in d.get("done", []))
+        # Format 1 kept ids only: their reward's source is unknown (no correction then).
+        self._done = OrderedDict(
+            (row, "") if isinstance(row, str) else (row[0], row[1]) for row in d.get("done", [])
+        )
+        self._recent = OrderedDict((e["trajectory_id"], e) for e in d.get("recent", []))
 
         def entry(row: list[Any]) -> _Entry:
             return _Entry(row[0], row[1], SourceRef(**row[2]), row[3])

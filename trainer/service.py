@@ -4,7 +4,10 @@ Consumes ``trajectories`` and ``rewards`` (plus ``assignments`` for the logged s
 propensity, and ``heartbeats`` for agents' capabilities) in the ``stormline-trainer`` group.
 Offsets are committed only after the state file (:mod:`trainer.state`) holds everything
 they cover: the buffered experiences and the pending join, or after the experiences are
-in a published checkpoint. SIGTERM finishes the current step, saves, commits and exits.
+in a published checkpoint. An update saves the state before it publishes the checkpoint,
+and a restart settles a checkpoint the last life wrote but did not record (see
+:mod:`trainer.state`), so a crash anywhere trains nothing twice. SIGTERM finishes the
+current step, saves, commits and exits.
 """
 
 from __future__ import annotations
@@ -14,19 +17,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from stormline.schemas.catalog import ASSIGNMENTS, HEARTBEATS, REWARDS, TRAJECTORIES
+from stormline.schemas.catalog import ASSIGNMENTS, CHECKPOINTS, HEARTBEATS, REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received
 from stormline.schemas.models import AgentHeartbeat, Reward, TaskAssigned, Trajectory
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from stormline.trainer import state as state_io
-from stormline.trainer.checkpoints import CheckpointStore, load_state_verified
+from stormline.trainer.checkpoints import (
+    CheckpointStore,
+    load_state_verified,
+    published_event,
+    read_meta,
+)
 from stormline.trainer.distributed import RayLearner
-from stormline.trainer.join import Experience, Joiner, SourceRef
+from stormline.trainer.join import HUMAN, Experience, Joiner, SourceRef
 from stormline.trainer.policy import PolicyConfig
 from stormline.trainer.update import UpdateOutcome, checkpoint_uri, run_update
 
@@ -38,6 +46,7 @@ def make_joiner(settings: Settings) -> Joiner:
         max_entries=settings.trainer_join_max_entries,
         max_wait_ms=int(settings.trainer_join_max_wait_s * 1000),
         assignment_wait_ms=int(settings.trainer_assignment_wait_s * 1000),
+        recent_capacity=settings.trainer_join_recent,
     )
 
 
@@ -87,6 +96,7 @@ class TrainerService:
         self._buffer_since = time.monotonic()
         self._last_save = time.monotonic()
         self.updates = 0
+        self._recover()
 
     def _resume_weights(self) -> dict[str, torch.Tensor] | None:
         """Fine-tune from the newest checkpoint this policy has (verified like any consumer)."""
@@ -95,6 +105,47 @@ class TrainerService:
             return None
         state, _ = load_state_verified(*latest)
         return state
+
+    def _own(self, version: int) -> dict[str, Any] | None:
+        meta = read_meta(self.store.uri_of(version))
+        return meta if meta.get("trainer_group") == self.settings.trainer_group_id else None
+
+    def _recover(self) -> None:
+        """Settle what the last life left between writing a checkpoint and publishing it."""
+        own = [v for v in self.store.versions() if self._own(v) is not None]
+        if self.state.version is None:  # no state yet (or format 1): nothing to settle
+            self.state.version = own[-1] if own else 0
+        for v in own:
+            if v <= self.state.version:
+                continue
+            # Written, not recorded: its experiences must not be trained again.
+            meta = cast(dict[str, Any], self._own(v))
+            ids = list(meta.get("trajectory_ids", []))
+            self.state.joiner.mark_trained(ids)
+            gone = set(ids)
+            self.state.buffer = [e for e in self.state.buffer if e.trajectory_id not in gone]
+            self.state.outbox.append(published_event(self.store, v, meta))
+            self.state.version = v
+            log.warning("checkpoint v%d was written but not recorded: settled, publishing it", v)
+        state_io.save(self.path, self.state)  # from here on a state file always exists
+        self._publish_outbox()
+
+    def _publish_outbox(self) -> None:
+        if not self.state.outbox:
+            return
+        for ev in self.state.outbox:
+            self.producer.produce(ev, topic=CHECKPOINTS.name(self.settings))
+        self.producer.flush()
+        self.state.outbox = []
+
+    def _buffer(self, exps: list[Experience]) -> None:
+        """Add to the buffer; a human correction takes its automatic experience's place."""
+        for e in exps:
+            if e.reward_source == HUMAN:
+                self.state.buffer = [
+                    b for b in self.state.buffer if b.trajectory_id != e.trajectory_id
+                ]
+            self.state.buffer.append(e)
 
     # ---------------------------------------------------------------------- loop --
     def poll_once(self, timeout: float = 0.5) -> int:
@@ -107,11 +158,11 @@ class TrainerService:
             if not self.state.buffer:
                 self._buffer_since = time.monotonic()
             exps = feed(self.state.joiner, rec)
-            self.state.buffer.extend(exps)
+            self._buffer(exps)
             made += len(exps)
             self.state.advance(rec.topic, rec.partition, rec.offset)
         released = self.state.joiner.release()
-        self.state.buffer.extend(released)
+        self._buffer(released)
         made += len(released)
         for (topic, partition), nxt in batch.positions.items():  # dead-lettered ones too
             self.state.advance(topic, partition, nxt - 1)
@@ -145,16 +196,21 @@ class TrainerService:
             self.settings,
             self.learner,
             self.store,
-            self.producer,
+            None,  # published below, once the state no longer holds what it trained
             self.state.buffer,
             init_state=self.weights,
             cfg=self.cfg,
+            extra_meta={"trainer_group": self.settings.trainer_group_id},
         )
         self.weights = out.state
         self.updates += 1
         # The held-out experiences were not trained on: they stay buffered for the next update.
         self.state.buffer = list(out.holdout)
+        self.state.version = out.event.version
+        self.state.outbox.append(out.event)
         self._buffer_since = time.monotonic()
+        state_io.save(self.path, self.state)  # state first: a crash after it trains nothing twice
+        self._publish_outbox()
         self.save_and_commit()
         if self.on_update is not None:
             self.on_update(out)

@@ -46,6 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stormline.consumers.llm.interpolation import InterpolationError, Variables
+from stormline.logs import register_secret
 
 if TYPE_CHECKING:
     from stormline.settings import Settings
@@ -99,6 +100,7 @@ class ProviderConfig(BaseModel):
                     f"environment variable {name} (api_key_env of {self.provider} model "
                     f"{self.model}) is not set; export it before starting the worker"
                 )
+            register_secret(value)  # masked by value in logs and events from now on
             return value
         value = os.environ.get(DEFAULT_KEY_ENV[self.provider])
         if value:
