@@ -58,6 +58,17 @@ class StackSettings(_Section):
     )
     topic_prefix: str = Field(default="", description="Prepended to every topic name.")
     log_level: str = Field(default="INFO", description="Log level of Stormline's services.")
+    log_repeat_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Kafka client connection errors: one line per node and message this "
+        "often, with a count of those left out; 0 = log every one.",
+    )
+    secret_env: list[str] = Field(
+        default_factory=list,
+        description="More environment variables whose values are secret (masked in logs and "
+        'events, like the agents\' api_key_env ones), e.g. ["GROQ_KEY"].',
+    )
     default_partitions: int = Field(default=4, ge=1, description="Partitions per topic.")
     topic_partitions: dict[str, int] = Field(
         default_factory=dict, description='Per-topic partitions, e.g. {"tasks": 12}.'
