@@ -1,21 +1,24 @@
 """What stateless workers share, in Redis, behind narrow functions.
 
-* task status by id (hash ``stormline:<prefix>task:<id>``): state (submitted / assigned /
-  running / succeeded / failed), attempt, agent, trajectory id, output or error, reward;
-* idempotency: the Trajectory recorded for (task, attempt); a redelivered assignment is
-  answered by re-sending it, never by a second LLM call;
+* task status by id (hash ``stormline:<prefix>task:<id>``): state (the words of
+  :mod:`stormline.schemas.lifecycle`), attempt, agent, trajectory id, output or error, reward.
+  Every write goes through one Lua script built from the lifecycle's table (:func:`status_lua`):
+  a transition the table does not allow, or a lower attempt, is refused; an applied state change
+  is PUBLISHed as JSON ``{"task_id", "state", "attempt"}`` on ``<prefix>task-status``;
+* idempotency: the record of the Trajectory of (task, attempt), small (:class:`TrajectoryRecord`:
+  the Avro wire format, compressed); a redelivered assignment is answered by re-sending it,
+  never by a second LLM call;
 * an optional LLM response cache (:class:`CachedResponse`; its encoding lives here);
 * a token-bucket rate limiter per provider, shared by every worker (one Lua script).
 
-The worker's whole view of Redis is :class:`RedisState`: :meth:`~RedisState.ping`,
-:meth:`~RedisState.set_status`, :meth:`~RedisState.recorded_trajectory` /
-:meth:`~RedisState.record_trajectory`, :meth:`~RedisState.cached_response` /
-:meth:`~RedisState.cache_response` and :meth:`~RedisState.take_token`. Producers, the
-evaluator and the CLI use the synchronous helpers at the bottom.
+The worker's whole view of Redis is :class:`RedisState`. Producers, the evaluator and the CLI
+use the synchronous helpers at the bottom.
 
 If Redis is unreachable every call degrades to "nothing known" (no cache, no limiter, no
 idempotency): :attr:`RedisState.degraded` and :attr:`RedisState.detail` say so, and the
-connection is probed again every few seconds rather than on every call.
+connection is probed again every few seconds rather than on every call. A command Redis
+refuses (OOM, READONLY, ...) is retried with the one retry policy, then degrades the same way
+for that call (:attr:`RedisState.refusal` says why): a refusal never escapes to the caller.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import functools
 import json
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -33,14 +37,27 @@ import redis
 import redis.asyncio as aioredis
 
 from stormline.logs import redact
+from stormline.runtime.retry import RetryPolicy
+from stormline.schemas.lifecycle import ALLOWED, TaskState
 from stormline.schemas.models import Step, Trajectory, Usage
+from stormline.schemas.serde import DecodeError, FingerprintRegistry, Serde
 from stormline.settings import Settings
 
 log = logging.getLogger("stormline.state")
 T = TypeVar("T")
 
-STATES = ("submitted", "assigned", "running", "succeeded", "failed")
+STATES = tuple(s.value for s in TaskState)
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Refusals that pass (memory freed or evicted, failover done, data loaded): retried briefly.
+_PASSING = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+)
+_PASSING_CODES = ("BUSY", "NOREPLICAS", "MISCONF")  # no class of their own in redis-py
+_REFUSAL_RETRY = RetryPolicy(base_s=0.05, max_s=0.5, attempts=3)
+REFUSAL_WINDOW_S = 30.0  # a refusal this recent makes the worker report itself degraded
 
 # Token bucket on Redis' own clock, so that workers with skewed clocks agree.
 # Returns the seconds to wait before asking again ("0" = a token was taken).
@@ -60,19 +77,68 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return tostring(wait)
 """
 
-# Status never goes back to an older attempt (a late duplicate must not overwrite news).
+# The guarded status write. KEYS[1] the task's hash; ARGV: new state ("" = result fields only,
+# no state change), attempt, ttl, channel, task id, then field/value pairs. Returns 1 if applied.
+# A missing hash takes any first state. Fields alone need the same attempt in a state that is not
+# final yet: a late result must not rewrite the final outcome's fields.
 _STATUS = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-local new = tonumber(ARGV[1])
-if new < cur then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], %d)
+local ALLOWED = %s
+local FINAL = %s
+local new, attempt = ARGV[1], tonumber(ARGV[2])
+local cur = redis.call('HGET', KEYS[1], 'state')
+if attempt < tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') then return 0 end
+if new == '' then
+  if not cur or FINAL[cur] or attempt ~= tonumber(redis.call('HGET', KEYS[1], 'attempt')) then
+    return 0
+  end
+elseif cur and not (ALLOWED[cur] and ALLOWED[cur][new]) then return 0 end
+if new ~= '' then redis.call('HSET', KEYS[1], 'state', new) end
+redis.call('HSET', KEYS[1], 'attempt', ARGV[2])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+if new ~= '' then
+  redis.call('PUBLISH', ARGV[4], cjson.encode({task_id = ARGV[5], state = new, attempt = attempt}))
+end
 return 1
 """
 
 
+def _lua_set(names: Any) -> str:
+    return "{" + ", ".join(f"[{json.dumps(str(n))}] = true" for n in sorted(names)) + "}"
+
+
+def status_lua(allowed: dict[TaskState, frozenset[TaskState]] = ALLOWED) -> str:
+    """The status script with ``allowed`` (the lifecycle's table) as a Lua table. Pure."""
+    rows = ", ".join(f"[{json.dumps(old.value)}] = {_lua_set(nxt)}" for old, nxt in allowed.items())
+    final = [old for old, nxt in allowed.items() if not nxt]
+    return _STATUS % ("{" + rows + "}", _lua_set(final))
+
+
 def key_prefix(settings: Settings) -> str:
     return f"stormline:{settings.topic_prefix}"
+
+
+def status_channel(settings: Settings) -> str:
+    """The pub/sub channel of applied status changes (SSE, ``wait_for``)."""
+    return f"{key_prefix(settings)}task-status"
+
+
+def _status_args(
+    settings: Settings, task_id: str, state: TaskState | str, attempt: int, fields: dict[str, Any]
+) -> list[Any]:
+    args: list[Any] = [
+        str(state),
+        attempt,
+        settings.idempotency_ttl_s,
+        status_channel(settings),
+        task_id,
+        "updated_at",
+        time.time(),
+    ]
+    for k, v in fields.items():
+        if v is not None:
+            args += [k, str(v)[:2000]]
+    return args
 
 
 class Response(Protocol):
@@ -119,8 +185,45 @@ class CachedResponse:
         )
 
 
+class UnreadableRecord(ValueError):
+    """A recorded trajectory that cannot be read back (an old format, a schema now unknown)."""
+
+
+class TrajectoryRecord:
+    """The idempotency record of one attempt: its Trajectory as Avro (the serde's wire format,
+    the schema id a fingerprint of this package's schemas, so no registry is asked), zlib.
+
+    Records written before this format (JSON) are still read, until their TTL ends them.
+    """
+
+    _SERDE = Serde(FingerprintRegistry())
+
+    @classmethod
+    def encode(cls, traj: Trajectory) -> bytes:
+        return zlib.compress(cls._SERDE.encode("idempotency", traj), 6)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Trajectory:
+        raw = raw.encode() if isinstance(raw, str) else raw
+        try:
+            if raw[:1] == b"{":  # the JSON record of older workers
+                return Trajectory.model_validate_json(raw)
+            return cls._SERDE.decode(zlib.decompress(raw), Trajectory)
+        except (ValueError, zlib.error, DecodeError) as exc:  # pydantic's ValidationError too
+            raise UnreadableRecord(
+                f"recorded trajectory unreadable ({len(raw)} bytes): "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+            ) from exc
+
+
+def _passing(exc: BaseException) -> bool:
+    return isinstance(exc, _PASSING) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(_PASSING_CODES)
+    )
+
+
 class RedisState:
-    """Async access for workers; every method survives Redis being down."""
+    """Async access for workers; every method survives Redis being down or refusing."""
 
     PROBE_EVERY_S = 2.0
 
@@ -141,15 +244,25 @@ class RedisState:
         )
         self.degraded: bool = False
         self.detail: str = ""
+        self.refused: int = 0  # commands Redis refused, after their retries
+        self.refusal: str = ""  # the last refusal, for heartbeats and logs
+        self._refused_at: float = -REFUSAL_WINDOW_S
         self._next_probe: float = 0.0
         self._bucket = self._r.register_script(_BUCKET)
-        self._status = self._r.register_script(_STATUS % settings.idempotency_ttl_s)
+        self._status = self._r.register_script(status_lua())
+
+    @property
+    def refusing(self) -> bool:
+        """Whether Redis refused a command lately (then idempotency may not hold)."""
+        return time.monotonic() - self._refused_at < REFUSAL_WINDOW_S
 
     async def _safe(self, op: Callable[[], Awaitable[T]], default: T) -> T:
         if self.degraded and time.monotonic() < self._next_probe:
             return default
         try:
-            result = await op()
+            async for attempt in _REFUSAL_RETRY.async_retrying(_passing):
+                with attempt:
+                    result = await op()
         except _REDIS_DOWN as exc:
             self._next_probe = time.monotonic() + self.PROBE_EVERY_S
             if not self.degraded:
@@ -161,10 +274,23 @@ class RedisState:
                 )
                 log.warning(self.detail)
             return default
+        except redis.ResponseError as exc:
+            self._refused(exc)
+            return default
         if self.degraded:
             self.degraded, self.detail = False, ""
             log.warning("redis at %s reachable again", _where(self.settings))
         return result
+
+    def _refused(self, exc: redis.ResponseError) -> None:
+        text = (
+            f"redis at {_where(self.settings)} refused a command ({type(exc).__name__}: "
+            f"{redact(str(exc))[:200]})"
+        )
+        self.refused += 1
+        if text != self.refusal or not self.refusing:  # once per kind, not once per call
+            log.warning("%s (refusal %d; that call goes on without Redis)", text, self.refused)
+        self.refusal, self._refused_at = text, time.monotonic()
 
     async def ping(self) -> bool:
         return await self._safe(self._r.ping, False)
@@ -174,19 +300,26 @@ class RedisState:
         return f"{self.prefix}traj:{task_id}:{attempt}"
 
     async def recorded_trajectory(self, task_id: str, attempt: int) -> Trajectory | None:
+        """The Trajectory recorded for the attempt; :class:`UnreadableRecord` if there is one
+        that cannot be read back."""
         raw = await self._safe(lambda: self._r.get(self._traj_key(task_id, attempt)), None)
-        return Trajectory.model_validate_json(raw) if raw else None
+        return TrajectoryRecord.decode(raw) if raw else None
 
     async def record_trajectory(self, traj: Trajectory) -> Trajectory:
         """Record ``traj`` unless one is recorded already; return the one that counts."""
         key = self._traj_key(traj.task_id, traj.attempt)
         ttl = self.settings.idempotency_ttl_s
+        value = TrajectoryRecord.encode(traj)
+        if len(value) > self.settings.max_record_bytes:
+            # Kafka's readers refuse a record this large anyway; Redis does not keep it either.
+            log.warning("trajectory of %s not recorded: %d bytes", traj.task_id, len(value))
+            return traj
 
         async def op() -> Trajectory:
-            if await self._r.set(key, traj.model_dump_json(), nx=True, ex=ttl):
+            if await self._r.set(key, value, nx=True, ex=ttl):
                 return traj
             raw = await self._r.get(key)
-            return Trajectory.model_validate_json(raw) if raw else traj
+            return TrajectoryRecord.decode(raw) if raw else traj
 
         return await self._safe(op, traj)
 
@@ -317,6 +450,20 @@ def _sync(settings: Settings) -> redis.Redis:
     return _client(settings.redis_address)
 
 
+@functools.lru_cache(maxsize=8)
+def _sync_script(address: str) -> Any:
+    return _client(address).register_script(status_lua())
+
+
+def set_status(
+    settings: Settings, task_id: str, state: TaskState | str, attempt: int, **fields: Any
+) -> bool:
+    """:meth:`RedisState.set_status`, blocking (the same script, the same rules)."""
+    args = _status_args(settings, task_id, TaskState(state), attempt, fields)
+    keys = [f"{key_prefix(settings)}task:{task_id}"]
+    return bool(_sync_script(settings.redis_address)(keys=keys, args=args))
+
+
 def task_status(settings: Settings, task_id: str) -> dict[str, str] | None:
     raw = _sync(settings).hgetall(f"{key_prefix(settings)}task:{task_id}")
     if not raw:
@@ -328,17 +475,20 @@ def _text(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
 
 
-def mark_submitted(settings: Settings, task_ids: list[str]) -> None:
-    r = _sync(settings)
-    pipe = r.pipeline(transaction=False)
+def mark_submitted(settings: Settings, task_ids: list[str]) -> list[bool]:
+    """Status ``submitted`` (attempt 0) for tasks not seen yet, through the status script
+    (nothing leads back to submitted, so a known task keeps its state). Which applied."""
+    script = _sync_script(settings.redis_address)
+    pipe = _sync(settings).pipeline(transaction=False)
     for tid in task_ids:
-        key = f"{key_prefix(settings)}task:{tid}"
-        pipe.hsetnx(key, "state", "submitted")
-        pipe.hsetnx(key, "attempt", 0)
-        pipe.expire(key, settings.idempotency_ttl_s)
-    pipe.execute()
+        args = _status_args(settings, tid, TaskState.SUBMITTED, 0, {})
+        script(keys=[f"{key_prefix(settings)}task:{tid}"], args=args, client=pipe)
+    return [bool(x) for x in pipe.execute()]
 
 
 def record_reward(settings: Settings, task_id: str, value: float, source: str = "") -> None:
     key = f"{key_prefix(settings)}task:{task_id}"
-    _sync(settings).hset(key, mapping={"reward": value, "reward_source": source})
+    pipe = _sync(settings).pipeline(transaction=False)
+    pipe.hset(key, mapping={"reward": value, "reward_source": source})
+    pipe.expire(key, settings.idempotency_ttl_s)  # never a key without a TTL (maxmemory policy)
+    pipe.execute()

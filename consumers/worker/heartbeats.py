@@ -48,13 +48,24 @@ class Heartbeats:
     def _status(self) -> WorkerStatus:
         if self.draining():
             return WorkerStatus.DRAINING
-        return WorkerStatus.DEGRADED if self.state.degraded else WorkerStatus.RUNNING
+        degraded = self.state.degraded or self.state.refusing
+        return WorkerStatus.DEGRADED if degraded else WorkerStatus.RUNNING
 
     def _detail(self) -> str | None:
         open_breakers = self.providers.open_breakers()
+        st = self.stats
         parts = [
             self.state.detail if self.state.degraded else "",
+            f"{self.state.refusal} ({self.state.refused} refused; running without idempotency "
+            "for those)"
+            if self.state.refusing
+            else "",
             f"open circuit breakers: {', '.join(open_breakers)}" if open_breakers else "",
+            f"expired attempts: {st.expired_skipped} not called, {st.expired_calls} calls "
+            "answered after expiry"
+            if st.expired_skipped or st.expired_calls
+            else "",
+            f"dead-lettered assignments: {st.dead_letters}" if st.dead_letters else "",
         ]
         return "; ".join(x for x in parts if x) or None
 

@@ -1,10 +1,12 @@
 """One assignment, stage by stage, into exactly one Trajectory.
 
 idempotency (a recorded Trajectory is re-sent, no call) -> the agent and the deadline are
-checked -> per provider of the agent's chain: response cache -> rate limit -> call with
-retry and breaker; the fallback provider when the primary gave no answer -> record (Redis:
-the Trajectory and the task's status) -> deliver (Kafka acknowledged). A failed call is a
-Trajectory with status error or timeout, never a dropped assignment.
+checked -> per provider of the agent's chain: response cache -> rate limit -> the deadline
+again, right before each try goes out (an attempt that expired while it waited for a slot or
+a token is a timeout Trajectory, not a call paid twice) -> call with retry and breaker; the
+fallback provider when the primary gave no answer -> record (Redis: the Trajectory and the
+task's status) -> deliver (Kafka acknowledged). A failed call is a Trajectory with status
+error or timeout, never a dropped assignment.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from stormline.consumers.llm.agents import AgentConfig, ProviderConfig, Registry
 from stormline.consumers.llm.resilience import CircuitBreaker, RetryPolicy
 from stormline.consumers.worker.providers import AgentRuntime
 from stormline.consumers.worker.stages import (
+    AttemptExpired,
     CallFailed,
     GuardedCall,
     Idempotency,
@@ -69,7 +72,7 @@ class Pipeline:
         self.agents = agents
         self.idempotency = Idempotency(state, stats)
         self.cache = ResponseCache(state, s.response_cache_ttl_s, stats)
-        self.rate_limit = RateLimit(state, s.provider_rate_limits)
+        self.rate_limit = RateLimit(state, s.provider_rate_limits, s.provider_token_limits)
         self.call = GuardedCall(
             RetryPolicy(s.llm_retry_attempts, s.llm_backoff_base_s, s.llm_backoff_max_s),
             breakers,
@@ -115,10 +118,23 @@ class Pipeline:
         failures: list[CallFailed] = []
         for cfg, provider in rt.chain:
             try:
-                comp = await self._complete(cfg, provider, _request(a, rt.config, cfg))
+                comp = await self._complete(a, cfg, provider, _request(a, rt.config, cfg))
             except CallFailed as exc:
                 failures.append(exc)
                 continue
+            except AttemptExpired as exc:
+                tried = "; ".join(f.summary for f in failures)
+                return trajectory(
+                    a,
+                    agent=rt.config,
+                    cfg=cfg,
+                    status=TrajectoryStatus.TIMEOUT,
+                    error=redact(
+                        f"{exc} while waiting for a slot, a rate-limit token or a retry; "
+                        f"not called{f' (before: {tried})' if tried else ''}"
+                    )[:10_000],
+                    latency_ms=(time.perf_counter() - t0) * 1000,
+                )
             return trajectory(
                 a,
                 agent=rt.config,
@@ -138,12 +154,15 @@ class Pipeline:
         )
 
     async def _complete(
-        self, cfg: ProviderConfig, provider: LLMProvider, req: CompletionRequest
+        self, a: TaskAssigned, cfg: ProviderConfig, provider: LLMProvider, req: CompletionRequest
     ) -> Completion:
-        """One provider: cache -> rate limit -> call with retry and breaker -> cache."""
+        """One provider: cache -> rate limit -> call with retry and breaker -> cache. The
+        call checks the assignment's expiry again right before each try goes out."""
         comp = await self.cache.get(cfg, req)
         if comp is None:
-            await self.rate_limit.wait(cfg)
-            comp = await self.call(cfg, provider, req)
+            # The rate limit is asked before every try (retries and 429 waits included).
+            throttle = self.rate_limit.throttle(cfg, req)
+            comp = await self.call(cfg, provider, req, a.expires_at, throttle)
+            await throttle.settle(comp)
             await self.cache.put(cfg, req, comp)
         return comp

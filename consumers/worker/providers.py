@@ -34,7 +34,9 @@ class ProviderPool:
     def client(self, cfg: ProviderConfig) -> LLMProvider:
         if cfg not in self._clients:
             self._clients[cfg] = make_provider(
-                cfg, max_connections=self.settings.worker_max_in_flight
+                cfg,
+                max_connections=self.settings.worker_max_in_flight,
+                transport=self.settings.llm_transport,
             )
         self.breakers.setdefault(
             cfg.key,

@@ -5,9 +5,11 @@ many LLM calls in flight, bounded per agent (``concurrency`` in agents.yaml) and
 (``STORMLINE_WORKER_MAX_IN_FLIGHT``); a slow call only holds its own slot.
 
 This module is the process: the consume loop, rebalances, commits, shutdown. What happens
-to one assignment is :mod:`.pipeline`; only after Kafka acknowledged its Trajectory does its
-offset become committable. Calls finish out of order, so commits advance per partition to
-the lowest offset still in flight (:class:`~stormline.runtime.commits.OffsetTracker`).
+to one assignment is :mod:`.pipeline`; only after Kafka acknowledged its Trajectory (or, when
+handling it raised, its dead letter with the reason) does its offset become committable, so
+one bad assignment never pins the partition's commit position. Calls finish out of order, so
+commits advance per partition to the lowest offset still in flight
+(:class:`~stormline.runtime.commits.OffsetTracker`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,11 +34,12 @@ from stormline.consumers.worker.heartbeats import Heartbeats
 from stormline.consumers.worker.pipeline import Pipeline
 from stormline.consumers.worker.providers import ProviderPool
 from stormline.consumers.worker.stats import WorkerStats
-from stormline.consumers.worker.trajectories import trajectory_id
+from stormline.consumers.worker.trajectories import deliver, trajectory_id
+from stormline.logs import redact
 from stormline.runtime.commits import COMMIT_WAIT_S, OffsetTracker, commit_on_daemon_thread
-from stormline.schemas.catalog import ASSIGNMENTS
-from stormline.schemas.kafka import EventConsumer, EventProducer, Received
-from stormline.schemas.models import TaskAssigned, TrajectoryStatus, WorkerStatus
+from stormline.schemas.catalog import ASSIGNMENTS, DEAD_LETTERS
+from stormline.schemas.kafka import EventConsumer, EventProducer, Received, dead_letter
+from stormline.schemas.models import DeadLetter, TaskAssigned, TrajectoryStatus, WorkerStatus
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from stormline.state import RedisState
@@ -171,13 +175,19 @@ class Worker:
         await io.close()
         await self.providers.aclose()
         st = self.stats
+        st.redis_refused = io.state.refused
         log.info(
-            "worker %s stopped: processed=%d errors=%d resent=%d llm_calls=%d",
+            "worker %s stopped: processed=%d errors=%d resent=%d llm_calls=%d "
+            "dead_letters=%d expired_skipped=%d expired_calls=%d redis_refused=%d",
             self.worker_id,
             st.processed,
             st.errors,
             st.resent,
             st.llm_calls,
+            st.dead_letters,
+            st.expired_skipped,
+            st.expired_calls,
+            st.redis_refused,
         )
 
     # -- the consume loop ---------------------------------------------------------------
@@ -209,7 +219,7 @@ class Worker:
             await asyncio.to_thread(io.dlq.flush)
         for rec in batch:
             self.tracker.started((rec.topic, rec.partition), rec.offset)
-            task = asyncio.create_task(self._handle(pipeline, rec))
+            task = asyncio.create_task(self._handle(io, pipeline, rec))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
         for tp, pos in batch.positions.items():
@@ -223,29 +233,71 @@ class Worker:
         self._tasks.discard(task)
         self._room.set()
 
-    async def _handle(self, pipeline: Pipeline, rec: Received[TaskAssigned]) -> None:
+    async def _handle(self, io: _Clients, pipeline: Pipeline, rec: Received[TaskAssigned]) -> None:
+        """One assignment to its outcome; its offset is then done whatever the outcome was."""
         self.stats.in_flight += 1
         try:
-            traj = await pipeline.run(rec.event)
-            self.stats.processed += 1
-            if traj.status is not TrajectoryStatus.OK:
-                self.stats.errors += 1
-                log.warning(
-                    "task %s attempt %d (agent %s): %s: %s",
-                    traj.task_id,
-                    traj.attempt,
-                    traj.agent_id,
-                    traj.status.value,
-                    traj.error,
-                )
+            await self._outcome(io, pipeline, rec)
             self.stats.last_done = time.monotonic()
             self.tracker.done((rec.topic, rec.partition), rec.offset)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("assignment %s left uncommitted", rec.event.task_id)
         finally:
             self.stats.in_flight -= 1
+
+    async def _outcome(self, io: _Clients, pipeline: Pipeline, rec: Received[TaskAssigned]) -> None:
+        """A Trajectory, or a dead letter with its reason, acknowledged by Kafka.
+
+        Transient faults never reach here: Redis refusals and outages degrade inside
+        RedisState, provider faults are Trajectories, delivery retries until acknowledged.
+        What does reach here (an unreadable recorded trajectory, a bug) would fail again on
+        every redelivery, so it is dead-lettered instead of pinning the commit position.
+        A cancellation (a drain hands the assignment back) is not an Exception: it passes.
+        """
+        try:
+            traj = await pipeline.process(rec.event)
+        except Exception as exc:
+            await self._dead_letter(io, rec, exc)
+            return
+        await deliver(io.out, traj)
+        self.stats.processed += 1
+        if traj.status is not TrajectoryStatus.OK:
+            self.stats.errors += 1
+            log.warning(
+                "task %s attempt %d (agent %s): %s: %s",
+                traj.task_id,
+                traj.attempt,
+                traj.agent_id,
+                traj.status.value,
+                traj.error,
+            )
+
+    async def _dead_letter(self, io: _Clients, rec: Received[TaskAssigned], exc: Exception) -> None:
+        self.stats.dead_letters += 1
+        self.stats.errors += 1
+        reason = redact("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        s = self.settings
+
+        def letter() -> DeadLetter:
+            built = dead_letter(
+                s,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key.encode() if rec.key else None,
+                value=self.serde.encode(rec.topic, rec.event),
+                kind="handler",
+                error=f"task {rec.event.task_id} attempt {rec.event.attempt}: {reason}",
+                group=self.group_id,
+            )
+            assert built is not None  # None only for a record read from dead-letters itself
+            return built
+
+        await deliver(
+            io.out,
+            letter,
+            what=f"dead letter of the assignment of task {rec.event.task_id}",
+            topic=DEAD_LETTERS.name(s),
+            key=rec.key or "",
+        )
 
     async def _drain(self) -> None:
         if not self._tasks:

@@ -9,16 +9,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
+from datetime import UTC, datetime
 
-from stormline.consumers.llm import Completion, CompletionRequest, LLMProvider, ProviderError
+from stormline.consumers.llm import (
+    Completion,
+    CompletionRequest,
+    ErrorKind,
+    LLMProvider,
+    ProviderError,
+)
 from stormline.consumers.llm.agents import ProviderConfig
+from stormline.consumers.llm.ratelimits import estimate_tokens, within
 from stormline.consumers.llm.resilience import (
     CallOutcome,
     CircuitBreaker,
     RetryPolicy,
+    Throttle,
     call_with_policy,
 )
 from stormline.consumers.worker.stats import WorkerStats
+from stormline.consumers.worker.trajectories import trajectory_event_id
+from stormline.schemas.lifecycle import TaskState
 from stormline.schemas.models import TaskAssigned, Trajectory, TrajectoryStatus
 from stormline.state import RedisState
 
@@ -31,10 +43,14 @@ class Idempotency:
         self.stats = stats
 
     async def recorded(self, a: TaskAssigned) -> Trajectory | None:
+        """The recorded Trajectory, if any (:class:`~stormline.state.UnreadableRecord` if it
+        cannot be read: the caller dead-letters the assignment rather than pay again)."""
         traj = await self.state.recorded_trajectory(a.task_id, a.attempt)
-        if traj is not None:
-            self.stats.resent += 1
-        return traj
+        if traj is None:
+            return None
+        self.stats.resent += 1
+        # Records of older workers carry a random event id; every copy gets the stable one.
+        return traj.model_copy(update={"event_id": trajectory_event_id(a.task_id, a.attempt)})
 
 
 class Recorder:
@@ -44,20 +60,25 @@ class Recorder:
         self.state = state
 
     async def running(self, a: TaskAssigned) -> None:
-        await self.state.set_status(a.task_id, "running", a.attempt, agent_id=a.agent_id)
+        await self.state.set_status(a.task_id, TaskState.RUNNING, a.attempt, agent_id=a.agent_id)
 
     async def record(self, traj: Trajectory) -> Trajectory:
-        """Record ``traj`` (unless another was first) and its final status; return the one
+        """Record ``traj`` (unless another was first) and its result fields; return the one
         recorded."""
         traj = await self.state.record_trajectory(traj)
-        await self.state.set_status(
+        await self.state.set_result(
             traj.task_id,
-            "succeeded" if traj.status is TrajectoryStatus.OK else "failed",
             traj.attempt,
             agent_id=traj.agent_id,
             trajectory_id=traj.trajectory_id,
             output=traj.output,
             error=traj.error,
+        )
+        # Until the router writes final states (contracts.md), the worker writes them.
+        await self.state.set_status(
+            traj.task_id,
+            TaskState.SUCCEEDED if traj.status is TrajectoryStatus.OK else TaskState.FAILED,
+            traj.attempt,
         )
         return traj
 
@@ -98,20 +119,78 @@ class ResponseCache:
 
 
 class RateLimit:
-    """Calls per second per provider (``STORMLINE_PROVIDER_RATE_LIMITS``), shared by every
-    worker through one token bucket in Redis."""
+    """Each provider's budget, shared by every worker in Redis (on Redis' clock): requests/s
+    (``STORMLINE_PROVIDER_RATE_LIMITS``), tokens/minute (``STORMLINE_PROVIDER_TOKEN_LIMITS``:
+    a call reserves its prompt/4 + max_tokens, and is charged more if its usage says so), and
+    the waits providers ask for with a 429 (``Retry-After``, rate-limit headers): such a 429
+    pushes the budget back, so every worker waits until then. Asked before every try.
 
-    def __init__(self, state: RedisState, limits: dict[str, float]) -> None:
+    A provider with neither limit costs no Redis call, until this worker sees a 429 from it
+    that says when to come back; from then on (for ``HOT_S``) it asks too.
+    """
+
+    HOT_S = 60.0
+
+    def __init__(
+        self, state: RedisState, limits: dict[str, float], token_limits: dict[str, float]
+    ) -> None:
         self.state = state
         self.limits = limits
+        self.token_limits = token_limits
+        self.hot_until: dict[str, float] = {}
 
-    async def wait(self, cfg: ProviderConfig) -> None:
-        rate = self.limits.get(cfg.key, self.limits.get(cfg.provider))
-        if not rate:
+    def throttle(self, cfg: ProviderConfig, req: CompletionRequest) -> ProviderThrottle:
+        return ProviderThrottle(self, cfg, req)
+
+
+class ProviderThrottle:
+    """:class:`~stormline.consumers.llm.resilience.Throttle` of one call to one provider."""
+
+    def __init__(self, rl: RateLimit, cfg: ProviderConfig, req: CompletionRequest) -> None:
+        self.rl, self.key = rl, cfg.key
+        self.rps = rl.limits.get(cfg.key, rl.limits.get(cfg.provider, 0.0))
+        self.tpm = rl.token_limits.get(cfg.key, rl.token_limits.get(cfg.provider, 0.0))
+        self.estimate = estimate_tokens(req.prompt, req.system_prompt, req.max_tokens)
+        self.reserved = 0  # tokens this call holds in the budget
+
+    async def acquire(self, deadline: float | None) -> None:
+        hot = self.rl.hot_until.get(self.key, 0.0) > time.monotonic()
+        if not (self.rps or self.tpm or hot):
             return
-        # Not a backoff: the bucket says how long until its next token.
-        while (wait := await self.state.take_token(cfg.key, rate)) > 0:
+        tokens = self.estimate if self.tpm else 0
+        # Not a backoff: the budget says how long until there is room.
+        while wait := await self.rl.state.take_budget(
+            self.key, rps=self.rps, tpm=self.tpm, tokens=tokens
+        ):
+            if not within(wait, time.monotonic(), deadline):
+                raise ProviderError(
+                    ErrorKind.RATE_LIMIT,
+                    f"the shared budget of {self.key} has room in {wait:.3g} s, after the "
+                    "assignment expires",
+                    final=True,
+                )
             await asyncio.sleep(wait)
+        self.reserved = tokens
+
+    async def hold(self, seconds: float) -> float:
+        self.rl.hot_until[self.key] = time.monotonic() + self.rl.HOT_S
+        refund, self.reserved = -self.reserved, 0  # the provider did not count a 429
+        wait = await self.rl.state.take_budget(
+            self.key, rps=self.rps, tpm=self.tpm, tokens=refund, hold_s=seconds, take=False
+        )
+        return max(wait, seconds)  # Redis down: this worker still waits
+
+    async def settle(self, comp: Completion) -> None:
+        """Charge what the answer used beyond the reservation (never a refund: providers count
+        max_tokens up front too)."""
+        extra = comp.usage.prompt_tokens + comp.usage.completion_tokens - self.reserved
+        if self.tpm and self.reserved and extra > 0:
+            await self.rl.state.take_budget(self.key, tpm=self.tpm, tokens=extra, take=False)
+
+
+class AttemptExpired(Exception):
+    """The assignment expired before its call went out: the router reassigns it, so the call
+    would be paid twice. Raised right before the call (after the slot and rate-limit waits)."""
 
 
 class CallFailed(Exception):
@@ -134,16 +213,29 @@ class GuardedCall:
         self.stats = stats
 
     async def __call__(
-        self, cfg: ProviderConfig, provider: LLMProvider, req: CompletionRequest
+        self,
+        cfg: ProviderConfig,
+        provider: LLMProvider,
+        req: CompletionRequest,
+        expires_at: datetime | None = None,
+        throttle: Throttle | None = None,
     ) -> Completion:
+        """The completion; :class:`CallFailed` after the tries; :class:`AttemptExpired` when
+        ``expires_at`` passed before a try went out. ``throttle`` (the rate limit) is asked
+        before each try; 429 waits end before ``expires_at``."""
         outcome = CallOutcome()
+        deadline = None
+        if expires_at is not None:
+            deadline = time.monotonic() + (expires_at - datetime.now(UTC)).total_seconds()
         try:
             return await call_with_policy(
-                lambda: self._counted(provider, req),
+                lambda: self._counted(provider, req, expires_at),
                 policy=self.policy,
                 breaker=self.breakers[cfg.key],
                 timeout_s=cfg.timeout_s,
                 outcome=outcome,
+                throttle=throttle,
+                deadline=deadline,
             )
         except ProviderError as exc:
             summary = f"{cfg.provider} {cfg.model}: {outcome.tries} tries: " + " | ".join(
@@ -151,6 +243,22 @@ class GuardedCall:
             )
             raise CallFailed(exc, summary) from exc
 
-    async def _counted(self, provider: LLMProvider, req: CompletionRequest) -> Completion:
+    async def _counted(
+        self, provider: LLMProvider, req: CompletionRequest, expires_at: datetime | None
+    ) -> Completion:
+        if expires_at is not None and datetime.now(UTC) >= expires_at:
+            self.stats.expired_skipped += 1
+            raise AttemptExpired(f"assignment expired at {expires_at.isoformat()}")
         self.stats.llm_calls += 1
-        return await provider.complete(req)
+        try:
+            return await provider.complete(req)
+        except (ProviderError, TimeoutError):
+            raise
+        except Exception as exc:
+            # An answer the provider's code could not read (outside its SDK's error handler):
+            # a trajectory with the reason, like any client error; retrying will not help.
+            detail = f"unreadable answer: {type(exc).__name__}: {str(exc)[:500]}"
+            raise ProviderError(ErrorKind.CLIENT, detail) from exc
+        finally:
+            if expires_at is not None and datetime.now(UTC) > expires_at:
+                self.stats.expired_calls += 1  # answered after expiry: maybe paid twice
