@@ -139,13 +139,30 @@ def test_k8s_namespace_and_probes_on_every_deployment() -> None:
 
 
 def test_k8s_router_changelogs_are_replicated_three_times() -> None:
+    """The ConfigMap's settings give the router's changelogs (and the Faust app) 3 replicas
+    with 2 in sync, on a cluster of 3 brokers (the pure part of topic creation)."""
+    from stormline.runtime.admin import replication_for
     from stormline.streams.kafka import internal_topics
 
     env = configmap()
-    assert env["STORMLINE_ROUTER_REPLICATION"] == "3"
-    s = Settings(router_replication=int(env["STORMLINE_ROUTER_REPLICATION"]))
+    s = Settings(
+        **{
+            k.removeprefix("STORMLINE_").lower(): v
+            for k, v in env.items()
+            if "REPLICA" in k  # the settings that decide replication
+        }
+    )
+    rep = replication_for(s, brokers=3)
+    # Configured, not guessed from the cluster's size: a smaller cluster refuses the topics
+    # instead of creating them with one copy.
+    assert replication_for(s, brokers=1).factor == 3
     changelogs = [t for t in internal_topics(s) if t.name.endswith("-changelog")]
-    assert changelogs and {t.replication for t in changelogs} == {3}
+    assert changelogs
+    for t in changelogs:
+        factor = t.replication or rep.factor  # None: the cluster's, as ensure_topics does
+        config = rep.topic_config() if t.replication is None else t.config
+        assert factor == 3 and config.get("min.insync.replicas") == "2", t
+    assert (s.router_replication or rep.factor) == 3  # the Faust app's own factor
 
 
 def test_k8s_router_and_trainer_share_a_read_write_many_checkpoint_claim() -> None:
