@@ -71,14 +71,19 @@ class SseParser:
     """Status events from an SSE stream, line by line (comments and keep-alives skipped)."""
 
     def __init__(self) -> None:
-        self.data: list[str] = []
+        self.event, self.data = "message", list[str]()
 
     def feed(self, line: str) -> StatusEvent | None:
         if line.startswith("data:"):
             self.data.append(line[5:].lstrip())
-        elif line == "" and self.data:
-            text, self.data = "\n".join(self.data), []
-            return StatusEvent.model_validate(json.loads(text))
+        elif line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line == "":
+            event, text = self.event, "\n".join(self.data)
+            self.event, self.data = "message", []
+            # "timeout" (the caller's deadline) carries no status; the stream ends after it.
+            if text and event in ("status", "final", "message"):
+                return StatusEvent.model_validate(json.loads(text))
         return None
 
 
@@ -92,6 +97,22 @@ def parse_sse(lines: Iterable[str]) -> Iterator[StatusEvent]:
 def _headers(api_key: str | None) -> dict[str, str]:
     key = api_key or os.environ.get("STORMLINE_API_KEY")
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _stream_timeout(
+    connect: float | None, timeout: float | None
+) -> tuple[httpx.Timeout, dict[str, float]]:
+    # The server ends the stream at the deadline; the read timeout only guards a dead server
+    # (keep-alives come every 15 s).
+    if timeout is None:
+        return httpx.Timeout(connect, read=None), {}
+    return httpx.Timeout(connect, read=min(timeout, 15.0) + 15.0), {"timeout": timeout}
+
+
+def _final_or_timeout(status: TaskStatus, timeout: float | None) -> TaskStatus:
+    if not status.final:
+        raise TimeoutError(f"task {status.task_id} not final within {timeout}s ({status.state})")
+    return status
 
 
 def _chunks(tasks: list[TaskIn], size: int) -> Iterator[list[TaskIn]]:
@@ -145,9 +166,11 @@ class Client:
         return TaskStatus.model_validate(_check(self.http.get(f"/v1/tasks/{task_id}")))
 
     def stream(self, task_id: str, timeout: float | None = None) -> Iterator[StatusEvent]:
-        """The task's status events as they happen, ending with the final one."""
-        t = httpx.Timeout(self.http.timeout.connect, read=timeout)
-        with self.http.stream("GET", f"/v1/tasks/{task_id}/events", timeout=t) as resp:
+        """The task's status events as they happen, ending with the final one (or after
+        ``timeout`` seconds: the server then ends the stream without one)."""
+        t, params = _stream_timeout(self.http.timeout.connect, timeout)
+        url = f"/v1/tasks/{task_id}/events"
+        with self.http.stream("GET", url, params=params, timeout=t) as resp:
             if not resp.is_success:
                 resp.read()
                 _check(resp)
@@ -161,7 +184,7 @@ class Client:
                     return ev.status
         except httpx.ReadTimeout as exc:
             raise TimeoutError(f"task {task_id} not final within {timeout}s") from exc
-        return self.status(task_id)
+        return _final_or_timeout(self.status(task_id), timeout)
 
     def cancel(self, task_id: str) -> TaskStatus:
         return TaskStatus.model_validate(_check(self.http.post(f"/v1/tasks/{task_id}/cancel")))
@@ -233,8 +256,9 @@ class AsyncClient:
     async def stream(
         self, task_id: str, timeout: float | None = None
     ) -> AsyncIterator[StatusEvent]:
-        t = httpx.Timeout(self.http.timeout.connect, read=timeout)
-        async with self.http.stream("GET", f"/v1/tasks/{task_id}/events", timeout=t) as resp:
+        t, params = _stream_timeout(self.http.timeout.connect, timeout)
+        url = f"/v1/tasks/{task_id}/events"
+        async with self.http.stream("GET", url, params=params, timeout=t) as resp:
             if not resp.is_success:
                 await resp.aread()
                 _check(resp)
@@ -250,7 +274,7 @@ class AsyncClient:
                     return ev.status
         except httpx.ReadTimeout as exc:
             raise TimeoutError(f"task {task_id} not final within {timeout}s") from exc
-        return await self.status(task_id)
+        return _final_or_timeout(await self.status(task_id), timeout)
 
     async def cancel(self, task_id: str) -> TaskStatus:
         resp = await self.http.post(f"/v1/tasks/{task_id}/cancel")

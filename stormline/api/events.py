@@ -137,12 +137,16 @@ async def status_events(
     task_id: str,
     read: Callable[[], Awaitable[TaskStatus | None]],
     keepalive_s: float = 15.0,
+    timeout_s: float | None = None,
 ) -> AsyncIterator[bytes]:
-    """SSE bytes for one task: its status now, each change, and the end at a final state.
+    """SSE bytes for one task: its status now, each change, and the end at a final state
+    (or a ``timeout`` event after ``timeout_s``, so a caller's deadline is exact).
 
     Each change is sent as its message says (so quick successive changes all show); the hash
     is read at the start, after a resubscription, and for the final event's whole status.
     """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
     with hub.watch(task_id) as q:
         last: tuple[int, int] | None = None
         current = await read()
@@ -160,8 +164,12 @@ async def status_events(
                     return
                 yield sse("status", item.model_dump_json())
             current = None
+            left = keepalive_s if deadline is None else min(keepalive_s, deadline - loop.time())
+            if left <= 0:
+                yield sse("timeout", json.dumps({"task_id": task_id, "timeout_s": timeout_s}))
+                return
             try:
-                item = await asyncio.wait_for(q.get(), keepalive_s)
+                item = await asyncio.wait_for(q.get(), left)
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 item = None

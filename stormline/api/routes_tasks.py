@@ -136,8 +136,14 @@ async def get_task(request: Request, task_id: str, who: Caller) -> TaskStatus:
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 @needs(Role.READ)
-async def task_events(request: Request, task_id: str, who: Caller) -> StreamingResponse:
-    """Server-Sent Events: ``status`` per change, then one ``final`` with the whole status."""
+async def task_events(
+    request: Request,
+    task_id: str,
+    who: Caller,
+    timeout: Annotated[float | None, Query(gt=0, le=86_400, description="seconds")] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: ``status`` per change, then one ``final`` with the whole status
+    (or one ``timeout`` event once ``timeout`` seconds passed without a final state)."""
     await _owned(request, who, task_id)
 
     async def read() -> TaskStatus | None:
@@ -145,7 +151,7 @@ async def task_events(request: Request, task_id: str, who: Caller) -> StreamingR
         return to_status(task_id, rec) if rec and "state" in rec else None
 
     return StreamingResponse(
-        status_events(request.app.state.hub, task_id, read),
+        status_events(request.app.state.hub, task_id, read, timeout_s=timeout),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
