@@ -18,13 +18,9 @@ import redis
 
 from stormline.schemas.lifecycle import FINAL, TaskState
 from stormline.settings import Settings
-from stormline.state import key_prefix
+from stormline.state import key_prefix, status_channel
 
 _FINAL = {s.value for s in FINAL}
-
-
-def status_channel(settings: Settings) -> str:
-    return f"{key_prefix(settings)}task-status"
 
 
 class NotFinished(TimeoutError):

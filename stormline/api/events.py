@@ -22,16 +22,12 @@ import redis.asyncio as aioredis
 
 from stormline.api.models import FINAL_STATES, StatusEvent, TaskState, TaskStatus
 from stormline.settings import Settings
-from stormline.state import key_prefix
+from stormline.state import status_channel
 
 log = logging.getLogger("stormline.api.events")
 
 # None in a watcher's queue means "re-read the status": a message may have been missed.
 Item = StatusEvent | None
-
-
-def channel(settings: Settings) -> str:
-    return f"{key_prefix(settings)}task-status"
 
 
 def parse_message(data: bytes | str) -> StatusEvent | None:
@@ -89,7 +85,7 @@ class StatusHub:
         while True:
             pubsub = self.r.pubsub()
             try:
-                await pubsub.subscribe(channel(self.settings))
+                await pubsub.subscribe(status_channel(self.settings))
                 self.subscribed.set()
                 for qs in list(self.watchers.values()):
                     for q in qs:
