@@ -8,8 +8,9 @@ Stormline, faithfully enough that a wrong compose file shows:
   through from it) and nothing of the test's own environment but ``PATH``, ``HOME``, ``LANG``.
 * **Names**: ``kafka:9092``, ``schema-registry:8080``, ``redis:6379`` become the embedded stack's
   loopback addresses; a Stormline service that listens (``ports:``) gets a free loopback port
-  and ``0.0.0.0`` becomes ``127.0.0.1``; the same mapping rewrites the agent registry file,
-  as the compose network's DNS would resolve those names.
+  (``router:6066``, or a ``*_HOST: router`` with its ``*_PORT: "6066"``, become it) and
+  ``0.0.0.0`` becomes ``127.0.0.1``; the same mapping rewrites the agent registry file, as the
+  compose network's DNS would resolve those names.
 * **Filesystems**: each process runs in its own mount namespace (``unshare -m``), where the
   container paths sit under one prefix ``C`` that every service shares: ``C/app`` is the image's
   working directory (this checkout, read-only), ``C/data`` and ``C/checkpoints`` are the
@@ -148,6 +149,17 @@ class Deployment:
             return own_ports[int(arg)].rsplit(":", 1)[1]
         return self.map_text(arg, own)
 
+    def map_env(self, env: dict[str, str], own: str) -> dict[str, str]:
+        """``map_arg`` on each value; a ``*_HOST`` naming a service, with its ``*_PORT``, is
+        that service's address (e.g. the API reaching the router's web views)."""
+        out = {k: self.map_arg(v, own) for k, v in env.items()}
+        for k, v in env.items():
+            port_key = k.removesuffix("_HOST") + "_PORT"
+            if k.endswith("_HOST") and v in self.doc["services"] and env.get(port_key):
+                host, port = self.address(v, int(env[port_key])).rsplit(":", 1)
+                out[k], out[port_key] = host, port
+        return out
+
     def volume_dir(self, name: str) -> Path:
         d = self.tmp / "volumes" / name
         d.mkdir(parents=True, exist_ok=True)
@@ -159,7 +171,7 @@ class Deployment:
         entry = svc.get("entrypoint") or ["stormline"]
         command = svc.get("command") if svc.get("command") is not None else []
         argv = [self.map_arg(a, name) for a in [*entry, *command]]
-        env = {k: self.map_arg(v, name) for k, v in _env_of(svc, self.host_env).items()}
+        env = self.map_env(_env_of(svc, self.host_env), name)
         env.update(self.overrides)
         container = self.tmp / "containers" / name
         mounts: dict[str, tuple[Path, bool]] = {"/app": (ROOT, True)}

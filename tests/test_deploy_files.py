@@ -25,7 +25,13 @@ STORMLINE_SERVICES = ("router", "worker", "evaluator", "sink", "trainer", "simul
 # The secrets each service may see, and no other (least privilege): compose and k8s alike.
 LLM_KEYS = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
 CLICKHOUSE = {"STORMLINE_CLICKHOUSE_URL"}
-COMPOSE_SECRETS = {"worker": LLM_KEYS, "evaluator": LLM_KEYS, "sink": CLICKHOUSE, "cli": CLICKHOUSE}
+COMPOSE_SECRETS = {
+    "worker": LLM_KEYS,
+    "evaluator": LLM_KEYS,
+    "sink": CLICKHOUSE,
+    "api": CLICKHOUSE,  # /v1/analytics
+    "cli": CLICKHOUSE,
+}
 
 
 def compose() -> dict[str, Any]:
@@ -206,6 +212,20 @@ def test_compose_router_reads_the_volume_the_trainer_writes_checkpoints_to() -> 
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(rf"mkdir -p [^&]*{path}\b", dockerfile)
     assert re.search(rf"chown stormline [^&]*{path}\b", dockerfile)
+
+
+def test_compose_api_listens_on_8000_and_reaches_the_router() -> None:
+    svc = services()
+    api = dict(_env_items(svc["api"]["environment"]))
+    assert svc["api"]["command"] == ["api"] and "8000:8000" in svc["api"]["ports"]
+    assert (api["STORMLINE_API_HOST"], api["STORMLINE_API_PORT"]) == ("0.0.0.0", "8000")
+    assert "/readyz" in " ".join(svc["api"]["healthcheck"]["test"])
+    # Its router views come from the router service (its own 127.0.0.1 is not the router).
+    router_port = svc["router"]["command"][svc["router"]["command"].index("--web-port") + 1]
+    assert (api["STORMLINE_ROUTER_WEB_HOST"], api["STORMLINE_ROUTER_WEB_PORT"]) == (
+        "router",
+        router_port,
+    )
 
 
 def test_stormline_services_share_one_image_from_deploy_dockerfile() -> None:

@@ -55,13 +55,14 @@ def test_k8s_deployments_for_every_service() -> None:
 # The Secret keys each Deployment may read, and no other.
 KAFKA_SECRET = {("stormline-kafka", "STORMLINE_KAFKA_SASL_PASSWORD")}
 LLM_SECRET = {("stormline-llm", "OPENAI_API_KEY"), ("stormline-llm", "ANTHROPIC_API_KEY")}
+CLICKHOUSE_SECRET = {("stormline-clickhouse", "STORMLINE_CLICKHOUSE_URL")}
 K8S_SECRETS = {
     "router": KAFKA_SECRET,
     "worker": KAFKA_SECRET | LLM_SECRET,
     "evaluator": KAFKA_SECRET | LLM_SECRET,
-    "sink": KAFKA_SECRET | {("stormline-clickhouse", "STORMLINE_CLICKHOUSE_URL")},
+    "sink": KAFKA_SECRET | CLICKHOUSE_SECRET,
     "trainer": KAFKA_SECRET,
-    "api": KAFKA_SECRET,
+    "api": KAFKA_SECRET | CLICKHOUSE_SECRET,
     "simulate-llm": set(),
 }
 
@@ -136,6 +137,12 @@ def test_k8s_namespace_and_probes_on_every_deployment() -> None:
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     api_env = {e["name"]: e.get("value") for e in api["env"]}
     assert api_env["STORMLINE_API_PORT"] == "8000" and api_env["STORMLINE_API_HOST"] == "0.0.0.0"
+    # The API reads the router's views through the router's Service.
+    (router_svc,) = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "stormline-router"
+    ]
+    assert api_env["STORMLINE_ROUTER_WEB_HOST"] == router_svc["metadata"]["name"]
+    assert int(api_env["STORMLINE_ROUTER_WEB_PORT"]) == router_svc["spec"]["ports"][0]["port"]
 
 
 def test_k8s_router_changelogs_are_replicated_three_times() -> None:
