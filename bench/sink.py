@@ -5,6 +5,9 @@
   tasks, assignments, 3-step trajectories, rewards. Needs the broker of ``Settings()``
   (``stormline up`` or STORMLINE_KAFKA_BOOTSTRAP_SERVERS).
 * ``sink_store_rows_per_s``: rows/s of the store alone (event -> rows -> Parquet), no Kafka.
+* ``sink_dedup_index_load_s`` / ``sink_dedup_check_batch_s``: one row per event id, its cost:
+  loading one table's id index over N stored events (once per partition assignment), and
+  checking a batch of 5,000 rows against it with 1% re-sent events (every write).
 * ``per_agent_query_s``: the ``per_agent`` canned query over N trajectories + N rewards
   generated straight into the storage format (Parquet parts of the sink's schema, 500k-row
   parts as a compacted store would hold), best of 3 after one warm-up. Target: < 1 s for
@@ -230,8 +233,68 @@ def bench_per_agent(n_each: int) -> dict[str, float | str]:
     }
 
 
+def _filler(f: pa.Field, n: int) -> pa.Array:
+    """``n`` default values of ``f`` (null where it may be)."""
+    if f.nullable:
+        return pa.nulls(n, f.type)
+    t = f.type
+    if pa.types.is_string(t):
+        return pa.array([""] * n, t)
+    if pa.types.is_list(t) or pa.types.is_map(t):
+        return pa.array([[]] * n, t)
+    if pa.types.is_boolean(t):
+        return pa.array([False] * n, t)
+    return pa.array(np.zeros(n, np.int64)).cast(t)
+
+
+def bench_dedup(n_stored: int, batch: int = 5_000) -> dict[str, float]:
+    """One row per event id: loading a table's id index (once per assignment) and checking
+    a batch against it (every write), with 1% of the batch re-sent events (exact check)."""
+    from stormline.consumers.sink.dedup import SeenIds, first_copies
+
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = ParquetStore(root)
+        ids = [str(uuid.UUID(int=int(x))) for x in rng.integers(0, 2**63, n_stored)]
+        ts = pa.array(np.zeros(n_stored, np.int64), pa.timestamp("ms", tz="UTC"))
+        cols = {f.name: _filler(f, n_stored) for f in SCHEMAS["rewards"]}
+        cols.update(
+            topic=pa.array(["bench"] * n_stored),
+            partition=pa.array(np.zeros(n_stored, np.int32)),
+            offset=pa.array(np.arange(n_stored, dtype=np.int64)),
+            event_id=pa.array(ids),
+            ts=ts,
+            occurred_at=ts,
+            value=pa.array(np.ones(n_stored)),
+        )
+        data = pa.Table.from_pydict(cols, schema=SCHEMAS["rewards"])
+        pq.write_table(data, root / "rewards" / f"bench.0.{0:020d}.{n_stored - 1:020d}.parquet")
+        query = lambda sql: store.query(sql).rows  # noqa: E731
+        t0 = time.perf_counter()
+        seen = SeenIds.load("rewards", query)
+        load = time.perf_counter() - t0
+        fresh = [str(uuid.uuid4()) for _ in range(batch)]
+        fresh[: batch // 100] = ids[: batch // 100]  # re-sent: the table has them
+        rows = [
+            {"topic": "bench", "partition": 0, "offset": n_stored + i, "event_id": e}
+            for i, e in enumerate(fresh)
+        ]
+        t0 = time.perf_counter()
+        keep = first_copies(rows, seen, query, "rewards")
+        check = time.perf_counter() - t0
+        assert len(keep) == batch - batch // 100
+    return {
+        "sink_dedup_stored_ids": float(n_stored),
+        "sink_dedup_index_load_s": load,
+        "sink_dedup_check_batch_s": check,
+        "sink_dedup_batch": float(batch),
+    }
+
+
 def run(quick: bool = False) -> dict[str, float | str]:
     out: dict[str, float | str] = {}
+    out.update(bench_dedup(100_000 if quick else 1_000_000))
     out.update(bench_store(2_000 if quick else 20_000))
     out.update(bench_ingest(1_000 if quick else 10_000))
     out.update(bench_per_agent(500_000 if quick else 5_000_000))

@@ -250,7 +250,7 @@ def test_spot_values_of_the_declared_differences() -> None:
     row = dict(rows_of(Origin("t", 0, 0, 0, None), ck))["checkpoints"]
     assert row["policy_version"] == "router@3"
     assert json.loads(row["trained_on"]) == [r.model_dump() for r in ck.trained_on]
-    dl = next(e for e in _sample_events() if isinstance(e, m.DeadLetter) and e.raw_key)
+    dl = next(e for e in _sample_events() if isinstance(e, m.DeadLetter) and e.partition == 2)
     row = dict(rows_of(Origin("t", 0, 0, 0, None), dl))["dead_letters"]
     assert (row["source_partition"], row["source_offset"], row["raw_key"]) == (2, 7, "k\ufffd")
 

@@ -118,7 +118,7 @@ def test_a_zombie_sinks_late_part_counts_once(topics: Settings, serde: Serde) ->
     base = topics.model_copy(
         update={
             "sink_group": f"{topics.topic_prefix}sink",
-            "sink_flush_seconds": 60.0,  # parts end where the batch size says
+            "sink_flush_seconds": 60.0,  # the zombie's part ends where its batch size says
             "sink_max_poll_interval_s": 10.0,
             "sink_compact_interval_s": 0.0,
         }
@@ -129,7 +129,8 @@ def test_a_zombie_sinks_late_part_counts_once(topics: Settings, serde: Serde) ->
     z = threading.Thread(target=zombie.run, daemon=True)
     z.start()
     assert stuck.entered.wait(60), "the first sink never wrote"
-    owner = Sink(base.model_copy(update={"sink_batch_size": 17}), store=store, serde=serde)
+    smaller = {"sink_batch_size": 17, "sink_flush_seconds": 1.0}
+    owner = Sink(base.model_copy(update=smaller), store=store, serde=serde)
     o = threading.Thread(target=owner.run, daemon=True)
     o.start()  # joins the group; the stuck sink is dropped after max.poll.interval
     deadline = time.monotonic() + 120
@@ -192,6 +193,8 @@ def test_event_id_hash_is_the_same_in_python_and_sql(tmp_path: Path) -> None:
     assert len(seen) == 21
     assert seen.candidates([dedup.id_hash(e) for e, _h in got]) == [True] * 21
     assert seen.candidates([dedup.id_hash(str(uuid.uuid4()))]) == [False]
+    # An id that is no UUID's text (written by another tool) is always checked exactly.
+    assert dedup.id_hash("t0-1") is None and seen.candidates([None]) == [True]
 
 
 def test_first_copy_wins_and_a_hash_hit_is_checked(tmp_path: Path) -> None:

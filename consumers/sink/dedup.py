@@ -33,9 +33,16 @@ HASH_SQL = (
 _MERGE_AT = 50_000  # ids kept in a set before they join the sorted array
 
 
-def id_hash(event_id: str) -> int:
-    """... and in Python: the last two groups of ``xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx``."""
-    return int(event_id[19:23] + event_id[24:36], 16)
+def id_hash(event_id: str) -> int | None:
+    """... and in Python: the last two groups of ``xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx``.
+    None for an id that is not a UUID's text (rows written by other tools): always a
+    candidate, checked exactly."""
+    if len(event_id) != 36 or event_id[23] != "-":
+        return None
+    try:
+        return int(event_id[19:23] + event_id[24:36], 16)
+    except ValueError:
+        return None
 
 
 Query = Callable[[str], Sequence[tuple[Any, ...]]]
@@ -56,18 +63,18 @@ class SeenIds:
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
 
-    def candidates(self, hashes: Sequence[int]) -> list[bool]:
-        """Whether each hash may be stored already."""
+    def candidates(self, hashes: Sequence[int | None]) -> list[bool]:
+        """Whether each hash may be stored already (None: it may)."""
         if not hashes:
             return []
-        arr = np.fromiter(hashes, dtype=np.uint64, count=len(hashes))
+        arr = np.fromiter((h or 0 for h in hashes), dtype=np.uint64, count=len(hashes))
         at = np.searchsorted(self._sorted, arr)
         hit = at < len(self._sorted)
         hit[hit] = self._sorted[at[hit]] == arr[hit]
-        return [bool(h) or v in self._recent for h, v in zip(hit, hashes, strict=True)]
+        return [v is None or bool(h) or v in self._recent for h, v in zip(hit, hashes, strict=True)]
 
-    def add(self, hashes: Sequence[int]) -> None:
-        self._recent.update(hashes)
+    def add(self, hashes: Sequence[int | None]) -> None:
+        self._recent.update(h for h in hashes if h is not None)
         if len(self._recent) >= _MERGE_AT:
             more = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
             self._sorted = np.union1d(self._sorted, more)

@@ -221,14 +221,14 @@ class ParquetStore:
         return "\nUNION ALL\n".join(sql)
 
     def query(self, sql: str) -> Result:
-        # Views are re-pointed at the live parts for every query, so a part merged by
-        # compaction is read once, never twice; a part deleted under a running query is
-        # retried with a fresh listing.
+        # The views of the tables it names are re-pointed at the read plan for every query,
+        # so a part merged by compaction (or overlapped by a zombie's) is read once, never
+        # twice; a part deleted under a running query is retried with a fresh listing.
         for attempt in range(3):
             with _SESSION_LOCK:
                 s = _session()
                 s.query(f"CREATE DATABASE IF NOT EXISTS {self._db}")
-                for table in TABLES:
+                for table in _named(sql):
                     s.query(f"CREATE OR REPLACE VIEW {self._db}.{table} AS {self._source(table)}")
                 s.query(f"USE {self._db}")
                 try:
@@ -310,6 +310,12 @@ class ParquetStore:
 
     def close(self) -> None:
         pass
+
+
+def _named(sql: str) -> list[str]:
+    """The tables ``sql`` may read: only their views are re-pointed (each costs a listing)."""
+    words = set(re.findall(r"\w+", sql))
+    return [t for t in TABLES if t in words]
 
 
 def _from_offset(data: pa.Table, start: int, part: Part) -> pa.Table:
