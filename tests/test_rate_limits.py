@@ -42,7 +42,14 @@ PROMPT = "[type=math] What is 1 + 2?"
 
 @pytest.fixture
 def sim() -> Iterator[ServerThread]:
-    cfg = SimConfig(seed=5, models={"sim-a": ModelProfile(skill={"*": 1.0})})
+    cfg = SimConfig(
+        seed=5,
+        models={
+            "sim-a": ModelProfile(skill={"*": 1.0}),
+            # A provider that allows 10 requests a second (a bucket of 10), like a real one.
+            "sim-busy": ModelProfile(skill={"*": 1.0}, requests_per_s=10, rate_limit_hint="reset"),
+        },
+    )
     with ServerThread(Simulator(cfg).app(), free_port()) as server:
         yield server
 
@@ -218,6 +225,39 @@ async def test_the_tokens_per_minute_budget_throttles_every_worker(
     for i, t in enumerate(arrivals, start=1):
         assert i * per_call <= tpm + (t - start) * tpm / 60 + 1e-6, (i, t - start)
     assert arrivals[-1] - start >= 4.0
+
+
+async def test_a_budget_below_the_providers_limit_is_never_refused(
+    sim: ServerThread, states: tuple[RedisState, RedisState]
+) -> None:
+    cfg = _cfg(sim).model_copy(update={"model": "sim-busy"})
+    limits = {"rps": {cfg.key: 5.0}}  # half the simulated provider's 10/s
+    workers = [_Worker(states[0], cfg, **limits), _Worker(states[1], cfg, **limits)]
+    start = time.monotonic()
+    try:
+        outs = await asyncio.gather(*(workers[i % 2].complete() for i in range(15)))
+    finally:
+        for w in workers:
+            await w.provider.aclose()
+    assert [c.output for c in outs] == ["3"] * 15
+    timeline = _timeline(sim)
+    assert [st for _, st, _ in timeline] == [200] * 15  # no 429 at all
+    assert timeline[-1][0] - start >= (15 - 5) / 5.0  # a burst of 5, then 5 a second
+
+
+async def test_without_a_budget_a_worker_rides_the_providers_429s_with_one_try_each(
+    sim: ServerThread, states: tuple[RedisState, RedisState]
+) -> None:
+    cfg = _cfg(sim).model_copy(update={"model": "sim-busy"})
+    w = _Worker(states[0], cfg)  # no budget configured: only what the 429s say
+    try:
+        outs = await asyncio.gather(*(w.complete() for _ in range(25)))
+    finally:
+        await w.provider.aclose()
+    assert [c.output for c in outs] == ["3"] * 25  # over the provider's burst, none failed
+    statuses = [st for _, st, _ in _timeline(sim)]
+    # How many 429s depends on how fast the calls go out; at least one must have come.
+    assert statuses.count(200) == 25 and statuses.count(429) >= 1
 
 
 # ------------------------------------------------------------- one worker on Kafka --

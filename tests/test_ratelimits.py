@@ -14,6 +14,7 @@ from stormline.consumers.llm.ratelimits import (
     retry_after,
     within,
 )
+from stormline.consumers.llm.simulation import SimConfig, SimState
 
 NOW = datetime(2026, 12, 3, 16, 0, 0, tzinfo=UTC)
 T = NOW.timestamp()
@@ -125,3 +126,16 @@ def test_a_wait_fits_only_if_it_ends_before_the_deadline() -> None:
     assert within(4.9, 100.0, 105.0)
     assert not within(5.0, 100.0, 105.0)
     assert not within(0.0, 106.0, 105.0)
+
+
+def test_the_simulated_providers_own_limit_is_a_bucket_that_says_when() -> None:
+    st = SimState(SimConfig())
+    # 2 requests/s: a burst of 2, then one every half second; a refused one takes nothing.
+    assert [st.take_request("m", 2.0, 10.0) for _ in range(2)] == [0.0, 0.0]
+    assert st.take_request("m", 2.0, 10.0) == pytest.approx(0.5)
+    assert st.take_request("m", 2.0, 10.2) == pytest.approx(0.3)
+    assert st.take_request("m", 2.0, 10.5) == 0.0
+    assert st.take_request("other", 2.0, 10.5) == 0.0  # per model
+    slow = SimState(SimConfig())
+    assert slow.take_request("m", 0.5, 0.0) == 0.0  # under 1/s: a bucket of one
+    assert slow.take_request("m", 0.5, 1.0) == pytest.approx(1.0)  # half refilled

@@ -25,6 +25,11 @@ Configuration (YAML or JSON, ``--config``)::
     default: {skill: {"*": 0.6}, latency_ms: 0, jitter_ms: 0, error_rate: 0.0}
     models:
       sim-math: {skill: {math: 0.95, "*": 0.4}, latency_ms: 200, jitter_ms: 50}
+      sim-busy: {requests_per_s: 5, rate_limit_hint: reset}
+
+``requests_per_s`` (0: none) makes a model behave like a rate-limited provider: beyond it (a
+bucket of ``max(1, requests_per_s)``) it answers 429 saying when the next request fits, in
+the headers ``rate_limit_hint`` names (see :data:`HINTS`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field
@@ -114,11 +120,20 @@ def near_miss(answer: str) -> str:
 
 
 # ------------------------------------------------------------------------ config --
+# How a simulated 429 says when to come back (the headers are the transport's to spell):
+# retry-after and the dialect's own rate-limit headers, retry-after alone (whole seconds),
+# retry-after as an HTTP date, or only the exhausted limit's remaining 0 and its reset.
+Hint = Literal["all", "retry-after", "retry-after-date", "reset"]
+HINTS: tuple[str, ...] = get_args(Hint)
+
+
 class ModelProfile(BaseModel):
     skill: dict[str, float] = Field(default_factory=lambda: {"*": 0.7})
     latency_ms: float = Field(default=0.0, ge=0)
     jitter_ms: float = Field(default=0.0, ge=0)
     error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    requests_per_s: float = Field(default=0.0, ge=0)  # 0: no rate limit
+    rate_limit_hint: Hint = "all"
 
     def p_correct(self, task_type: str) -> float:
         return self.skill.get(task_type, self.skill.get("*", 0.7))
@@ -156,10 +171,6 @@ def load_config(path: Path | str | None) -> SimConfig:
 
 
 # ------------------------------------------------------------------------- state --
-# How a simulated 429 says when to come back (the headers are the transport's to spell).
-HINTS = ("all", "retry-after", "retry-after-date", "reset")
-
-
 @dataclass
 class Fault:
     kind: str
@@ -186,11 +197,21 @@ class SimState:
     by_prompt: Counter[str] = field(default_factory=Counter)
     credentials: Counter[str] = field(default_factory=Counter)
     faults_served: Counter[str] = field(default_factory=Counter)
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # (tokens, at)
     # (monotonic arrival time, model, status, prompt's first 80 characters) of the latest
     # requests, oldest first.
     timeline: deque[tuple[float, str, int, str]] = field(
         default_factory=lambda: deque(maxlen=10_000)
     )
+
+    def take_request(self, model: str, rate: float, now: float) -> float:
+        """A token bucket per model: 0 if the request fits, else seconds until one does."""
+        burst = max(1.0, rate)
+        tokens, at = self.buckets.get(model, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / rate
+        self.buckets[model] = (tokens - 1 if not wait else tokens, now)
+        return wait
 
     def take_fault(self, model: str) -> Fault | None:
         now = time.monotonic()
@@ -240,6 +261,15 @@ def _decide(st: SimState, model: str, prompt: str) -> Reply:
             retry_after_s=fault.retry_after_s if fault.kind == "429" else None,
             hint=fault.hint,
         )
+    if profile.requests_per_s:
+        wait = st.take_request(model, profile.requests_per_s, time.monotonic())
+        if wait:
+            return Reply(
+                429,
+                f"simulated rate limit of {profile.requests_per_s:g} requests/s",
+                retry_after_s=wait,
+                hint=profile.rate_limit_hint,
+            )
     delay = 0.0
     if profile.latency_ms or profile.jitter_ms:
         delay = max(0.0, st.rng.gauss(profile.latency_ms, profile.jitter_ms)) / 1000
