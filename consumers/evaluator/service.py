@@ -172,7 +172,11 @@ class EvaluatorService:
                 self.loop.close()
                 log.info(
                     "evaluator stopped",
-                    extra={"rewards": self.scored, "dead_letters": self.dead},
+                    extra={
+                        "rewards": self.scored,
+                        "dead_letters": self.dead,
+                        "router_outcomes_skipped": self.skipped,
+                    },
                 )
 
     # --------------------------------------------------------------------- scoring --
