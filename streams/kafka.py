@@ -8,6 +8,7 @@ group-less broadcast reader and the admin client that creates the internal topic
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import faust
 
 from stormline.runtime.admin import TopicWanted, ensure_topics, replication
 from stormline.runtime.connection import KafkaConnection
+from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.catalog import AGENT_HEALTH, CHECKPOINTS, HEARTBEATS
 from stormline.schemas.models import (
     AgentHealthChanged,
@@ -24,10 +26,12 @@ from stormline.schemas.models import (
     CheckpointPublished,
     Event,
 )
-from stormline.schemas.serde import DecodeError, Serde
+from stormline.schemas.serde import DecodeError, RegistryUnavailable, Serde
 from stormline.settings import Settings
 
 TABLES = ("qtable", "tasks", "types", "health")
+BROADCAST_RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
+log = logging.getLogger("stormline.router")
 
 
 def app_id(s: Settings) -> str:
@@ -142,12 +146,30 @@ async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Even
             batches = await consumer.getmany(timeout_ms=200, max_records=1000)
             for tp, msgs in batches.items():
                 for m in msgs:
-                    try:
-                        yield serde.decode(m.value, names[tp.topic])
-                    except DecodeError:
-                        continue
+                    event = await _decode_waiting(serde, m.value, names[tp.topic])
+                    if event is not None:
+                        yield event
     finally:
         await consumer.stop()
+
+
+async def _decode_waiting(serde: Serde, raw: bytes | None, etype: type[Event]) -> Event | None:
+    """``raw`` decoded, or None for a record that never will; waits out a registry outage.
+
+    A heartbeat skipped because the registry was away would leave its agent out of every
+    router's directory until the next one, and a checkpoint skipped would never be loaded.
+    """
+    failures = 0
+    while True:
+        try:
+            return serde.decode(raw, etype)
+        except DecodeError:
+            return None
+        except RegistryUnavailable as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("broadcast reader waits for the schema registry: %s", exc)
+            await asyncio.sleep(BROADCAST_RETRY.backoff(failures))
 
 
 async def _partitions(consumer: Any, name: str) -> set[int]:

@@ -7,7 +7,8 @@ worker, and the timers kept finding them due. This store also records the partit
 key set during stream iteration (the partition of the event being processed, which is the
 changelog partition Faust writes it to), so the pruning covers every key.
 
-Registered as ``stormline-memory://`` (:func:`register`).
+:func:`register` makes it the store behind ``memory://`` in this process (a scheme of its
+own does not survive Faust's URL handling of table stores).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from faust.stores import STORES
 from faust.stores.memory import Store
 from faust.streams import current_event
 
-URL = "stormline-memory://"
+URL = "memory://"
 
 
 class OwnedMemoryStore(Store):
@@ -34,6 +35,6 @@ class OwnedMemoryStore(Store):
 
 
 def register() -> str:
-    """Make the store known to Faust by its URL; returns the URL."""
-    STORES.aliases.setdefault(URL.split(":", 1)[0], f"{__name__}:OwnedMemoryStore")
+    """Make this the store behind ``memory://``; returns that URL."""
+    STORES.aliases["memory"] = f"{__name__}:OwnedMemoryStore"
     return URL
