@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stormline.api import routes_ops, routes_tasks
+from stormline.api import routes_analytics, routes_ops, routes_tasks
 from stormline.api.auth import guard
 from stormline.api.events import StatusHub
 from stormline.api.publisher import BatchPublisher
@@ -150,6 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     v1 = [Depends(guard)]
     app.include_router(routes_tasks.router, prefix="/v1", dependencies=v1, tags=["tasks"])
     app.include_router(routes_ops.router, prefix="/v1", dependencies=v1, tags=["operate"])
+    app.include_router(routes_analytics.router, prefix="/v1", dependencies=v1, tags=["analytics"])
     app.add_api_route("/healthz", _healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", _readyz, methods=["GET"], tags=["health"])
     app.add_exception_handler(redis.RedisError, _unavailable)
