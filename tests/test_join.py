@@ -289,3 +289,24 @@ def test_a_human_reward_for_a_trajectory_joined_long_ago_is_counted_not_applied(
     assert j.stats.human_too_late == 1
     [e] = j.add_reward(reward(4, "a", 1.0, source=RewardSource.HUMAN), ref(R, 10), 10)
     assert (e.trajectory_id, e.reward) == ("traj-4", 1.0) and j.stats.human_corrections == 1
+
+
+def test_replay_keeps_one_experience_per_trajectory_the_human_one() -> None:
+    from stormline.schemas.kafka import Received
+    from stormline.settings import Settings
+    from stormline.trainer.replay import _join_in_order
+
+    s = Settings()
+    traj, rew = s.topic("trajectories"), s.topic("rewards")
+    records = [
+        Received(traj, 0, 0, "task-1", trajectory(1, "a", "math", "x"), 1),
+        Received(rew, 0, 0, "task-1", reward(1, "a", 0.0), 2),
+        Received(rew, 0, 1, "task-1", reward(1, "a", 1.0, source=RewardSource.HUMAN), 3),
+        Received(traj, 0, 1, "task-2", trajectory(2, "a", "math", "y"), 4),
+        Received(rew, 0, 2, "task-2", reward(2, "a", 0.5), 5),
+    ]
+    exps, _ = _join_in_order(s, Joiner(), records)
+    assert [(e.trajectory_id, e.reward, e.reward_source) for e in exps] == [
+        ("traj-1", 1.0, "human"),
+        ("traj-2", 0.5, "verifier"),
+    ]

@@ -372,12 +372,14 @@ def test_a_kill_9_during_an_update_trains_nothing_twice(
     )
     assert crash.returncode == -9, crash.stderr[-3000:]
     # Second life: the plain trainer, until it has committed everything there is.
-    life = subprocess.Popen(
-        [sys.executable, "-m", "stormline.cli", "trainer"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = Path(s.data_dir) / "trainer.log"  # a file: a pipe nobody reads would block it
+    with log.open("wb") as out:
+        life = subprocess.Popen(
+            [sys.executable, "-m", "stormline.cli", "trainer"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         topics_read = [TRAJECTORIES.name(s), REWARDS.name(s)]
         wait_until(
@@ -388,8 +390,8 @@ def test_a_kill_9_during_an_update_trains_nothing_twice(
         assert life.poll() is None, "the restarted trainer stopped"
     finally:
         life.send_signal(signal.SIGTERM)
-        _, err = life.communicate(timeout=120)
-    assert life.returncode == 0, err[-3000:]
+        life.wait(120)
+    assert life.returncode == 0, log.read_text()[-3000:]
     store_dir = Path(s.data_dir) / "checkpoints" / s.trainer_policy_name
     events = checkpoints_on_topic(s, serde, 2)
     # One version, trained on every episode once; a re-publication is the same event.

@@ -183,7 +183,8 @@ def published_event(
     """The announcement of ``version``; its event id is stable, so a re-publication after a
     crash is the same event."""
     return CheckpointPublished(
-        event_id=stable_event_id("checkpoint", store.policy, version),
+        # The URI names the store, the policy and the version: one id per checkpoint anywhere.
+        event_id=stable_event_id("checkpoint", store.uri_of(version)),
         policy=store.policy,
         version=version,
         uri=store.uri_of(version),

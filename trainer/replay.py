@@ -9,7 +9,8 @@ group's offsets are untouched. In a time window the assignments of that window a
 
 The join is the live one (:class:`trainer.join.Joiner`, event time), so a range yields the
 experiences the live trainer built from it: all rewards of a trajectory share a partition
-(key ``task_id``), so first-wins picks the same reward in both.
+(key ``task_id``), so first-wins picks the same reward in both, and a human reward replaces
+the automatic one in both.
 
 ``--to-topic NAME`` writes the joined experiences as **JSON** (key ``task_id``), one
 :class:`Experience` per record: it is derived data with no catalog schema, and JSON is what
@@ -32,7 +33,7 @@ from stormline.schemas.catalog import ASSIGNMENTS, REWARDS, TRAJECTORIES, TopicS
 from stormline.schemas.kafka import Received
 from stormline.schemas.serde import DecodeError, Serde
 from stormline.settings import Settings
-from stormline.trainer.join import Experience, Joiner
+from stormline.trainer.join import HUMAN, Experience, Joiner
 from stormline.trainer.service import feed, make_joiner
 
 Progress = Callable[[int, int], None]  # (records read, records to read)
@@ -219,7 +220,13 @@ def _join_in_order(
         exps.extend(joiner.release())
         evicted += len(joiner.evict())
     exps.extend(joiner.release(force=True))  # the range is over: no assignment will come
-    return exps, evicted
+    # A human reward's correction replaces its trajectory's automatic experience, as in the
+    # live buffer: one experience per trajectory, in join order.
+    final: dict[str, Experience] = {}
+    for e in exps:
+        if e.reward_source == HUMAN or e.trajectory_id not in final:
+            final[e.trajectory_id] = e
+    return list(final.values()), evicted
 
 
 def write_topic(settings: Settings, topic: str, exps: list[Experience], partitions: int = 4) -> int:
