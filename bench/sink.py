@@ -272,7 +272,7 @@ def bench_dedup(n_stored: int, batch: int = 5_000) -> dict[str, float]:
         pq.write_table(data, root / "rewards" / f"bench.0.{0:020d}.{n_stored - 1:020d}.parquet")
         query = lambda sql: store.query(sql).rows  # noqa: E731
         t0 = time.perf_counter()
-        seen = SeenIds.load("rewards", query)
+        seen = SeenIds.load("rewards", store.query_arrow)
         load = time.perf_counter() - t0
         fresh = [str(uuid.uuid4()) for _ in range(batch)]
         fresh[: batch // 100] = ids[: batch // 100]  # re-sent: the table has them

@@ -163,6 +163,9 @@ class _FlakyStore:
     def query(self, sql: str) -> Any:
         return self.inner.query(sql)
 
+    def query_arrow(self, sql: str) -> Any:
+        return self.inner.query_arrow(sql)
+
     def high_water(self, table: str) -> dict[tuple[str, int], int]:
         return self.inner.high_water(table)
 

@@ -189,7 +189,7 @@ def test_event_id_hash_is_the_same_in_python_and_sql(tmp_path: Path) -> None:
     store.insert("rewards", rows)
     got = store.query(f"SELECT event_id, {dedup.HASH_SQL} FROM rewards").rows
     assert len(got) == 21 and all(dedup.id_hash(e) == int(h) for e, h in got)
-    seen = dedup.SeenIds.load("rewards", lambda q: store.query(q).rows)
+    seen = dedup.SeenIds.load("rewards", store.query_arrow)
     assert len(seen) == 21
     assert seen.candidates([dedup.id_hash(e) for e, _h in got]) == [True] * 21
     assert seen.candidates([dedup.id_hash(str(uuid.uuid4()))]) == [False]

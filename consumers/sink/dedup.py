@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 # The low 64 bits of a UUID's canonical text, in SQL (the same on chDB and a server) ...
 HASH_SQL = (
@@ -56,9 +57,11 @@ class SeenIds:
         self._recent: set[int] = set()
 
     @classmethod
-    def load(cls, table: str, query: Query) -> SeenIds:
-        rows = query(f"SELECT DISTINCT {HASH_SQL} AS h FROM {table}")
-        return cls(np.fromiter((int(r[0]) for r in rows), dtype=np.uint64, count=len(rows)))
+    def load(cls, table: str, query_arrow: Callable[[str], pa.Table]) -> SeenIds:
+        got = query_arrow(f"SELECT DISTINCT {HASH_SQL} AS h FROM {table}")
+        if got.num_rows == 0:
+            return cls(np.empty(0, np.uint64))
+        return cls(got.column(0).to_numpy())
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)

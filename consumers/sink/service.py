@@ -234,7 +234,7 @@ class Sink:
 
     def _seen_ids(self, table: str) -> SeenIds:
         if table not in self._seen:
-            self._seen[table] = SeenIds.load(table, self._query_rows)
+            self._seen[table] = SeenIds.load(table, self.store.query_arrow)
         return self._seen[table]
 
     def _rows_by_table(self) -> dict[str, list[dict[str, Any]]]:

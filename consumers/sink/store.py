@@ -118,6 +118,8 @@ class Store(Protocol):
 
     def query(self, sql: str) -> Result: ...
 
+    def query_arrow(self, sql: str) -> pa.Table: ...  # the same, columnar (large results)
+
     def high_water(self, table: str) -> dict[tuple[str, int], int]: ...
 
     def close(self) -> None: ...
@@ -221,6 +223,12 @@ class ParquetStore:
         return "\nUNION ALL\n".join(sql)
 
     def query(self, sql: str) -> Result:
+        tbl = self.query_arrow(sql)
+        cols = tbl.column_names
+        data = [tbl.column(c).to_pylist() for c in cols]
+        return Result(list(cols), list(zip(*data, strict=True)) if data else [])
+
+    def query_arrow(self, sql: str) -> pa.Table:
         # The views of the tables it names are re-pointed at the read plan for every query,
         # so a part merged by compaction (or overlapped by a zombie's) is read once, never
         # twice; a part deleted under a running query is retried with a fresh listing.
@@ -239,10 +247,7 @@ class ParquetStore:
                     if vanished and attempt < 2:
                         continue
                     raise StoreError(f"query failed: {exc}") from exc
-        tbl: pa.Table = res if isinstance(res, pa.Table) else pa.table({})
-        cols = tbl.column_names
-        data = [tbl.column(c).to_pylist() for c in cols]
-        return Result(list(cols), list(zip(*data, strict=True)) if data else [])
+        return res if isinstance(res, pa.Table) else pa.table({})
 
     def compact(
         self,
@@ -394,6 +399,15 @@ class ServerStore:
                 self._client = None
             raise StoreError(f"query failed: {_redact(str(exc))}") from exc
         return Result(list(res.column_names), [tuple(r) for r in res.result_rows])
+
+    def query_arrow(self, sql: str) -> pa.Table:
+        client = self.client()
+        try:
+            return client.query_arrow(sql, settings={"final": 1})
+        except Exception as exc:
+            if "Code:" not in str(exc):
+                self._client = None
+            raise StoreError(f"query failed: {_redact(str(exc))}") from exc
 
     def close(self) -> None:
         if self._client is not None:
