@@ -106,9 +106,17 @@ def _write_old(s: Settings, r: redis.Redis, trajs: list[Trajectory]) -> None:
     for t in trajs:
         pipe.set(f"{p}traj:{t.task_id}:1", t.model_dump_json(), ex=ttl)
         key = f"{p}task:{t.task_id}"
-        fields = {"state": "succeeded", "attempt": 1, "updated_at": 1.7e9, "agent_id": t.agent_id}
-        fields |= {"trajectory_id": t.trajectory_id, "output": (t.output or "")[:2000]}
-        pipe.hset(key, mapping=fields)
+        pipe.hset(
+            key,
+            mapping={
+                "state": "succeeded",
+                "attempt": 1,
+                "updated_at": 1.7e9,
+                "agent_id": t.agent_id,
+                "trajectory_id": t.trajectory_id,
+                "output": (t.output or "")[:2000],
+            },
+        )
         pipe.expire(key, ttl)
     pipe.execute()
 
