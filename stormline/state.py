@@ -19,6 +19,10 @@ idempotency): :attr:`RedisState.degraded` and :attr:`RedisState.detail` say so, 
 connection is probed again every few seconds rather than on every call. A command Redis
 refuses (OOM, READONLY, ...) is retried with the one retry policy, then degrades the same way
 for that call (:attr:`RedisState.refusal` says why): a refusal never escapes to the caller.
+
+Longer than ~400 lines because it is the one narrow interface to Redis: its three Lua scripts
+(status, token bucket, provider budget) and their callers live together, so that nothing else
+talks to Redis.
 """
 
 from __future__ import annotations
