@@ -4,7 +4,8 @@ No Docker engine runs here, so tests/compose_emulation.py runs each Stormline se
 command with its own environment and volumes, in its own mount namespace, against the real
 embedded stack (see that module for what is mapped and how). The loop runs as compose would
 run it: init, simulate-llm, router, two workers, evaluator, trainer and the API; tasks go in
-through the cli service (``docker compose run --rm cli publish -``). The sink is not run: it
+through the cli service (``docker compose run --rm -T cli publish -``), and so does the API key
+the test reads the API with (``stormline keys create``). The sink is not run: it
 writes to a ClickHouse server (STORMLINE_CLICKHOUSE_URL), which the embedded stack does not
 have (it has chDB in-process).
 
@@ -109,6 +110,15 @@ def test_a_checkpoint_the_trainer_writes_reaches_the_router(
         assert int(view["policy_loads"]) >= 1  # type: ignore[call-overload]
         router_log = (logs / "router-1.log").read_text()
         assert f"loaded policy {event.policy_version} from {event.uri}" in router_log
+
+        # The API, as composed, reaches the router's views and lists the checkpoint.
+        key = dep.run(cli, ["stormline", "keys", "create", "--tenant", "ops", "--role", "operate"])
+        assert key.returncode == 0, key.stderr.decode()[-2000:]
+        api = f"http://{dep.address('api', 8000)}/v1"
+        auth = {"X-API-Key": key.stdout.decode().strip()}
+        assert httpx.get(f"{api}/agents", headers=auth, timeout=30).json()["router"] == "ok"
+        listed = httpx.get(f"{api}/checkpoints", headers=auth, timeout=60).json()["checkpoints"]
+        assert [(c["policy"], c["version"]) for c in listed] == [(event.policy, event.version)]
 
         # The control router (no checkpoints volume) gets the same event and cannot load it.
         ks = stack_settings.model_copy(
