@@ -209,6 +209,11 @@ def test_compose_router_reads_the_volume_the_trainer_writes_checkpoints_to() -> 
     assert trainer[path][0] == router[path][0], "router and trainer mount different volumes"
     assert router[path][1] and not trainer[path][1], "router read-only, trainer read-write"
     assert trainer["/data"][0] != router["/data"][0]  # their own state stays their own
+    # A fresh volume takes the image's ownership from its first mount: init mounts it
+    # read-write, and every Stormline service waits for init.
+    assert _mounts(svc["init"]).get(path) == (trainer[path][0], False)
+    for name in ("router", "trainer"):
+        assert svc[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(rf"mkdir -p [^&]*{path}\b", dockerfile)
     assert re.search(rf"chown stormline [^&]*{path}\b", dockerfile)
