@@ -93,8 +93,18 @@ def url_passwords(text: str) -> list[str]:
     return out
 
 
+def _named_secret_env() -> set[str]:
+    """STORMLINE_SECRET_ENV as the settings read it (a JSON list); malformed is the
+    settings' error to report, not a reason for this import to fail."""
+    try:
+        names = json.loads(os.environ.get("STORMLINE_SECRET_ENV") or "[]")
+    except ValueError:
+        return set()
+    return {str(n) for n in names} if isinstance(names, list) else set()
+
+
 def _from_environment() -> list[str]:
-    named = set(json.loads(os.environ.get("STORMLINE_SECRET_ENV") or "[]"))
+    named = _named_secret_env()
     out = []
     for name, value in os.environ.items():
         if _SECRET_NAME.search(name) or name in named:
