@@ -3,6 +3,12 @@
 Phase 1: the simulator answers after 200 ms; the worker must keep >= 256 calls in flight
 and sustain >= 800 tasks/s. Phase 2: 0 ms latency, tasks/s of one worker process.
 
+The floor beside them (issue 16): the bare SDK call, one provider client of this package
+against the same simulator at 0 ms with the same calls in flight, no Kafka, no Redis, no
+worker: client CPU per call for each SDK (openai, anthropic) and each transport (aiohttp,
+the default; httpx). ``worker_0ms_cpu_per_task_vs_sdk_floor`` is the worker's CPU per task
+over the floor of the transport it ran with.
+
 The simulator runs as its own process (`stormline simulate-llm`); the worker runs in this
 process against the stack named by the usual STORMLINE_* settings (Kafka, registry,
 Redis), each phase on fresh topics. Assignments are produced before the worker starts,
@@ -27,13 +33,23 @@ import httpx
 import yaml
 
 from bench import cpu_seconds, free_port
-from stormline.consumers.llm.agents import parse_registry
-from stormline.consumers.llm.providers import openai_provider  # noqa: F401  (slow import, kept out of timings)
+from stormline.consumers.llm import CompletionRequest
+from stormline.consumers.llm.agents import ProviderConfig, parse_registry
+from stormline.consumers.llm.providers import (
+    TRANSPORTS,
+    Transport,
+    anthropic_provider,  # noqa: F401  (slow import, kept out of timings)
+    make_provider,
+    openai_provider,  # noqa: F401  (slow import, kept out of timings)
+)
 from stormline.consumers.worker.service import Worker
 from stormline.schemas.kafka import EventProducer, ensure_topics
 from stormline.schemas.models import AssignedTask, PolicyKind, TaskAssigned
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
+
+# Calls in flight for the floor: enough to keep the simulator busy at 0 ms, as the worker does.
+FLOOR_IN_FLIGHT = 64
 
 
 def _start_simulator(port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -69,6 +85,42 @@ def _start_simulator(port: int, workdir: Path) -> subprocess.Popen[bytes]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("simulator did not start")
+
+
+async def _sdk_calls(
+    provider: str, transport: Transport, port: int, n: int, in_flight: int
+) -> float:
+    """Client CPU ms per call: ``n`` calls, ``in_flight`` at a time, after a warm-up."""
+    base = f"http://127.0.0.1:{port}" + ("/v1" if provider == "openai" else "")
+    cfg = ProviderConfig(provider=provider, model="bench-0ms", base_url=base)  # type: ignore[arg-type]
+    client = make_provider(cfg, max_connections=in_flight, transport=transport)
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.complete(
+                CompletionRequest(agent_id="floor", model=cfg.model, prompt=f"What is {i} + 1?")
+            )
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(min(n, 200))))  # connections, caches
+        cpu0 = time.process_time()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        cpu = time.process_time() - cpu0
+    finally:
+        await client.aclose()
+    return 1000 * cpu / n
+
+
+def _sdk_floors(port: int, n: int, in_flight: int) -> dict[str, float]:
+    """The bare SDK call per SDK and transport (run before any Kafka client exists here, so
+    that this process' CPU is the client's alone)."""
+    out: dict[str, float] = {}
+    for provider in ("openai", "anthropic"):
+        for transport in TRANSPORTS:
+            ms = asyncio.run(_sdk_calls(provider, transport, port, n, in_flight))
+            out[f"sdk_floor_{provider}_{transport}_cpu_ms_per_call"] = round(ms, 3)
+    return out
 
 
 def _phase(
@@ -141,12 +193,18 @@ def run(quick: bool = False) -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
         sim = _start_simulator(port, Path(tmp))
         try:
+            floors = _sdk_floors(port, n0, FLOOR_IN_FLIGHT)
             slow = _phase(base, port, sim.pid, "bench-200ms", n200, base.worker_max_in_flight)
             fast = _phase(base, port, sim.pid, "bench-0ms", n0, base.worker_max_in_flight)
         finally:
             sim.terminate()
             sim.wait(10)
+    floor = floors[f"sdk_floor_openai_{base.llm_transport}_cpu_ms_per_call"]
     return {
+        **floors,
+        "sdk_floor_in_flight": float(FLOOR_IN_FLIGHT),
+        "worker_llm_transport": base.llm_transport,
+        "worker_0ms_cpu_per_task_vs_sdk_floor": round(fast["worker_cpu_ms_per_task"] / floor, 2),
         "worker_200ms_tasks": slow["tasks"],
         "worker_200ms_tasks_per_s": round(slow["tasks_per_s"], 1),
         "worker_200ms_in_flight_high_water": slow["in_flight_max"],
