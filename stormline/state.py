@@ -391,10 +391,8 @@ elseif wait == 0 then
   if rps > 0 and req < 1 then wait = (1 - req) / rps end
   local want = math.min(need, tpm)
   if tpm > 0 and tok < want then wait = math.max(wait, (want - tok) * 60 / tpm) end
-  if wait == 0 then
-    req = req - 1
-    tok = tok - need
-  end
+  if wait == 0 and rps > 0 then req = req - 1 end
+  if wait == 0 and tpm > 0 then tok = tok - need end
 end
 redis.call('HSET', KEYS[1], 'req', string.format('%.6f', req), 'tok', string.format('%.6f', tok),
   'ts', string.format('%.6f', now), 'until', string.format('%.6f', untl))
