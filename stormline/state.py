@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 
 from stormline.logs import redact
 from stormline.runtime.retry import RetryPolicy
-from stormline.schemas.lifecycle import ALLOWED, TaskState
+from stormline.schemas.lifecycle import ALLOWED, RANK, TaskState
 from stormline.schemas.models import Step, Trajectory, Usage
 from stormline.schemas.serde import DecodeError, FingerprintRegistry, Serde
 from stormline.settings import Settings
@@ -88,14 +88,17 @@ return tostring(wait)
 _STATUS = """
 local ALLOWED = %s
 local FINAL = %s
+local RANK = %s
 local new, attempt = ARGV[1], tonumber(ARGV[2])
 local cur = redis.call('HGET', KEYS[1], 'state')
-if attempt < tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') then return 0 end
+local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if attempt < cur_attempt then return 0 end
 if new == '' then
-  if not cur or FINAL[cur] or attempt ~= tonumber(redis.call('HGET', KEYS[1], 'attempt')) then
-    return 0
-  end
-elseif cur and not (ALLOWED[cur] and ALLOWED[cur][new]) then return 0 end
+  if not cur or FINAL[cur] or attempt ~= cur_attempt then return 0 end
+elseif cur then
+  if not (ALLOWED[cur] and ALLOWED[cur][new]) then return 0 end
+  if attempt == cur_attempt and RANK[new] <= RANK[cur] then return 0 end
+end
 if new ~= '' then redis.call('HSET', KEYS[1], 'state', new) end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[2])
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -115,7 +118,8 @@ def status_lua(allowed: dict[TaskState, frozenset[TaskState]] = ALLOWED) -> str:
     """The status script with ``allowed`` (the lifecycle's table) as a Lua table. Pure."""
     rows = ", ".join(f"[{json.dumps(old.value)}] = {_lua_set(nxt)}" for old, nxt in allowed.items())
     final = [old for old, nxt in allowed.items() if not nxt]
-    return _STATUS % ("{" + rows + "}", _lua_set(final))
+    rank = "{" + ", ".join(f"[{json.dumps(st.value)}] = {r}" for st, r in RANK.items()) + "}"
+    return _STATUS % ("{" + rows + "}", _lua_set(final), rank)
 
 
 def key_prefix(settings: Settings) -> str:

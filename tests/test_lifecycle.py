@@ -10,8 +10,10 @@ import pytest
 from stormline.schemas.lifecycle import (
     ALLOWED,
     FINAL,
+    RANK,
     IllegalTransition,
     TaskState,
+    advances,
     allowed,
     check,
     predecessors,
@@ -45,6 +47,7 @@ def test_predecessors_invert_the_table() -> None:
         for old in TaskState:
             assert (old in predecessors(new)) == (new in ALLOWED[old])
     assert predecessors(TaskState.SUBMITTED) == frozenset()
+    assert TaskState.RUNNING in ALLOWED[TaskState.SUBMITTED]
 
 
 def test_stable_event_ids_are_deterministic_and_kind_scoped() -> None:
@@ -55,3 +58,13 @@ def test_stable_event_ids_are_deterministic_and_kind_scoped() -> None:
     assert a != stable_event_id("reward", "t1", 2)
     # parts are separated: ("t1", "2x") and ("t12", "x") must not meet
     assert stable_event_id("k", "t1", "2x") != stable_event_id("k", "t12", "x")
+
+
+def test_within_an_attempt_status_only_moves_forward() -> None:
+    assert set(RANK) == set(TaskState)
+    assert not advances(TaskState.RUNNING, 2, TaskState.ASSIGNED, 2)  # the router's late word
+    assert advances(TaskState.RUNNING, 2, TaskState.ASSIGNED, 3)  # a reassignment
+    assert advances(TaskState.SUBMITTED, 0, TaskState.RUNNING, 1)  # a worker before the router
+    assert not advances(TaskState.ASSIGNED, 3, TaskState.RUNNING, 2)  # an older attempt
+    assert not advances(TaskState.FAILED, 3, TaskState.SUCCEEDED, 4)  # final stays final
+    assert advances(None, 0, TaskState.RUNNING, 1)

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from stormline.schemas.lifecycle import ALLOWED, FINAL, TaskState, allowed
+from stormline.schemas.lifecycle import ALLOWED, FINAL, RANK, TaskState, advances
 from stormline.settings import Settings
 from stormline.state import (
     RedisState,
@@ -45,6 +45,8 @@ def test_the_script_carries_exactly_the_lifecycle_table() -> None:
     assert rows == {old.value: {n.value for n in nxt} for old, nxt in ALLOWED.items()}
     final = set(re.findall(r'\["(\w+)"\] = true', _lua_table(script, "FINAL")))
     assert final == {s.value for s in FINAL}
+    rank = dict(re.findall(r'\["(\w+)"\] = (\d+)', _lua_table(script, "RANK")))
+    assert rank == {st.value: str(r) for st, r in RANK.items()}
 
 
 def test_the_translation_follows_any_table() -> None:
@@ -63,14 +65,24 @@ def _tid() -> str:
 
 
 def test_every_transition_is_applied_exactly_when_the_table_allows_it(settings: Settings) -> None:
-    for old, new in itertools.product(S, S):
+    for (old, new), later in itertools.product(itertools.product(S, S), (0, 1)):
         tid = _tid()
         assert set_status(settings, tid, old, 1)  # a missing hash takes any first state
-        applied = set_status(settings, tid, new, 1, agent_id="a")
-        assert applied == allowed(old, new), f"{old} -> {new}"
+        applied = set_status(settings, tid, new, 1 + later, agent_id="a")
+        assert applied == advances(old, 1, new, 1 + later), f"{old} -> {new} (+{later})"
         st = task_status(settings, tid)
         assert st is not None and st["state"] == (new if applied else old).value
-        assert st["attempt"] == "1"
+        assert st["attempt"] == str(1 + later if applied else 1)
+
+
+def test_the_routers_late_assigned_never_undoes_a_workers_running(settings: Settings) -> None:
+    tid = _tid()
+    assert set_status(settings, tid, S.SUBMITTED, 0)
+    assert set_status(settings, tid, S.RUNNING, 2)  # the worker's mark landed first
+    assert not set_status(settings, tid, S.ASSIGNED, 2)  # the router's, for the same attempt
+    assert set_status(settings, tid, S.ASSIGNED, 3)  # a reassignment moves on
+    st = task_status(settings, tid)
+    assert st is not None and (st["state"], st["attempt"]) == ("assigned", "3")
 
 
 def test_a_lower_attempt_never_applies_and_fields_need_the_same_live_attempt(
