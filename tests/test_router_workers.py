@@ -222,3 +222,45 @@ def _timeout(bus: Bus, a: TaskAssigned) -> None:
         )
     )
     bus.producer.flush()
+
+
+def test_a_worker_timeout_before_the_routers_expiry_does_not_end_the_task(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """A worker whose clock says an attempt expired (it read the assignment late) answers
+    TIMEOUT before the router's own clock expired it. Before, that ended the task as failed
+    after one attempt; now the attempt runs to the router's expiry and is reassigned."""
+    s = _settings(stack_settings, tmp_path, "y")
+    env = {"STORMLINE_ROUTER_ASSIGNMENT_TTL_S": "3", "STORMLINE_ROUTER_MAX_ATTEMPTS": "3"}
+    r = _router(s, tmp_path, "r", **env).start()
+    bus = Bus(s)
+    plain = bus._respond
+
+    def respond(a: TaskAssigned) -> None:
+        if a.attempt == 1:
+            _timeout(bus, a)  # at once: the router has not expired it yet
+        else:
+            plain(a)
+
+    try:
+        agents = ["late-a", "late-b"]
+        bus.beating.update({ag: ["late"] for ag in agents})
+        for ag in agents:
+            bus.wait(AgentHealthChanged, lambda e, ag=ag: e.agent_id == ag, timeout=30)
+        bus._respond = respond  # type: ignore[method-assign]
+        bus.answer.update({ag: (lambda a: 1.0) for ag in agents})
+        ids = [f"late-{i}" for i in range(30)]
+        bus.submit(*[task(i, "late-type", ["late"]) for i in ids])
+        wait_until(
+            lambda: {t.task_id for t in bus.of(Trajectory, _ok) if t.task_id in ids} == set(ids),
+            timeout=90,
+            what="every task to succeed on its second attempt",
+        )
+        assert not bus.of(Trajectory, lambda e: e.task_id in ids and e.final)
+        second = bus.of(TaskAssigned, lambda e: e.task_id in ids and e.attempt == 2)
+        assert {a.task_id for a in second} == set(ids)
+        c = r.view("counters")
+        assert c["trajectories_timeout_deferred"] >= len(ids) and c["expired"] >= len(ids), c
+    finally:
+        bus.close()
+        r.stop()
