@@ -1,7 +1,9 @@
 """Canned analytics on a known data set, checked against figures computed here in Python.
 
 The events go through the real broker and the real sink (a `stormline sink` process, while
-`stormline analytics` processes query the same parts: the two work side by side).
+`stormline analytics` processes query the same parts: the two work side by side). Longer
+than ~400 lines because every canned query is checked against Python over one loaded data
+set (a module fixture: the sink runs once), for everyone and per tenant.
 """
 
 from __future__ import annotations

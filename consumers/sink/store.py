@@ -20,6 +20,10 @@ below it, which makes a redelivered batch add nothing, and an event id the table
 holds at a lower offset (:mod:`.dedup`), which makes a re-sent event add nothing. On the
 server an insert also carries a deduplication token (topic.partition.first.last), and
 ReplacingMergeTree keyed on the event id collapses copies, as a second line of defence.
+
+Longer than ~400 lines because both back-ends and their shared parts (the protocol, Result,
+the Parquet part layout and its read plan) are one interface read together; the seam, when
+it grows, is :class:`ServerStore` into ``server.py`` next to it.
 """
 
 from __future__ import annotations
