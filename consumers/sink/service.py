@@ -13,6 +13,12 @@ Why it is exactly once in effect:
   reports, per table and (topic, partition), the highest offset already stored, and the
   sink drops rows at or below it, so the redelivered batch adds nothing (offsets are
   committed through the runtime's one commit discipline, ``stormline.runtime.commits``);
+* a re-sent event (the same event id at a later offset: a re-sent trajectory, a re-scored
+  reward) is dropped too: of the copies of an event id in a table the lowest offset's stays
+  (:mod:`.dedup`), so every table holds one row per event id;
+* a zombie sink (dropped from the group after ``sink_max_poll_interval_s`` without a poll,
+  still finishing a write) may write a part over the new owner's offsets: readers take each
+  offset from one part (:func:`.store.read_plan`), so its rows count once;
 * parts are immutable and renamed into place atomically, so a crash mid-write leaves no
   partial part; the high-water marks are re-read whenever partitions are assigned; every
   ``sink_compact_interval_s`` the sink merges the small parts of the partitions it owns;
