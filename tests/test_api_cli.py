@@ -104,3 +104,14 @@ def test_dead_letters_list_and_replay(topics: Settings) -> None:
     replayed = [serde.decode(m.value(), TaskSubmitted) for m in read_topic(s, TASKS, 1)]
     assert [t.task_id for t in replayed] == [task.task_id]
     assert run_cli(["dead-letters", "replay", "nope"], s).returncode == 2
+
+
+def test_keys_and_dead_letters_exit_3_when_their_store_does_not_answer(topics: Settings) -> None:
+    from tests.conftest import free_port
+
+    dead_redis = topics.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    out = run_cli(["keys", "list"], dead_redis)
+    assert out.returncode == 3 and "STORMLINE_REDIS_URL" in out.stderr, out.stderr
+    dead_kafka = topics.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    out = run_cli(["dead-letters", "list"], dead_kafka)
+    assert out.returncode == 3 and "did not answer" in out.stderr, out.stderr
