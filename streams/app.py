@@ -61,6 +61,7 @@ from stormline.schemas.catalog import (
     TRAJECTORIES,
 )
 from stormline.schemas.kafka import dead_letter
+from stormline.schemas.lifecycle import TaskState
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
@@ -74,6 +75,7 @@ from stormline.schemas.models import (
 )
 from stormline.schemas.serde import DecodeError, RegistryUnavailable, Serde
 from stormline.settings import Settings
+from stormline.state import RedisState
 from stormline.streams.health import AgentHealth, Directory, HealthConfig
 from stormline.streams.kafka import (
     TABLES,
@@ -195,6 +197,8 @@ class Router:
             )
 
         self.qtable, self.tasks, self.types, self.health = (table(t) for t in TABLES)
+        # The task statuses users read: the router decides assigned/waiting/final (contracts).
+        self.state = RedisState(s)
         self.core = RouterCore(
             self.cfg,
             qtable=self.qtable,
@@ -202,6 +206,7 @@ class Router:
             types=self.types,
             directory=self.directory,
         )
+        self.core.keep_moves = True
 
         def raw_topic(name: str, internal: bool = False) -> Any:
             kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -362,6 +367,7 @@ class Router:
                 kind, body = value[:1], value[1:]
                 try:
                     await self._route_one(ev, kind, body)
+                    await self._record_moves()
                 except DecodeError as exc:
                     await self.dead_letter(ev, exc.kind, exc.message, raw=body)
                 except Exception as exc:
@@ -447,6 +453,22 @@ class Router:
             await self.outcomes(outcomes)
         else:
             raise DecodeError("framing", f"unknown router record kind {kind!r}")
+
+    async def _record_moves(self) -> None:
+        """The task states the core decided, into Redis (guarded there by the lifecycle).
+
+        Best effort, like every RedisState call: the events are the record, and a status
+        Redis refused (an older attempt, a final state) was not news anyway.
+        """
+        moves, self.core.moves = self.core.moves, []
+        for task_id, state, attempt in moves:
+            rec = self.tasks.get(task_id) or {}
+            fields: dict[str, Any] = {}
+            if state == TaskState.ASSIGNED:
+                fields["agent_id"] = rec.get("agent")
+            elif state == TaskState.FAILED:
+                fields["error"] = rec.get("reason")
+            await self.state.set_status(task_id, state, attempt, **fields)
 
     async def _health_one(self, agent: str, msg: dict[str, Any]) -> None:
         now = time.time()

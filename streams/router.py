@@ -149,7 +149,9 @@ class RouterCore:
         # Expiries wait until then (the app sets it to the end of its catch-up grace).
         self.hold_expiry_until = 0.0
         self.policy_version: str | None = None
-        # (task id, state, attempt) of every applied move, for the Redis status writer.
+        # (task id, state, attempt) of every applied move, for the Redis status writer; kept
+        # only when someone drains them (the app), so a benchmark's core does not grow.
+        self.keep_moves = False
         self.moves: list[tuple[str, TaskState, int]] = []
         self.counters: dict[str, int] = {
             k: 0
@@ -187,8 +189,12 @@ class RouterCore:
             log.warning("refused: %s", exc)
             return False
         rec["state"] = new.value
-        self.moves.append((task_id, new, max(int(rec.get("attempt", 0)), 1)))
+        self._moved(task_id, new, int(rec.get("attempt", 0)))
         return True
+
+    def _moved(self, task_id: str, state: TaskState, attempt: int) -> None:
+        if self.keep_moves:
+            self.moves.append((task_id, state, max(attempt, 1)))
 
     # -- tasks --
     def on_task(self, task: TaskSubmitted, now: float) -> list[Event]:
@@ -316,7 +322,7 @@ class RouterCore:
         rec["agent"] = agent
         rec.pop("reassign", None)
         rec["state"] = TaskState.ASSIGNED.value  # every state but a final one may reassign
-        self.moves.append((task.task_id, TaskState.ASSIGNED, rec["attempt"]))
+        self._moved(task.task_id, TaskState.ASSIGNED, rec["attempt"])
         rec["tried"] = [*rec["tried"], agent]
         rec["expires_at"] = now + self.cfg.assignment_ttl_s
         rec["due_at"] = rec["expires_at"]

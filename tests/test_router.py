@@ -50,6 +50,7 @@ from stormline.schemas.models import (
 )
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
+from stormline.state import task_status
 from stormline.streams.app import app_id
 from tests.conftest import free_port, settings_env, uncommitted, wait_until
 
@@ -334,6 +335,30 @@ def test_task_no_agent_can_serve_fails_with_its_reason(
     bus.beating["late-agent"] = ["late-cap"]
     bus.submit(task("late-1", "late", ["late-cap"]))
     bus.wait(TaskAssigned, lambda e: e.task_id == "late-1", timeout=20)
+
+
+def test_the_router_writes_assigned_and_final_task_states(
+    router: RouterProcess, bus: Bus, rsettings: Settings
+) -> None:
+    """contracts.md: the router decides and writes assigned, waiting, succeeded, failed."""
+    bus.beating.update({"st-ok": ["st-ok"], "st-mute": ["st-mute"]})
+    bus.answer["st-ok"] = lambda a: 1.0
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "st-mute", timeout=20)
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "st-ok", timeout=20)
+    bus.submit(
+        task("st-1", "st", ["st-ok"]),
+        task("st-2", "st", ["st-mute"]),
+        task("st-3", "st", ["st-nobody"], deadline_ms=1500),
+    )
+
+    def state(tid: str) -> dict[str, str]:
+        return task_status(rsettings, tid) or {}
+
+    wait_until(lambda: state("st-1").get("state") == "succeeded", what="st-1 succeeded")
+    wait_until(lambda: state("st-2").get("state") == "assigned", what="st-2 assigned")
+    assert state("st-2")["agent_id"] == "st-mute" and state("st-2")["attempt"] == "1"
+    wait_until(lambda: state("st-3").get("state") == "failed", what="st-3 failed")
+    assert state("st-3")["error"] == "no capable healthy agent"
 
 
 def test_expiry_reassigns_to_another_agent_then_fails(router: RouterProcess, bus: Bus) -> None:

@@ -180,6 +180,7 @@ def test_illegal_transitions_are_refused_and_logged(caplog: pytest.LogCaptureFix
 
 def test_moves_follow_the_lifecycle() -> None:
     c = core()
+    c.keep_moves = True
     c.directory.heartbeat({"x": ["a"]}, [])
     assert c.on_task(task("w", ["b"]), T0) == []
     assert c.tasks["w"]["state"] == TaskState.WAITING

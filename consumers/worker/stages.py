@@ -31,7 +31,7 @@ from stormline.consumers.llm.resilience import (
 from stormline.consumers.worker.stats import WorkerStats
 from stormline.consumers.worker.trajectories import trajectory_event_id
 from stormline.schemas.lifecycle import TaskState
-from stormline.schemas.models import TaskAssigned, Trajectory, TrajectoryStatus
+from stormline.schemas.models import TaskAssigned, Trajectory
 from stormline.state import RedisState
 
 
@@ -74,12 +74,8 @@ class Recorder:
             output=traj.output,
             error=traj.error,
         )
-        # Until the router writes final states (contracts.md), the worker writes them.
-        await self.state.set_status(
-            traj.task_id,
-            TaskState.SUCCEEDED if traj.status is TrajectoryStatus.OK else TaskState.FAILED,
-            traj.attempt,
-        )
+        # The final state (succeeded/failed) is the router's to write (contracts.md): only it
+        # knows whether this attempt's result counts.
         return traj
 
 
