@@ -41,7 +41,7 @@ async def consume(topic: str, seconds: float) -> None:
     from aiokafka import AIOKafkaConsumer
 
     s = Settings()
-    logs.setup(settings=s)
+    logs.setup()  # settings from the environment, as every service
     kw = {**KafkaConnection.from_settings(s).aiokafka(), "auto_offset_reset": "earliest"}
     consumer = AIOKafkaConsumer(topic, group_id=None, **kw)
     await consumer.start()
