@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import faust
 from faust.types import EventT
 
+from stormline.logs import install_redaction
 from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.catalog import (
     AGENT_HEALTH,
@@ -177,7 +178,14 @@ class Router:
         self.partitions = s.router_partitions or s.default_partitions
         self.directory = Directory(health=self.cfg.health)
         self.policies: dict[str, int] = {}
-        self.extra: dict[str, int] = {"dead_letters": 0, "forwarded": 0, "policy_loads": 0}
+        self.extra: dict[str, int] = {
+            "dead_letters": 0,
+            "forwarded": 0,
+            "policy_loads": 0,
+            "policy_load_failures": 0,
+        }
+        # policy -> (checkpoint, failed loads, next try): loads to try again.
+        self._retry_checkpoint: dict[str, tuple[CheckpointPublished, int, float]] = {}
         self._tick_sent: dict[str, float] = {}
         self._schedule: list[tuple[float, str, str]] = []
         self._rescan = True  # a full scan of the tasks table, once after each rebalance
@@ -411,6 +419,16 @@ class Router:
                 ):
                     await self.forward(self.health_in, agent.encode(), b'{"k": "check"}')
 
+        @app.timer(interval=1.0, name="checkpoint-clock")
+        async def checkpoint_clock() -> None:
+            await self._retry_checkpoints()
+
+        @app.task
+        async def redaction() -> None:
+            # Faust has configured its logging handlers by now (app tasks start with the
+            # worker): mask secrets by value in every record of theirs too.
+            install_redaction(s, loggers=("faust", "mode", "aiokafka"))
+
         @app.task
         async def broadcast() -> None:
             await self._broadcast()
@@ -558,14 +576,43 @@ class Router:
                 event.agent_id, event.status, event.previous, epoch(event.occurred_at)
             )
         elif isinstance(event, CheckpointPublished):
-            if event.version <= self.policies.get(event.policy, 0) or not event.promoted:
-                return
-            scorer = await asyncio.get_running_loop().run_in_executor(None, load_policy, event)
-            self.policies[event.policy] = event.version
-            if scorer is not None:
-                self.core.scorer = scorer
-                self.core.policy_version = event.policy_version
-                self.extra["policy_loads"] += 1
+            await self._load_checkpoint(event)
+
+    async def _load_checkpoint(self, event: CheckpointPublished) -> bool:
+        """Load ``event``'s policy; a version counts as seen only once it loaded (issue 18).
+
+        A load that failed (the file not there yet on a shared volume, a read error) is
+        retried by the checkpoint clock with backoff, until it loads or a newer one comes.
+        """
+        if event.version <= self.policies.get(event.policy, 0) or not event.promoted:
+            self._retry_checkpoint.pop(event.policy, None)
+            return False
+        scorer = await asyncio.get_running_loop().run_in_executor(None, load_policy, event)
+        if scorer is None:
+            failures = self._retry_checkpoint.get(event.policy, (event, 0, 0.0))[1] + 1
+            wait = min(60.0, 2.0 * 2 ** min(failures - 1, 5))
+            log.warning(
+                "checkpoint %s v%d not loaded (try %d); retrying in %.0fs",
+                event.policy,
+                event.version,
+                failures,
+                wait,
+            )
+            self._retry_checkpoint[event.policy] = (event, failures, time.time() + wait)
+            self.extra["policy_load_failures"] += 1
+            return False
+        self._retry_checkpoint.pop(event.policy, None)
+        self.policies[event.policy] = event.version
+        self.core.scorer = scorer
+        self.core.policy_version = event.policy_version
+        self.extra["policy_loads"] += 1
+        return True
+
+    async def _retry_checkpoints(self) -> None:
+        now = time.time()
+        for event, _, at_ in list(self._retry_checkpoint.values()):
+            if now >= at_:
+                await self._load_checkpoint(event)
 
     # -------------------------------------------------------------------------- views --
     def qtable_snapshot(self) -> dict[str, dict[str, Any]]:
