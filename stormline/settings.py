@@ -396,7 +396,10 @@ class RouterSettings(_Section):
         default=300.0, gt=0, description="Deadline of a task that sets no deadline_ms."
     )
     router_done_retention_s: float = Field(
-        default=3600.0, gt=0, description="How long a finished task's record catches duplicates."
+        default=3600.0,
+        gt=0,
+        description="How long a finished task's full record is kept; its reward ledger stays "
+        "(compacted) as long as the rewards topic keeps records.",
     )
     router_heartbeat_timeout_s: float = Field(
         default=15.0, gt=0, description="No heartbeat for this long: the agent is down."

@@ -161,6 +161,7 @@ def router_config(s: Settings) -> RouterConfig:
         retry_s=s.router_retry_s,
         default_deadline_s=s.router_default_deadline_s,
         done_retention_s=s.router_done_retention_s,
+        ledger_retention_s=REWARDS.retention(s) / 1000.0,
         policy_weight=s.router_policy_weight,
         failure_value=s.router_failure_value,
         discount=s.router_discount,

@@ -82,6 +82,10 @@ class RouterConfig:
     retry_s: float = 1.0
     default_deadline_s: float = 300.0
     done_retention_s: float = 3600.0
+    # How long a finished task's reward ledger is kept (compacted) after the full record is
+    # dropped: the rewards topic's retention, so a reward redelivered while the topic still
+    # holds it is recognised (issue 14, finding 2).
+    ledger_retention_s: float = 30 * 24 * 3600.0
     policy_weight: float = 0.5
     failure_value: float = 0.0  # what an error or an expired attempt counts for its agent
     discount: float | None = None  # gamma of the discounted statistics (None: keep all)
@@ -173,6 +177,7 @@ class RouterCore:
                 "rewards_ignored",
                 "expiries_counted",
                 "illegal_transitions",
+                "compacted",
             )
         }
 
@@ -398,7 +403,11 @@ class RouterCore:
         out: list[Event] = []
         outcomes: list[Outcome] = []
         if state in FINAL:
-            del self.tasks[task_id]
+            if rec.get("compact"):
+                del self.tasks[task_id]  # past the rewards topic's retention: nothing can repeat
+            else:
+                self.tasks[task_id] = compacted(rec, now + self.cfg.ledger_retention_s)
+                self.counters["compacted"] += 1
             return [], []
         if state == TaskState.ASSIGNED and now < self.hold_expiry_until:
             rec["due_at"] = self.hold_expiry_until  # look again after the catch-up grace
@@ -533,6 +542,20 @@ class RouterCore:
         ledger.record(attempt, Entry(target, value, kind, trajectory_id))
         rec["rewarded"] = ledger.to_dict()
         return True
+
+
+def compacted(rec: Mapping[str, Any], forget_at: float) -> dict[str, Any]:
+    """A finished task's record cut to what reward dedup needs (its ledger), until then."""
+    return {
+        "task_type": rec.get("task_type", ""),
+        "state": rec.get("state"),
+        "attempt": rec.get("attempt", 0),
+        "agent": rec.get("agent"),
+        "tried": [],
+        "rewarded": _ledger(rec.get("rewarded")),
+        "compact": True,
+        "due_at": forget_at,
+    }
 
 
 def _ledger(data: Any) -> dict[str, Any]:

@@ -65,6 +65,7 @@ ROUTER_ENV = {
     "STORMLINE_ROUTER_PROBE_TASKS": "1",
     "STORMLINE_ROUTER_PROBE_SUCCESSES": "1",
     "STORMLINE_ROUTER_SEED": "7",
+    "STORMLINE_ROUTER_DONE_RETENTION_S": "2",
 }
 
 
@@ -314,6 +315,32 @@ def test_duplicate_reward_is_counted_once(router: RouterProcess, bus: Bus) -> No
     q = router.view("qtable")
     assert q["dup-type"]["dup-a"]["count"] == 1
     assert router.view("counters")["rewards_duplicate"] >= 2
+
+
+def test_a_reward_redelivered_after_the_done_retention_counts_once(
+    router: RouterProcess, bus: Bus
+) -> None:
+    """Issue 14, finding 2: the dedup outlives the task record (2 s here, one hour by
+    default): a reward redelivered later, while the rewards topic keeps it, counts once."""
+    bus.beating["ret-a"] = ["ret"]
+    bus.answer["ret-a"] = lambda a: 1.0
+    bus.wait(AgentHealthChanged, lambda e: e.agent_id == "ret-a", timeout=20)
+    compacted = router.view("counters")["compacted"]
+    bus.submit(task("ret-1", "ret-type", ["ret"]))
+    (a,) = bus.wait(TaskAssigned, lambda e: e.task_id == "ret-1")
+    bus.wait(Reward, lambda e: e.task_id == "ret-1")
+    _wait_view(router, lambda v: v.get("ret-type", {}).get("ret-a", {}).get("count") == 1)
+    wait_until(
+        lambda: router.view("counters")["compacted"] > compacted,
+        what="the finished task's record to be cut to its ledger",
+    )
+    dups = router.view("counters")["rewards_duplicate"]
+    bus.producer.publish([Bus.reward(a, 1.0)])
+    wait_until(
+        lambda: router.view("counters")["rewards_duplicate"] > dups,
+        what="the redelivered reward to be recognised",
+    )
+    assert router.view("qtable")["ret-type"]["ret-a"]["count"] == 1
 
 
 def test_task_no_agent_can_serve_fails_with_its_reason(

@@ -233,3 +233,25 @@ def test_an_attempt_means_the_same_agent_whatever_was_decided_before() -> None:
     redone = {tid: assign(restarted, task(tid)).agent_id for tid in reversed(list(before))}
     assert redone == before
     assert len(set(before.values())) > 1  # still a random choice across tasks
+
+
+# ------------------------------------------------------------------ finding 2 --
+def test_a_reward_redelivered_after_the_done_retention_counts_once() -> None:
+    """Before, the record (and with it the dedup) was deleted ``done_retention_s`` after the
+    task ended, and a reward redelivered later (a worker re-sending its recorded trajectory,
+    a replayed topic) counted again. Now a compacted ledger stays for the rewards topic's
+    retention."""
+    c = core(done_retention_s=10, ledger_retention_s=1000)
+    c.directory.heartbeat({"x": ["a"]}, [])
+    a = assign(c, task("t"))
+    c.on_trajectory(traj(a), T0 + 1)
+    assert c.on_reward(reward(a, 1.0), T0 + 1)
+    assert c.on_tick("t", T0 + 12) == ([], [])  # past the done retention
+    rec = c.tasks["t"]
+    assert rec["compact"] and "task" not in rec and rec["state"] == TaskState.SUCCEEDED
+    assert not c.on_reward(reward(a, 1.0), T0 + 500)  # redelivered: still a duplicate
+    human = reward(a, 0.0, RewardSource.HUMAN)
+    assert c.on_reward(human, T0 + 600)  # a human correction still replaces it, once
+    assert QCell.from_dict(c.qtable[cell_key("qa", "x")]).count == 1
+    c.on_tick("t", T0 + 1012)  # past the rewards topic's retention: forgotten
+    assert "t" not in c.tasks
