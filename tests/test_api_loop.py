@@ -95,6 +95,9 @@ def test_client_result_reward_and_async(loop: Loop, api: str, key: str) -> None:
         results = [client.result(i, timeout=WAIT_S) for i in ids]
         assert {r.task_id for r in results} == set(ids)
         assert all(r.final and r.trajectory_id for r in results)
+        # The evaluator's reward first: the status keeps the latest reward written, and the
+        # human one must be it here (an automatic one landing later overwrites it today).
+        wait_until(lambda: client.status(ids[0]).reward_source, WAIT_S, "the automatic reward")
         rw = client.reward(ids[0], 1.0, reason="a person liked it")
         assert rw.source == "human" and rw.trajectory_id == results[0].trajectory_id
         status = client.status(ids[0])
