@@ -20,9 +20,11 @@ from typing import Any
 
 import httpx
 import yaml
+from confluent_kafka import KafkaException
 
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.supervisor import ServiceSpec, Supervisor
+from stormline.runtime.admin import LEADER_ELECTION
 from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, REWARDS, TASKS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import Reward, TaskSubmitted, Trajectory
@@ -168,7 +170,13 @@ class LoopHarness:
             **self.more_stages,
         }
         self.tick()
-        behind = {group: uncommitted(s, group, topics) for group, topics in stages.items()}
+        behind: dict[str, object] = {}
+        for group, topics in stages.items():
+            try:
+                behind[group] = uncommitted(s, group, topics)
+            except KafkaException as exc:
+                # A partition between leaders (a broker just restarted): ask again next time.
+                behind[group] = f"unknown: {exc.args[0]}"
         return {group: left for group, left in behind.items() if left}
 
     # The name the fault tests knew it by.
@@ -179,11 +187,16 @@ class LoopHarness:
         from confluent_kafka import TopicPartition
 
         md = c.raw.list_topics(timeout=10)
-        return {
-            (t, p): c.raw.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-            for t in topics
-            for p in md.topics[t].partitions
-        }
+        ends = {}
+        for t in topics:
+            for p in md.topics[t].partitions:
+                # Retried while a partition is between leaders (a broker just restarted).
+                for attempt in LEADER_ELECTION.retrying(lambda e: isinstance(e, KafkaException)):
+                    with attempt:
+                        ends[(t, p)] = c.raw.get_watermark_offsets(
+                            TopicPartition(t, p), timeout=10
+                        )[1]
+        return ends
 
     def llm_calls(self) -> Counter[str]:
         stats = httpx.get(f"{self.sim_url}/admin/stats", timeout=5).json()
