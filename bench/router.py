@@ -28,7 +28,9 @@ from typing import Any
 import httpx
 
 from bench import cpu_seconds, free_port
-from stormline.schemas.catalog import AGENT_HEALTH, ASSIGNMENTS
+from stormline.runtime.admin import TopicWanted, end_offsets
+from stormline.runtime.admin import ensure_topics as ensure_topics_wanted
+from stormline.schemas.catalog import AGENT_HEALTH, ASSIGNMENTS, TASKS
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import (
     AgentHealthChanged,
@@ -39,6 +41,7 @@ from stormline.schemas.models import (
 )
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
+from stormline.streams.app import app_id
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = [f"bench-agent-{i}" for i in range(5)]
@@ -135,6 +138,7 @@ def run(quick: bool = False) -> dict[str, float | str]:
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+    fwd = _Forwarder(s, tmp)
     beater = threading.Thread(target=beat, daemon=True)
     beater.start()
     col = _Collector(s, serde)
@@ -195,7 +199,10 @@ def run(quick: bool = False) -> dict[str, float | str]:
         # -- throughput: a burst --
         burst = 2000 if quick else 10000
         bids = [f"b{i}" for i in range(burst)]
+        fwd.wait_for(tasks_topic_size(s), 120)  # the forwarder has caught up: idle now
         cpu0 = cpu_seconds(proc.pid)
+        fcpu0 = cpu_seconds(fwd.proc.pid) or 0.0
+        before = fwd.forwarded()
         producer.publish(
             TaskSubmitted(
                 task_id=tid,
@@ -207,7 +214,10 @@ def run(quick: bool = False) -> dict[str, float | str]:
             for i, tid in enumerate(bids)
         )
         col.wait(lambda: all(t in col.assigned for t in bids), 600)
-        cpu_burst = cpu_seconds(proc.pid) - cpu0
+        cpu_burst = (cpu_seconds(proc.pid) or 0.0) - (cpu0 or 0.0)
+        fwd.wait_for(before + burst, 300)
+        fcpu = (cpu_seconds(fwd.proc.pid) or 0.0) - fcpu0
+        fwd_ms = fcpu * 1000 / max(fwd.forwarded() - before, 1)
         stamps = [col.assigned[t][0].assigned_at.timestamp() for t in bids if t in col.assigned]
         span = max(stamps) - min(stamps) if len(stamps) > 1 else float("nan")
         counters = httpx.get(url, timeout=5).json()
@@ -224,6 +234,13 @@ def run(quick: bool = False) -> dict[str, float | str]:
             "router_p99_latency_ms_at_50_per_s": round(_pct(slow_ms, 99), 2),
             "router_throughput_tasks": float(len(stamps)),
             "router_cpu_ms_per_task": round(cpu_burst * 1000 / max(len(stamps), 1), 3),
+            "forwarder_cpu_ms_per_record": round(fwd_ms, 3),
+            "router_cpu_per_task_in_forwarder_records": round(
+                cpu_burst * 1000 / max(len(stamps), 1) / fwd_ms, 2
+            )
+            if fwd_ms
+            else 0.0,
+            "router_busiest_partition_share": _busiest_share(s),
             "router_tasks_per_cpu_second": round(len(stamps) / cpu_burst, 1) if cpu_burst else 0.0,
             "router_host_load_avg_1m": round(os.getloadavg()[0], 2),
             "router_throughput_tasks_per_s": round(len(stamps) / span, 1) if span else 0.0,
@@ -242,6 +259,53 @@ def run(quick: bool = False) -> dict[str, float | str]:
         except subprocess.TimeoutExpired:
             proc.kill()
         producer.close()
+        fwd.close()
+
+
+class _Forwarder:
+    """bench/forwarder.py as a process: tasks -> <prefix>bench-forwarded, bytes untouched."""
+
+    def __init__(self, s: Settings, tmp: Path) -> None:
+        self.s = s
+        self.sink = f"{s.topic_prefix}bench-forwarded"
+        ensure_topics_wanted(s, [TopicWanted(self.sink, s.default_partitions)])
+        env = _env(s, STORMLINE_DATA_DIR=str(tmp / "forwarder"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.forwarder", TASKS.name(s), self.sink],
+            env=env,
+            stdout=(tmp / "forwarder.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def forwarded(self) -> int:
+        return sum(end_offsets(self.s, self.sink, self.s.default_partitions))
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.forwarded() >= n:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def tasks_topic_size(s: Settings) -> int:
+    return sum(end_offsets(s, TASKS.name(s), TASKS.partitions(s)))
+
+
+def _busiest_share(s: Settings) -> float:
+    """The share of the router's busiest by-type partition (tasks, ticks, results)."""
+    ends = end_offsets(s, f"{app_id(s)}-by-type", s.router_partitions or s.default_partitions)
+    total = sum(ends)
+    return round(max(ends) / total, 3) if total else 0.0
 
 
 if __name__ == "__main__":
