@@ -7,7 +7,8 @@ The floor beside them (issue 16): the bare SDK call, one provider client of this
 against the same simulator at 0 ms with the same calls in flight, no Kafka, no Redis, no
 worker: client CPU per call for each SDK (openai, anthropic) and each transport (aiohttp,
 the default; httpx). ``worker_0ms_cpu_per_task_vs_sdk_floor`` is the worker's CPU per task
-over the floor of the transport it ran with.
+over the floor of the transport it ran with; phase 2 runs again on the other transport
+(``worker_0ms_<transport>_*``) for the transport's share of the worker's CPU.
 
 The simulator runs as its own process (`stormline simulate-llm`); the worker runs in this
 process against the stack named by the usual STORMLINE_* settings (Kafka, registry,
@@ -196,6 +197,10 @@ def run(quick: bool = False) -> dict[str, float | str]:
             floors = _sdk_floors(port, n0, FLOOR_IN_FLIGHT)
             slow = _phase(base, port, sim.pid, "bench-200ms", n200, base.worker_max_in_flight)
             fast = _phase(base, port, sim.pid, "bench-0ms", n0, base.worker_max_in_flight)
+            # The same phase on the other transport, for the transport's share of the worker.
+            other = "httpx" if base.llm_transport == "aiohttp" else "aiohttp"
+            swapped = base.model_copy(update={"llm_transport": other})
+            fast_other = _phase(swapped, port, sim.pid, "bench-0ms", n0, base.worker_max_in_flight)
         finally:
             sim.terminate()
             sim.wait(10)
@@ -214,6 +219,10 @@ def run(quick: bool = False) -> dict[str, float | str]:
         "worker_0ms_in_flight_high_water": fast["in_flight_max"],
         "worker_200ms_worker_cpu_ms_per_task": round(slow["worker_cpu_ms_per_task"], 3),
         "worker_0ms_worker_cpu_ms_per_task": round(fast["worker_cpu_ms_per_task"], 3),
+        f"worker_0ms_{other}_worker_cpu_ms_per_task": round(
+            fast_other["worker_cpu_ms_per_task"], 3
+        ),
+        f"worker_0ms_{other}_tasks_per_s_per_process": round(fast_other["tasks_per_s"], 1),
         "simulator_cpu_ms_per_request": round(fast["simulator_cpu_ms_per_request"], 3),
         "worker_max_in_flight_setting": float(base.worker_max_in_flight),
         "cpu_cores": float(os.cpu_count() or 0),
