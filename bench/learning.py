@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,6 +106,87 @@ def simulate(strategy: str, n: int = 4000, lag: int = 20, seed: int = 11) -> dic
         "regret": regret,
         "best_share_last_1000": sum(picks[-1000:]) / min(1000, len(picks)),
     }
+
+
+def _core(strategy: str, agents: list[str], seed: int, discount: float | None) -> RouterCore:
+    directory = Directory(health=HealthConfig())
+    directory.heartbeat({a: ["general"] for a in agents}, [])
+    return RouterCore(
+        RouterConfig(strategy=StrategyConfig(name=strategy), discount=discount),
+        qtable={},
+        tasks={},
+        types={},
+        directory=directory,
+        rng=random.Random(seed),
+    )
+
+
+def simulate_env(
+    skill: Callable[[str, int], tuple[float, float]],
+    agents: list[str],
+    n: int,
+    *,
+    seed: int = 11,
+    lag: int = 20,
+    discount: float | None = None,
+) -> list[str]:
+    """One task type through RouterCore; ``skill(agent, i)`` = (P(error), P(right | answer)).
+
+    An error is what the evaluator sends for an ERROR trajectory (a FAILURE reward), so the
+    router counts it at its failure value (issue 14, finding 1). Returns the agent per task.
+    """
+    core = _core("thompson", agents, seed, discount)
+    env = random.Random(seed + 1)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    pending: deque[Reward] = deque()
+    picks: list[str] = []
+    for i in range(n):
+        task = TaskSubmitted(
+            task_id=f"t{i}", task_type="qa", prompt="x", required_capabilities=["general"]
+        )
+        (assigned,) = core.on_task(task, t0 + i * 0.01)
+        agent = assigned.agent_id
+        picks.append(agent)
+        p_error, p_right = skill(agent, i)
+        failed = env.random() < p_error
+        pending.append(
+            Reward(
+                task_id=task.task_id,
+                trajectory_id=f"{task.task_id}-1",
+                attempt=1,
+                agent_id=agent,
+                task_type="qa",
+                value=0.0 if failed else float(env.random() < p_right),
+                source=RewardSource.FAILURE if failed else RewardSource.VERIFIER,
+            )
+        )
+        while len(pending) > lag:
+            core.on_reward(pending.popleft(), t0 + i * 0.01)
+    return picks
+
+
+def flaky_share(seed: int, n: int = 2000) -> float:
+    """Issue 14 (a): errors on half its calls, perfect otherwise, vs a steady 80% agent."""
+    skill = {"flaky": (0.5, 1.0), "steady": (0.0, 0.8)}
+    picks = simulate_env(lambda a, i: skill[a], list(skill), n, seed=seed)
+    return picks[-1000:].count("steady") / 1000
+
+
+def drift_switch(seed: int, discount: float | None, n: int = 4000) -> float:
+    """Issue 14 (b): at task n/2 the best agent's success drops by 0.4; tasks until 80% of
+    a window of 100 go to the new best (n/2 if it never happens)."""
+    half = n // 2
+
+    def skill(a: str, i: int) -> tuple[float, float]:
+        if a == "was-best":
+            return 0.0, 0.9 if i < half else 0.5
+        return 0.0, 0.7
+
+    picks = simulate_env(skill, ["was-best", "new-best"], n, seed=seed, discount=discount)
+    for j in range(half, n - 100):
+        if picks[j : j + 100].count("new-best") >= 80:
+            return float(j - half)
+    return float(half)
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,6 +370,13 @@ def run(quick: bool = False) -> dict[str, float | str]:
         out[f"learning_sim_{name}_regret"] = round(r["regret"], 1)
         out[f"learning_sim_{name}_best_share_last_1000"] = round(r["best_share_last_1000"], 3)
         out[f"learning_sim_{name}_regret_vs_random"] = round(r["regret"] / rnd, 3) if rnd else 0.0
+    out["learning_sim_flaky_steady_share_last_1000"] = round(
+        sum(flaky_share(sd) for sd in seeds) / len(seeds), 3
+    )
+    for label, gamma in (("plain", None), ("discount_0_99", 0.99)):
+        out[f"learning_sim_drift_tasks_to_switch_{label}"] = round(
+            sum(drift_switch(sd, gamma) for sd in seeds) / len(seeds), 1
+        )
     if os.environ.get("STORMLINE_BENCH_LEARNING_E2E", "1") != "0":
         n_e2e = 800 if quick else 4000
         names = ["thompson", "random"] if quick else list(STRATEGIES)
