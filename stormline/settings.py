@@ -260,7 +260,10 @@ class WorkerSettings(_Section):
         default=30.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
     )
     llm_retry_attempts: int = Field(
-        default=3, ge=1, description="Tries per LLM call (429/5xx/timeout are retried)."
+        default=3,
+        ge=1,
+        description="Tries per LLM call (5xx, timeouts and bare 429s are retried; a 429 that "
+        "says when to come back waits, within the assignment's expiry, without using a try).",
     )
     llm_backoff_base_s: float = Field(
         default=0.25, ge=0, description="First retry's backoff ceiling (full jitter, doubles)."
