@@ -333,3 +333,17 @@ def test_readyz_says_which_dependency_is_down(api_settings: Settings, tmp_path: 
         key = "stl_0123456789abcdef_whatever"
         r = httpx.get(f"{url}/v1/tasks", headers=auth(key), timeout=30)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_listing_pages_and_filters(api: str, api_settings: Settings) -> None:
+    key = make_key(api_settings, "lister", [Role.SUBMIT, Role.READ])
+    with Client(api, key) as client:
+        ids = client.submit_many([_task(task_type="pg") for _ in range(5)])
+        ids += client.submit_many([_task(task_type="other")])
+        assert [t.task_id for t in client.tasks(limit=2)] == ids  # three pages, oldest first
+        assert [t.task_id for t in client.tasks(type="pg", status="submitted")] == ids[:5]
+        assert list(client.tasks(status="succeeded")) == []
+        assert [t.task_id for t in client.tasks(since="10m")] == ids
+        assert list(client.tasks(since="2999-01-01T00:00")) == []
+    page = httpx.get(f"{api}/v1/tasks?limit=2", headers=auth(key), timeout=10).json()
+    assert len(page["tasks"]) == 2 and page["next_cursor"]

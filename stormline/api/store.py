@@ -62,12 +62,14 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - n), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 for i = 7, #ARGV, 2 do
   local key = pfx .. 'task:' .. ARGV[i]
+  -- A microsecond apart, so that the index lists a batch in the order it was given.
+  local at = now + (i - 7) / 2 * 0.000001
   redis.call('HSETNX', key, 'tenant', tenant)
   redis.call('HSETNX', key, 'task_type', ARGV[i + 1])
-  redis.call('HSETNX', key, 'submitted_at', tostring(now))
+  redis.call('HSETNX', key, 'submitted_at', tostring(at))
   redis.call('EXPIRE', key, ttl)
-  redis.call('ZADD', KEYS[2], 'NX', now, ARGV[i])
-  redis.call('ZADD', KEYS[3], 'NX', now, ARGV[i])
+  redis.call('ZADD', KEYS[2], 'NX', at, ARGV[i])
+  redis.call('ZADD', KEYS[3], 'NX', at, ARGV[i])
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
