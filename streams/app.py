@@ -23,17 +23,25 @@ Flow (all Kafka traffic goes through aiokafka inside Faust; every byte through `
   see every agent.
 * **Clock**: Faust tables may only change inside stream iteration, so the timer sends ticks
   (task id, keyed by task type) through the by-type topic and the owner acts on them; a tick
-  that is stale or duplicated is ignored because the task record is the truth.
-* **Bad input** never stops an agent: undecodable or invalid records, and records whose
-  handler raised, go to ``dead-letters`` with the reason (the one builder,
-  ``stormline.schemas.kafka.dead_letter``).
+  that is stale or duplicated is ignored because the task record is the truth. Due times are
+  on a heap (a tick costs what is due); one full scan after each rebalance adds the records
+  recovered from the changelog.
+* **Task status**: the states the core decides (assigned, waiting, succeeded, failed) go to
+  Redis through ``RedisState.set_status``, which the lifecycle guards (contracts.md).
+* **Failures**: a transient one (the registry or a broker away) is retried with backoff and
+  the record is not acked meanwhile; a record that can never succeed (undecodable, invalid,
+  too large to send, or whose handler raised) goes to ``dead-letters`` with the reason (the
+  one builder, ``stormline.schemas.kafka.dead_letter``).
+* **Memory**: tables use :mod:`streams.stores` (memory) or RocksDB; after a rebalance a
+  worker keeps only the keys of the partitions it owns.
 
 Kafka plumbing (the Faust app's broker settings, internal topics, the group-less reader) is
 in ``streams/kafka.py``; routing decisions are pure, in ``streams/router.py``. Why this file
 is longer than ~400 lines: it is the one place where the flow above is wired (agents, their
 handlers, clocks and views of one Faust app, each small); splitting the handlers from the
-agents that call them would spread one flow over files. The router issue that reworks this
-logic is the place to split the views and ``router_config`` out.
+agents that call them would spread one flow over files. Issue 14's task-keyed redesign (no
+by-type hop, shared statistics) replaces most of this wiring; the views, checkpoint loading
+and ``router_config`` split out then.
 """
 
 from __future__ import annotations
