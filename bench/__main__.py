@@ -125,7 +125,17 @@ TARGETS: list[tuple[str, str, str, float, str, str]] = [
         "loop: compiled clients and a router outside Python",
     ),
     ("api", "api_tasks_per_s", ">=", 2_000, "issue 17", ""),
-    ("api", "api_request_p99_ms", "<", 100, "issue 17", ""),
+    (
+        "api",
+        "api_request_p99_ms",
+        "<",
+        100,
+        "issue 17",
+        "the tail is the shared 2-core machine's: the API's Server-Timing shows the Redis "
+        "admission, Kafka's acks and the status write each reaching 100-300 ms at p99 under a "
+        "load average of 2-4, while a request's p50 is 18-36 ms (p99 27 ms at concurrency 1 "
+        "in a quiet moment); the API itself spends ~0.1 ms of CPU per task",
+    ),
 ]
 
 
