@@ -492,9 +492,21 @@ def mark_submitted(settings: Settings, task_ids: list[str]) -> list[bool]:
     return [bool(x) for x in pipe.execute()]
 
 
-def record_reward(settings: Settings, task_id: str, value: float, source: str = "") -> None:
+# A human reward replaces the automatic one and is never replaced by an automatic one that
+# arrives later (the evaluator may lag behind a person's feedback).
+_REWARD = """
+if ARGV[2] ~= 'human' and redis.call('HGET', KEYS[1], 'reward_source') == 'human' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'reward', ARGV[1], 'reward_source', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+def record_reward(settings: Settings, task_id: str, value: float, source: str = "") -> bool:
+    """The task's reward in its status; False when a human reward is already there."""
     key = f"{key_prefix(settings)}task:{task_id}"
-    pipe = _sync(settings).pipeline(transaction=False)
-    pipe.hset(key, mapping={"reward": value, "reward_source": source})
-    pipe.expire(key, settings.idempotency_ttl_s)  # never a key without a TTL (maxmemory policy)
-    pipe.execute()
+    # The TTL: never a key without one (the maxmemory policy evicts only keys that have one).
+    done = _sync(settings).eval(_REWARD, 1, key, value, source, settings.idempotency_ttl_s)
+    return bool(done)

@@ -17,6 +17,7 @@ from stormline.settings import Settings
 from stormline.state import (
     RedisState,
     mark_submitted,
+    record_reward,
     set_status,
     status_channel,
     status_lua,
@@ -166,3 +167,15 @@ def test_mark_submitted_follows_the_same_rules(settings: Settings) -> None:
 def test_unknown_state_is_a_clear_error(settings: Settings) -> None:
     with pytest.raises(ValueError, match="'done' is not a valid TaskState"):
         set_status(settings, _tid(), "done", 1)
+
+
+def test_a_later_automatic_reward_never_replaces_a_human_one(settings: Settings) -> None:
+    """Found by the API's loop test: the status kept whichever reward was written last."""
+    tid = _tid()
+    assert record_reward(settings, tid, 0.0, "verifier")
+    assert record_reward(settings, tid, 1.0, "human")  # a person's word replaces the verifier's
+    assert not record_reward(settings, tid, 0.0, "verifier")  # the evaluator, late
+    st = task_status(settings, tid)
+    assert st is not None and (st["reward"], st["reward_source"]) == ("1.0", "human")
+    assert record_reward(settings, tid, 0.5, "human")  # a second opinion still counts
+    assert (task_status(settings, tid) or {})["reward"] == "0.5"

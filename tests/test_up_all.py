@@ -27,13 +27,19 @@ from tests.conftest import free_port, settings_env
 
 CLI = [sys.executable, "-m", "stormline.cli"]
 EXAMPLE_AGENTS = Path(__file__).parent.parent / "agents.yaml"
-SERVICES = {"simulate-llm", "router", "worker-1", "evaluator", "sink"}
+SERVICES = {"simulate-llm", "router", "worker-1", "evaluator", "sink", "api"}
 
 
 def test_up_all_runs_the_loop_and_down_stops_every_service(
     settings: Settings, tmp_path: Path
 ) -> None:
-    s = settings.model_copy(update={"simulator_port": free_port(), "router_web_port": free_port()})
+    s = settings.model_copy(
+        update={
+            "simulator_port": free_port(),
+            "router_web_port": free_port(),
+            "api_port": free_port(),
+        }
+    )
     env = {
         **settings_env(s),
         "STORMLINE_AGENTS_FILE": str(EXAMPLE_AGENTS),
