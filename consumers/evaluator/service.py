@@ -60,7 +60,9 @@ def make_judge(settings: Settings) -> LLMProvider | None:
         timeout_s=settings.judge_timeout_s,
         max_tokens=300,
     )
-    return make_provider(config, max_connections=settings.judge_max_in_flight)
+    return make_provider(
+        config, max_connections=settings.judge_max_in_flight, transport=settings.llm_transport
+    )
 
 
 class EvaluatorService:
