@@ -407,7 +407,7 @@ class Router:
         app, s = self.app, self.settings
 
         @app.on_rebalance_complete.connect
-        async def rebalanced(sender: Any, **kwargs: Any) -> None:
+        def rebalanced(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
             self._rescan = True  # records recovered from the changelog are not on the heap
 
         @app.timer(interval=s.router_tick_s, name="task-clock")
