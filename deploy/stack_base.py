@@ -7,7 +7,6 @@ and free-port checks.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -142,8 +141,3 @@ def quiet_jdk_flags(java: Java) -> list[str]:
     if java.major >= 24:
         flags.append("--enable-native-access=ALL-UNNAMED")
     return flags
-
-
-def redact_url(url: str) -> str:
-    """Drop any password from a URL before it is shown or logged."""
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from stormline.deploy import process
 from stormline.deploy.errors import StackError
-from stormline.deploy.stack_base import ServiceStatus, StackContext, quiet_jdk_flags, redact_url
+from stormline.deploy.stack_base import ServiceStatus, StackContext, quiet_jdk_flags
+from stormline.logs import redact_url
 from stormline.settings import Settings
 
 

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from stormline.consumers.sink import ddl
 from stormline.consumers.sink.tables import DECLARED, SCHEMAS, TABLES, arrow_table
+from stormline.logs import redact_url
 from stormline.settings import Settings
 
 EMPTY_PART = "_empty.parquet"
@@ -367,7 +368,7 @@ class ServerStore:
                 client.command(st)
         except Exception as exc:
             raise StoreError(
-                f"ClickHouse server at {_redact(self.url)} is not usable: {exc}. Check "
+                f"ClickHouse server at {redact_url(self.url)} is not usable: {exc}. Check "
                 "STORMLINE_CLICKHOUSE_URL, or unset it to use chDB on disk."
             ) from exc
         self._client = client
@@ -386,7 +387,7 @@ class ServerStore:
                 )
             except Exception as exc:
                 self._client = None  # reconnect on the retry
-                raise StoreError(f"insert into {table} failed: {_redact(str(exc))}") from exc
+                raise StoreError(f"insert into {table} failed: {redact_url(str(exc))}") from exc
 
     def high_water(self, table: str) -> dict[tuple[str, int], int]:
         res = self.query(f"SELECT topic, partition, max(offset) FROM {table} GROUP BY 1, 2")
@@ -401,7 +402,7 @@ class ServerStore:
         except Exception as exc:
             if "Code:" not in str(exc):  # not a SQL error: the connection is suspect
                 self._client = None
-            raise StoreError(f"query failed: {_redact(str(exc))}") from exc
+            raise StoreError(f"query failed: {redact_url(str(exc))}") from exc
         return Result(list(res.column_names), [tuple(r) for r in res.result_rows])
 
     def query_arrow(self, sql: str) -> pa.Table:
@@ -411,14 +412,9 @@ class ServerStore:
         except Exception as exc:
             if "Code:" not in str(exc):
                 self._client = None
-            raise StoreError(f"query failed: {_redact(str(exc))}") from exc
+            raise StoreError(f"query failed: {redact_url(str(exc))}") from exc
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _redact(text: str) -> str:
-    """Mask the password of any URL in ``text``."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
