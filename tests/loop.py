@@ -27,7 +27,7 @@ from stormline.deploy.supervisor import ServiceSpec, Supervisor
 from stormline.runtime.admin import LEADER_ELECTION
 from stormline.schemas.catalog import ASSIGNMENTS, CATALOG, REWARDS, TASKS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
-from stormline.schemas.models import Reward, TaskSubmitted, Trajectory
+from stormline.schemas.models import ROUTER_AGENT, Reward, TaskSubmitted, Trajectory
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from stormline.streams.app import app_id
@@ -52,20 +52,28 @@ class Outcomes:
             out += [(task, a) for a, s in ids.items() if len(s) > 1]
         return out
 
-    def final_rewards(self, task_id: str) -> int:
-        """Distinct automatic reward events (by event id) of the task's last attempt: a
-        re-sent copy of one event counts once, a second scoring counts twice."""
-        rs = [r for r in self.rewards.get(task_id, []) if str(r.source) != "human"]
-        if not rs:
-            return 0
-        last = max(r.attempt for r in rs)
-        return len({r.event_id for r in rs if r.attempt == last})
+    def rescored(self, task_id: str) -> list[tuple[str, str]]:
+        """(trajectory, source) pairs scored more than once: two reward events with different
+        ids for one judgement (a re-sent copy of one event, same id, counts once)."""
+        ids: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for r in self.rewards.get(task_id, []):
+            ids[(str(r.trajectory_id), str(r.source))].add(str(r.event_id))
+        return [pair for pair, s in ids.items() if len(s) > 1]
+
+    def router_failed(self, task_id: str) -> bool:
+        """Whether the router declared the task's final failure (its own trajectory)."""
+        return any(tr.agent_id == ROUTER_AGENT for tr in self.trajectories.get(task_id, []))
 
     def final_outcomes(self, task_id: str) -> int:
-        """Distinct trajectories of the task's last attempt that were rewarded."""
+        """The task's final outcomes on the topics: the router's final failure (rewarded), or
+        else the distinct rewarded trajectories of its last attempt. A late result after a
+        final failure stays on the topics (it is learning data) but is not an outcome."""
         rs = self.rewards.get(task_id, [])
         if not rs:
             return 0
+        router = {r.trajectory_id for r in rs if r.agent_id == ROUTER_AGENT}
+        if router or self.router_failed(task_id):
+            return len(router)
         last = max(r.attempt for r in rs)
         return len({r.trajectory_id for r in rs if r.attempt == last})
 

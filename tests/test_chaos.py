@@ -319,15 +319,20 @@ def check(h: LoopHarness, out: Outcomes, stack: Stack) -> list[str]:
     lost = sorted(out.missing(set(wanted)))
     stuck = sorted(t for t, st in states.items() if st not in {str(x) for x in FINAL})
     several = sorted(t for t in wanted if t not in lost and out.final_outcomes(t) != 1)
-    rescored = sorted(t for t in wanted if t not in lost and out.final_rewards(t) != 1)
+    rescored = sorted(t for t in wanted if out.rescored(t))
+    # Redis and the topics tell the same story: failed exactly when the router said so.
+    disagree = sorted(
+        t for t in wanted if t not in stuck and (states[t] == "failed") != out.router_failed(t)
+    )
     q_counted, q_expected = q_observations(h, out)
     ch = clickhouse_duplicates(h, out)
     counts = {
         "tasks": len(wanted),
         "lost (no outcome on the topics)": len(lost),
         "stuck (Redis status not final)": len(stuck),
-        "more than one rewarded trajectory in the final attempt": len(several),
-        "more than one reward event for the final attempt": len(rescored),
+        "not exactly one final outcome on the topics": len(several),
+        "a trajectory scored twice by one source (different event ids)": len(rescored),
+        "Redis final state disagreeing with the topics": len(disagree),
         "Q observations": q_counted,
         "distinct rewarded agent trajectories": q_expected,
         **ch,
@@ -341,7 +346,8 @@ def check(h: LoopHarness, out: Outcomes, stack: Stack) -> list[str]:
         ("lost", lost),
         ("stuck", stuck),
         ("two final outcomes", several),
-        ("two reward events", rescored),
+        ("scored twice", rescored),
+        ("Redis disagreeing with the topics", disagree),
     ):
         if ids:
             problems.append(f"{len(ids)} {name}, e.g. {ids[:3]}")
