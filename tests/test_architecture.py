@@ -25,6 +25,8 @@ FOLDERS = {
 LAYERS: list[tuple[int, str]] = [
     (0, "stormline.settings"),
     (1, "stormline.logs"),
+    (1, "stormline.metrics"),
+    (1, "stormline.tracing"),
     (2, "stormline.runtime"),
     (3, "stormline.schemas"),
     (4, "stormline.state"),
