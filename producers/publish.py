@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 from pydantic import ValidationError
 from rich.console import Console
 
+from stormline import tracing
 from stormline.producers.waiting import NotFinished as NotFinished
 from stormline.producers.waiting import wait_for as wait_for
 from stormline.schemas.catalog import TASKS
@@ -245,7 +246,9 @@ def publish_numbered(
         for line, item in numbered:
             task = _valid_task(line, item, settings.max_record_bytes, report)
             if task is not None:
-                producer.produce(task, topic=topic, on_delivery=delivered)
+                # One trace per task, from here to its reward (nothing when tracing is off).
+                with tracing.root("stormline.publish", {"stormline.task_id": task.task_id}):
+                    producer.produce(task, topic=topic, on_delivery=delivered)
                 if keep_ids:
                     report.task_ids.append(task.task_id)
                 if status is not None and status.add(task.task_id):
@@ -330,6 +333,7 @@ def run_publish_command(
     """`stormline publish FILE|-`: progress on stderr, summary on stdout; the exit code."""
     from stormline.schemas.kafka import DeliveryError
 
+    tracing.setup(settings, "publish")
     opened = _open_source(source, err)
     if opened is None:
         return 2

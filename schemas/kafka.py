@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message
 
+from stormline import tracing
 from stormline.runtime import admin as rt_admin
 from stormline.runtime.admin import end_offsets
 from stormline.runtime.consumer import RecordConsumer, position
@@ -111,7 +112,9 @@ class EventProducer:
         topic = topic or self.topic_of(event)
         value = self.serde.encode(topic, event)
         key = key if key is not None else event.key()
-        self.records.produce(topic, value, key, on_delivery=on_delivery)
+        # The current span's trace context travels with the event (none when tracing is off).
+        kw = {"headers": h} if (h := tracing.inject()) else {}
+        self.records.produce(topic, value, key, on_delivery=on_delivery, **kw)
 
     def send(
         self, event: Event, *, key: str | None = None, topic: str | None = None
@@ -119,7 +122,8 @@ class EventProducer:
         """Like :meth:`produce`, with a future resolved on delivery (needs :meth:`start`)."""
         topic = topic or self.topic_of(event)
         value = self.serde.encode(topic, event)
-        return self.records.send(topic, value, key if key is not None else event.key())
+        kw = {"headers": h} if (h := tracing.inject()) else {}
+        return self.records.send(topic, value, key if key is not None else event.key(), **kw)
 
     def start(self) -> EventProducer:
         """Serve delivery callbacks from a background thread (for ``send`` futures)."""
@@ -157,6 +161,8 @@ class Received(Generic[E]):
     key: str | None
     event: E
     timestamp_ms: int
+    # Kafka headers (the producer's W3C trace context, for tracing.continued); None: none.
+    headers: list[tuple[str, bytes]] | None = None
 
 
 @dataclass
@@ -227,6 +233,7 @@ class EventConsumer:
                     key.decode("utf-8", "replace") if key else None,
                     event,
                     msg.timestamp()[1],
+                    msg.headers(),
                 )
             )
         return batch

@@ -1,9 +1,13 @@
 """Structured logging for every Stormline process, and the one list of secrets to mask.
 
-Every line is one JSON object on stderr (:func:`setup`). Secrets are masked **by value**
-wherever they would leave the process: in every log record (a record factory, so handlers
-that other libraries add later, Faust's included, are covered too) and, through
-:func:`secret_needles`, in every event the serde encodes.
+Every line is one JSON object on stderr (:func:`setup`; :func:`dict_config` for Faust), with
+``task_id`` and ``agent`` where the code around it said (:func:`bound`) and ``trace_id``/
+``span_id`` of the current OpenTelemetry span when tracing is on. HTTP clients' per-request
+lines are left out unless ``STORMLINE_LOG_HTTP_REQUESTS`` (:data:`HTTP_LOGGERS`).
+
+Secrets are masked **by value** wherever they would leave the process: in every log record (a
+record factory, so handlers that other libraries add later, Faust's included, are covered too)
+and, through :func:`secret_needles`, in every event the serde encodes.
 
 The secrets are, in this process:
 
@@ -25,6 +29,7 @@ rate-limits the Kafka clients' repeated connection errors (:class:`RepeatLimiter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,9 +37,15 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
+
+try:  # the current span, for trace_id/span_id on each line (stormline.tracing is a peer)
+    from opentelemetry.trace import get_current_span
+except ImportError:  # pragma: no cover - a dependency, but logging must never need it
+    get_current_span = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from stormline.settings import Settings
@@ -60,7 +71,35 @@ NOISY_KAFKA_LOGGERS = (
     "aiokafka.producer.sender",
     "stormline.librdkafka",
 )
+# One line per request of these (LLM calls, registry look-ups, served pages) drowns the rest:
+# WARNING and above only, unless STORMLINE_LOG_HTTP_REQUESTS.
+HTTP_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpx2",
+    "httpcore2",
+    "aiohttp.access",
+    "aiohttp.client",
+    "openai",
+    "anthropic",
+    "urllib3",
+)
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# The task and agent a line is about, set around a task's processing (worker, router,
+# evaluator): asyncio copies them into each task, so concurrent tasks keep their own.
+TASK_ID: ContextVar[str | None] = ContextVar("stormline_task_id", default=None)
+AGENT: ContextVar[str | None] = ContextVar("stormline_agent", default=None)
+
+
+@contextlib.contextmanager
+def bound(task_id: str | None = None, agent: str | None = None) -> Iterator[None]:
+    """Every line logged inside carries ``task_id`` and ``agent`` (those given)."""
+    tokens = [(v, v.set(x)) for v, x in ((TASK_ID, task_id), (AGENT, agent)) if x is not None]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 # ================================================================ the secrets' list ==
@@ -278,6 +317,16 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        task_id, agent = TASK_ID.get(), AGENT.get()
+        if task_id is not None:
+            out["task_id"] = task_id
+        if agent is not None:
+            out["agent"] = agent
+        if get_current_span is not None:
+            ctx = get_current_span().get_span_context()
+            if ctx.is_valid:
+                out["trace_id"] = format(ctx.trace_id, "032x")
+                out["span_id"] = format(ctx.span_id, "016x")
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info or record.exc_text:
             out["exc"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
@@ -328,15 +377,31 @@ def setup(
     root.handlers[:] = [handler]
     root.setLevel(level if level is not None else settings.log_level.upper())
     _CONFIGURED = True
-    # One line per HTTP request (LLM calls, registry look-ups) drowns everything else.
-    for noisy in (
-        "httpx",
-        "httpcore",
-        "httpx2",
-        "httpcore2",
-        "openai",
-        "anthropic",
-        "aiokafka",
-        "urllib3",
-    ):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    quiet_http_clients(settings, root.level)
+
+
+def quiet_http_clients(settings: Settings, level: int = logging.INFO) -> None:
+    """HTTP clients and servers at WARNING (unless STORMLINE_LOG_HTTP_REQUESTS); aiokafka
+    too (its INFO lines are group joins and fetch chatter, the router's own say more)."""
+    for noisy in _quiet(settings):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
+
+
+def _quiet(settings: Settings) -> tuple[str, ...]:
+    return ("aiokafka",) if settings.log_http_requests else ("aiokafka", *HTTP_LOGGERS)
+
+
+def dict_config(service: str, level: str, settings: Settings) -> dict[str, Any]:
+    """:func:`setup` as a :func:`logging.config.dictConfig` (for Faust's ``logging_config``,
+    which the Faust worker applies over any handler set before it starts)."""
+    lvl = int(logging.getLevelName(level.upper()))
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter, "service": service}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": sys.stderr}
+        },
+        "root": {"level": lvl, "handlers": ["stderr"]},
+        "loggers": {n: {"level": max(logging.WARNING, lvl)} for n in _quiet(settings)},
+    }

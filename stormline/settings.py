@@ -64,6 +64,26 @@ class StackSettings(_Section):
         description="Kafka client connection errors: one line per node and message this "
         "often, with a count of those left out; 0 = log every one.",
     )
+    log_http_requests: bool = Field(
+        default=False,
+        description="Log one line per HTTP request of the HTTP clients and servers (httpx, "
+        "httpx2, aiohttp, openai, anthropic); off, they log warnings only.",
+    )
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none",
+        description="OpenTelemetry traces: none (off; a no-op costs nothing), otlp (OTLP/HTTP "
+        "to STORMLINE_OTEL_ENDPOINT) or console (one JSON line per span on stderr).",
+    )
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP base URL (the traces go to <url>/v1/traces); unset = the "
+        "standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else http://localhost:4318.",
+    )
+    otel_service_name: str | None = Field(
+        default=None,
+        description="service.name of this process's spans; unset = OTEL_SERVICE_NAME, else "
+        "stormline-<process> (stormline-router, stormline-worker, ...).",
+    )
     secret_env: list[str] = Field(
         default_factory=list,
         description="More environment variables whose values are secret (masked in logs and "

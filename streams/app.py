@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 import faust
 from faust.types import EventT
 
+from stormline import logs, tracing
 from stormline.logs import install_redaction
 from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.catalog import (
@@ -255,7 +256,9 @@ class Router:
 
             async def send(topic: Any = topic, ev: Event = ev) -> Any:
                 value = self.serde.encode(topic.get_topic_name(), ev)
-                return await topic.send(key=ev.key().encode(), value=value)
+                # Inside the route span: the assignment carries the task's trace onwards.
+                headers = tracing.inject()
+                return await topic.send(key=ev.key().encode(), value=value, headers=headers)
 
             await retrying(f"sending {type(ev).__name__}", send)
 
@@ -290,10 +293,11 @@ class Router:
             body = json.dumps({"k": "out", "ok": o.ok, "detail": o.detail[:500]}).encode()
             await self.forward(self.health_in, o.agent_id.encode(), body)
 
-    async def forward(self, topic: Any, key: bytes, value: bytes) -> None:
+    async def forward(self, topic: Any, key: bytes, value: bytes, headers: Any = None) -> None:
         """Send to one of the router's own topics, retrying transient failures."""
         await retrying(
-            f"sending to {topic.get_topic_name()}", lambda: topic.send(key=key, value=value)
+            f"sending to {topic.get_topic_name()}",
+            lambda: topic.send(key=key, value=value, headers=headers),
         )
 
     async def decoded(self, ev: EventT[bytes], etype: type[Any], raw: bytes | None = None) -> Any:
@@ -367,7 +371,7 @@ class Router:
     async def _forward_one(self, ev: EventT[bytes], key: bytes, kind: bytes) -> None:
         """One input record onto the by-type topic; one too large to send is dead-lettered."""
         try:
-            await self.forward(self.by_type, key, kind + ev.value)
+            await self.forward(self.by_type, key, kind + ev.value, ev.message.headers or None)
         except Exception as exc:
             if not oversize(exc):
                 raise
@@ -467,7 +471,12 @@ class Router:
         core = self.core
         if kind == K_TASK:
             task = await self.decoded(ev, TaskSubmitted, body)
-            await self.emit(core.on_task(task, time.time()))
+            attrs = {"stormline.task_id": task.task_id, "stormline.task_type": task.task_type}
+            with (
+                tracing.continued("stormline.router.route", ev.message.headers, attrs),
+                logs.bound(task_id=task.task_id),
+            ):
+                await self.emit(core.on_task(task, time.time()))
         elif kind == K_TRAJ:
             traj = await self.decoded(ev, Trajectory, body)
             await self.outcomes(core.on_trajectory(traj, time.time()))
@@ -710,9 +719,14 @@ def run_router(settings: Settings, loglevel: str = "info") -> None:
 
     ensure_topics(settings)
     ensure_internal_topics(settings)
+    tracing.setup(settings, "router")
     router = create(settings)
+    # JSON lines like every Stormline process: Faust applies this over its own colour format,
+    # and --quiet drops its banner and spinner (plain text on stdout).
+    router.app.conf.logging_config = logs.dict_config("router", loglevel, settings)
     argv = [
         "stormline-router",
+        "--quiet",
         "worker",
         "--loglevel",
         {"warning": "warn", "critical": "crit"}.get(loglevel.lower(), loglevel.lower()),

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, cast
 
+from stormline import logs, tracing
 from stormline.consumers.evaluator import rules as evaluators
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
 from stormline.consumers.llm import ErrorKind, LLMProvider, ProviderError
@@ -191,7 +192,8 @@ class EvaluatorService:
         produced: list[Reward] = []
         for rec, result in zip(ours, results, strict=True):
             if isinstance(result, Reward):
-                self.producer.produce(result, topic=self.rewards_topic)
+                with tracing.continued("stormline.evaluator.reward", rec.headers, _attrs(result)):
+                    self.producer.produce(result, topic=self.rewards_topic)  # + trace headers
                 produced.append(result)
             else:
                 self.consumer.dead_letter_failed(rec, result)
@@ -203,7 +205,7 @@ class EvaluatorService:
         if self._judge_slots is None:
             self._judge_slots = asyncio.Semaphore(self.settings.judge_max_in_flight)
         results = await asyncio.gather(
-            *(self._score(rec.event) for rec in records), return_exceptions=True
+            *(self._traced_score(rec) for rec in records), return_exceptions=True
         )
         out: list[Reward | Exception] = []
         for r in results:
@@ -213,6 +215,15 @@ class EvaluatorService:
                 raise r
             out.append(r)
         return out
+
+    async def _traced_score(self, rec: Received[Any]) -> Reward:
+        """:meth:`_score` in a span continuing the trajectory's trace; its ids on log lines."""
+        traj: Trajectory = rec.event
+        with (
+            tracing.continued("stormline.evaluator.score", rec.headers, _attrs(traj)),
+            logs.bound(task_id=traj.task_id, agent=traj.agent_id),
+        ):
+            return await self._score(traj)
 
     async def _score(self, trajectory: Trajectory) -> Reward:
         result = evaluators.evaluate_without_judge(
@@ -264,6 +275,10 @@ class EvaluatorService:
         raise AssertionError("unreachable: the retry policy re-raises")
 
 
+def _attrs(ev: Trajectory | Reward) -> dict[str, str | int]:
+    return {"stormline.task_id": ev.task_id, "stormline.agent_id": ev.agent_id}
+
+
 def _judge_unavailable(exc: BaseException) -> bool:
     """The judge is down or shed load (429/5xx/timeout, open breaker): wait, do not fail."""
     return isinstance(exc, ProviderError) and (exc.retryable or exc.kind == ErrorKind.CIRCUIT_OPEN)
@@ -273,8 +288,8 @@ def run(settings: Settings) -> None:
     """Entry point of `stormline evaluator`."""
     # HTTP clients log every request at INFO, URL included (a registry URL may carry
     # credentials); the evaluator's own lines say what matters.
-    for name in ("httpx", "httpx2", "httpcore", "openai", "anthropic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logs.quiet_http_clients(settings)  # unless STORMLINE_LOG_HTTP_REQUESTS
+    tracing.setup(settings, "evaluator")
     service = EvaluatorService(settings)
     service.install_signal_handlers()
     service.run()

@@ -29,13 +29,14 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from stormline import tracing
 from stormline.consumers.llm.agents import Registry
 from stormline.consumers.worker.heartbeats import Heartbeats
 from stormline.consumers.worker.pipeline import Pipeline
 from stormline.consumers.worker.providers import ProviderPool
 from stormline.consumers.worker.stats import WorkerStats
 from stormline.consumers.worker.trajectories import deliver, trajectory_id
-from stormline.logs import redact
+from stormline.logs import bound, redact
 from stormline.runtime.commits import COMMIT_WAIT_S, OffsetTracker, commit_on_daemon_thread
 from stormline.schemas.catalog import ASSIGNMENTS, DEAD_LETTERS
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received, dead_letter
@@ -236,8 +237,14 @@ class Worker:
     async def _handle(self, io: _Clients, pipeline: Pipeline, rec: Received[TaskAssigned]) -> None:
         """One assignment to its outcome; its offset is then done whatever the outcome was."""
         self.stats.in_flight += 1
+        a = rec.event
         try:
-            await self._outcome(io, pipeline, rec)
+            # The task's trace (from the assignment's headers) and its ids on every log line.
+            with (
+                tracing.continued("stormline.worker.assignment", rec.headers, _attrs(a)),
+                bound(task_id=a.task_id, agent=a.agent_id),
+            ):
+                await self._outcome(io, pipeline, rec)
             self.stats.last_done = time.monotonic()
             self.tracker.done((rec.topic, rec.partition), rec.offset)
         finally:
@@ -257,7 +264,8 @@ class Worker:
         except Exception as exc:
             await self._dead_letter(io, rec, exc)
             return
-        await deliver(io.out, traj)
+        with tracing.child("stormline.worker.trajectory", {"stormline.status": traj.status.value}):
+            await deliver(io.out, traj)  # the Trajectory carries this span's context
         self.stats.processed += 1
         if traj.status is not TrajectoryStatus.OK:
             self.stats.errors += 1
@@ -355,10 +363,19 @@ class Worker:
         self.tracker.forget(tps)
 
 
+def _attrs(a: TaskAssigned) -> dict[str, str | int]:
+    return {
+        "stormline.task_id": a.task_id,
+        "stormline.agent_id": a.agent_id,
+        "stormline.attempt": a.attempt,
+    }
+
+
 def run_worker(settings: Settings, worker_id: str | None = None) -> WorkerStats:
     """Entry point of `stormline worker`: load the registry, run until SIGTERM/SIGINT."""
     from stormline.consumers.llm.agents import endpoint_problems, load_registry
 
+    tracing.setup(settings, "worker")
     registry = load_registry(settings.agents_file, settings)
     # Say once, loudly, what would otherwise be one warning per task and every circuit open.
     for problem in endpoint_problems(registry, settings=settings):

@@ -12,6 +12,7 @@ import json
 import time
 from datetime import UTC, datetime
 
+from stormline import tracing
 from stormline.consumers.llm import (
     Completion,
     CompletionRequest,
@@ -247,7 +248,10 @@ class GuardedCall:
             raise AttemptExpired(f"assignment expired at {expires_at.isoformat()}")
         self.stats.llm_calls += 1
         try:
-            return await provider.complete(req)
+            with tracing.llm_call(provider.name, req.model) as span:  # GenAI conventions
+                comp = await provider.complete(req)
+                tracing.llm_usage(span, comp.usage.prompt_tokens, comp.usage.completion_tokens)
+            return comp
         except (ProviderError, TimeoutError):
             raise
         except Exception as exc:

@@ -13,6 +13,7 @@ import threading
 
 from confluent_kafka import KafkaError, Message
 
+from stormline import tracing
 from stormline.schemas.catalog import TASKS
 from stormline.schemas.kafka import DeliveryError, EventProducer
 from stormline.schemas.models import TaskSubmitted
@@ -31,6 +32,7 @@ class BatchPublisher:
     def __init__(self, settings: Settings, producer: EventProducer) -> None:
         self.topic = TASKS.name(settings)
         self.producer = producer.start()
+        tracing.setup(settings, "api")  # the API process's tracing, as its settings say
 
     async def publish(self, tasks: list[TaskSubmitted], timeout: float = 30.0) -> None:
         """Return once every task is acknowledged; raise PartialDelivery otherwise."""
@@ -55,8 +57,10 @@ class BatchPublisher:
             if last:
                 loop.call_soon_threadsafe(resolve)
 
-        for task in tasks:
-            self.producer.produce(task, topic=self.topic, on_delivery=delivered)
+        # One trace per request: its tasks' spans, publish to reward, are under this one.
+        with tracing.root("stormline.publish", {"stormline.tasks": len(tasks)}):
+            for task in tasks:
+                self.producer.produce(task, topic=self.topic, on_delivery=delivered)
         try:
             await asyncio.wait_for(done, timeout)
         except TimeoutError as exc:

@@ -80,7 +80,7 @@ class RecordProducer:
                 self._producer.poll(0.05)  # local queue full: serve callbacks, then retry
 
     def send(
-        self, topic: str, value: bytes | str | None, key: bytes | str | None = None
+        self, topic: str, value: bytes | str | None, key: bytes | str | None = None, **kw: Any
     ) -> Future[Message]:
         """Like :meth:`produce`, with a future resolved on delivery (needs :meth:`start`)."""
         fut: Future[Message] = Future()
@@ -91,7 +91,7 @@ class RecordProducer:
             else:
                 fut.set_exception(DeliveryError(str(err)))
 
-        self.produce(topic, value, key, on_delivery=done)
+        self.produce(topic, value, key, on_delivery=done, **kw)
         return fut
 
     def start(self) -> RecordProducer:
