@@ -47,6 +47,7 @@ and ``router_config`` split out then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
@@ -71,7 +72,7 @@ from stormline.schemas.catalog import (
     TRAJECTORIES,
 )
 from stormline.schemas.kafka import dead_letter
-from stormline.schemas.lifecycle import TaskState
+from stormline.schemas.lifecycle import FINAL, TaskState
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
@@ -477,6 +478,7 @@ class Router:
                 logs.bound(task_id=task.task_id),
             ):
                 await self.emit(core.on_task(task, time.time()))
+                self._keep_trace(task.task_id)
         elif kind == K_TRAJ:
             traj = await self.decoded(ev, Trajectory, body)
             await self.outcomes(core.on_trajectory(traj, time.time()))
@@ -484,11 +486,27 @@ class Router:
             core.on_reward(await self.decoded(ev, Reward, body), time.time())
         elif kind == K_TICK:
             now = time.time()
-            events, outcomes = core.on_tick(body.decode(), now)
-            await self.emit(events)
+            with self._trace_of(body.decode()):  # a waiting or expired task's next attempt
+                events, outcomes = core.on_tick(body.decode(), now)
+                await self.emit(events)
             await self.outcomes(outcomes)
         else:
             raise DecodeError("framing", f"unknown router record kind {kind!r}")
+
+    def _keep_trace(self, task_id: str) -> None:
+        """With tracing on, the task's record keeps its trace context (the route span's),
+        so that a later attempt (assigned by the clock) continues the same trace."""
+        headers = tracing.inject()
+        rec = self.tasks.get(task_id) if headers else None
+        if rec is not None and headers:
+            self.tasks[task_id] = {**rec, "trace": {k: v.decode() for k, v in headers}}
+
+    def _trace_of(self, task_id: str) -> Any:
+        rec = self.tasks.get(task_id) if tracing.enabled() else None
+        if not rec or "trace" not in rec or rec.get("state") in FINAL:  # StrEnum: str equal
+            return contextlib.nullcontext()
+        attrs = {"stormline.task_id": task_id}
+        return tracing.continued("stormline.router.route", rec["trace"], attrs)
 
     async def _record_moves(self) -> None:
         """The task states the core decided, into Redis (guarded there by the lifecycle).

@@ -97,7 +97,10 @@ def traces_by_task(spans: list[S]) -> dict[str, dict[str, list[S]]]:
 
 def check_chain(task_id: str, traces: dict[str, list[S]]) -> list[S]:
     """One trace for the task; its first attempt's spans all there, linked and in order."""
-    assert len(traces) == 1, f"task {task_id}: {len(traces)} traces"
+    assert len(traces) == 1, f"task {task_id}: {len(traces)} traces: " + "; ".join(
+        f"{tid}: {[(s.service, s.name, s.parent_id) for s in sorted(tr, key=lambda s: s.start)]}"
+        for tid, tr in traces.items()
+    )
     spans = next(iter(traces.values()))
     first: dict[str, S] = {}
     for sp in sorted(spans, key=lambda s: s.start):
