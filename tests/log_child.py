@@ -5,6 +5,9 @@ added afterwards (as Faust does), ``install_redaction()`` as the router calls it
 records carrying every kind of configured secret, in the message, its arguments and an
 exception. ``python -m tests.log_child aiokafka TOPIC SECONDS``: an aiokafka consumer of
 TOPIC, the one connection config, printing "consumed N" for each record, for SECONDS.
+``python -m tests.log_child http URL``: as a worker does, ``logs.setup()`` and tracing from
+the environment, then one LLM call per SDK transport to the simulator at URL, inside a task's
+log context and a span, and a line saying so.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import os
 import sys
 
-from stormline import logs
+from stormline import logs, tracing
 from stormline.runtime.connection import KafkaConnection
 from stormline.settings import Settings
 
@@ -59,8 +62,32 @@ async def consume(topic: str, seconds: float) -> None:
         await consumer.stop()
 
 
+async def http(url: str) -> None:
+    from stormline.consumers.llm import CompletionRequest
+    from stormline.consumers.llm.agents import ProviderConfig
+    from stormline.consumers.llm.providers import make_provider
+
+    logs.setup(service="child")
+    tracing.setup(Settings(), "child")
+    log = logging.getLogger("child")
+    req = CompletionRequest(agent_id="agent-7", model="sim-0", prompt="What is 1 + 2?")
+    with logs.bound(task_id="task-42", agent="agent-7"), tracing.root("child.task"):
+        for transport in ("aiohttp", "httpx"):
+            cfg = ProviderConfig(provider="openai", model="sim-0", base_url=f"{url}/v1")
+            provider = make_provider(cfg, transport=transport)  # type: ignore[arg-type]
+            try:
+                await provider.complete(req)
+            finally:
+                await provider.aclose()
+            log.warning("called over %s", transport)
+    log.warning("outside the task")
+    tracing.shutdown()  # the console exporter's lines before the process ends
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "handlers":
         handlers()
+    elif sys.argv[1] == "http":
+        asyncio.run(http(sys.argv[2]))
     else:
         asyncio.run(consume(sys.argv[2], float(sys.argv[3])))
