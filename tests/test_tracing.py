@@ -224,6 +224,35 @@ def test_one_trace_per_task_in_process(
         check_chain(task_id, traces)
 
 
+def test_an_api_request_is_one_trace_for_its_tasks(
+    topics: Settings, memory_tracing: InMemorySpanExporter
+) -> None:
+    """The API's publisher: one root span per request, every task of it under that span."""
+    from stormline.api.publisher import BatchPublisher
+
+    serde = Serde.from_settings(topics)
+    tasks = list(demo_tasks(3, seed=2))
+    producer = EventProducer(topics, serde)
+    try:
+        asyncio.run(BatchPublisher(topics, producer).publish(tasks))
+    finally:
+        producer.close()
+    (root,) = [sp for sp in _in_memory(memory_tracing) if sp.name == "stormline.publish"]
+    assert root.attributes["stormline.tasks"] == 3 and root.parent_id is None
+    consumer = EventConsumer(topics, serde, topics.topic("api-trace"), [TASKS])
+    got: list[Any] = []
+    try:
+        wait_until(lambda: got.extend(consumer.poll_batch(10, 0.5)) or len(got) >= 3, 30, "tasks")
+    finally:
+        consumer.close()
+    for rec in got:
+        ctx = trace.get_current_span(tracing.extract(rec.headers)).get_span_context()
+        assert (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")) == (
+            root.trace_id,
+            root.span_id,
+        )
+
+
 def test_tracing_off_costs_no_headers_and_no_spans(topics: Settings) -> None:
     """Off (the default), nothing is added to records and the helpers are shared no-ops."""
     tracing.shutdown()
