@@ -162,7 +162,7 @@ class Received(Generic[E]):
     event: E
     timestamp_ms: int
     # Kafka headers (the producer's W3C trace context, for tracing.continued); None: none.
-    headers: list[tuple[str, bytes]] | None = None
+    headers: tracing.Headers = None
 
 
 @dataclass
