@@ -363,6 +363,17 @@ class RedisState:
         keys = [f"{self.prefix}task:{task_id}"]
         return bool(await self._safe(lambda: self._status(keys=keys, args=args), 0))
 
+    async def apply_status(
+        self, task_id: str, state: TaskState | str, attempt: int, **fields: Any
+    ) -> bool | None:
+        """:meth:`set_status`, telling "refused" (False: the lifecycle said no, for good) from
+        "not known" (None: Redis down or refusing the command), which a writer that must see
+        its status applied (the router's decisions) tries again."""
+        args = _status_args(self.settings, task_id, TaskState(state), attempt, fields)
+        keys = [f"{self.prefix}task:{task_id}"]
+        out = await self._safe(lambda: self._status(keys=keys, args=args), None)
+        return None if out is None else bool(out)
+
     async def set_result(self, task_id: str, attempt: int, **fields: Any) -> bool:
         """Result fields (trajectory_id, output, error) of the current attempt, no state change;
         refused once the task is final or at another attempt."""

@@ -74,6 +74,7 @@ from stormline.schemas.catalog import (
 from stormline.schemas.kafka import dead_letter
 from stormline.schemas.lifecycle import FINAL, TaskState
 from stormline.schemas.models import (
+    ROUTER_AGENT,
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,
@@ -106,6 +107,7 @@ from stormline.streams.router import (
     by_priority,
     epoch,
 )
+from stormline.streams.status import StatusWriter
 from stormline.streams.stores import register as register_store
 from stormline.streams.strategies import StrategyConfig
 
@@ -218,6 +220,8 @@ class Router:
         self.qtable, self.tasks, self.types, self.health = (table(t) for t in TABLES)
         # The task statuses users read: the router decides assigned/waiting/final (contracts).
         self.state = RedisState(s)
+        # Each decided status is written until Redis has taken it (issue 15).
+        self.status = StatusWriter(self.state)
         self.core = RouterCore(
             self.cfg,
             qtable=self.qtable,
@@ -226,6 +230,8 @@ class Router:
             directory=self.directory,
         )
         self.core.keep_moves = True
+        self.core.track_delivery = True  # emit() confirms what Kafka acknowledged
+        self.core.holding = self.status.holds  # a final record stays until its status is out
 
         def raw_topic(name: str, internal: bool = False) -> Any:
             kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -259,9 +265,17 @@ class Router:
                 value = self.serde.encode(topic.get_topic_name(), ev)
                 # Inside the route span: the assignment carries the task's trace onwards.
                 headers = tracing.inject()
-                return await topic.send(key=ev.key().encode(), value=value, headers=headers)
+                sent = await topic.send(key=ev.key().encode(), value=value, headers=headers)
+                # Delivered (acks=all), not just buffered: only then may the task's record
+                # say so (below), or a kill could lose an event the record counts as sent.
+                return await sent
 
             await retrying(f"sending {type(ev).__name__}", send)
+            # The final failure's Reward is sent after its Trajectory: both are out now.
+            if isinstance(ev, TaskAssigned) or (
+                isinstance(ev, Reward) and ev.agent_id == ROUTER_AGENT
+            ):
+                self.core.sent(ev.task_id, ev.attempt)
 
     async def dead_letter(
         self, ev: EventT[bytes], kind: str, error: str, raw: bytes | None = None
@@ -433,6 +447,10 @@ class Router:
                 ):
                     await self.forward(self.health_in, agent.encode(), b'{"k": "check"}')
 
+        @app.timer(interval=0.25, name="status-clock")
+        async def status_clock() -> None:
+            await self.status.flush()
+
         @app.timer(interval=1.0, name="checkpoint-clock")
         async def checkpoint_clock() -> None:
             await self._retry_checkpoints()
@@ -522,7 +540,10 @@ class Router:
                 fields["agent_id"] = rec.get("agent")
             elif state == TaskState.FAILED:
                 fields["error"] = rec.get("reason")
-            await self.state.set_status(task_id, state, attempt, **fields)
+            self.status.add(task_id, state, attempt, fields)
+        if moves:
+            # At once if Redis answers; otherwise the status clock retries (never waits here).
+            await self.status.flush(only=[m[0] for m in moves])
 
     async def _health_one(self, agent: str, msg: dict[str, Any]) -> None:
         now = time.time()
@@ -575,15 +596,23 @@ class Router:
         # scan after each rebalance catches the records recovered from the changelog.
         if self._rescan:
             self._rescan = False
-            for tid, rec in list(self.tasks.items()):
-                due_at = float(rec.get("due_at", 0))
+            records = list(self.tasks.items())
+            for tid, rec in records:
+                # A record whose events may not have been delivered (a kill) is due now.
+                due_at = 0.0 if rec.get("unsent") is not None else float(rec.get("due_at", 0))
                 heapq.heappush(self._schedule, (due_at, rec.get("task_type", ""), tid))
+            # Statuses queued before a kill, or lost in Redis, are re-derived from the records.
+            queued = self.status.resync(records)
+            if queued:
+                log.info("re-writing the task status of %d records from the tasks table", queued)
         while self._schedule and self._schedule[0][0] <= now:
             _, ttype, tid = heapq.heappop(self._schedule)
             rec = self.tasks.get(tid)
             # Gone (a partition this worker lost, or forgotten) or rescheduled since: the
             # record is the truth, and its newer heap entry will come.
-            if rec is not None and float(rec.get("due_at", 0)) <= now:
+            if rec is not None and (
+                float(rec.get("due_at", 0)) <= now or rec.get("unsent") is not None
+            ):
                 due.append((ttype, tid))
         gap = max(1.0, 2 * self.settings.router_tick_s)
         for ttype, tid in due:
@@ -674,6 +703,8 @@ class Router:
         return {
             **self.core.counters,
             **self.extra,
+            **self.status.counters,
+            "status_pending": len(self.status.pending),
             "strategy": self.cfg.strategy.name,
             "policy_version": self.core.policy_version,
             "tasks_tracked": len(self.tasks),

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -68,6 +68,7 @@ log = logging.getLogger("stormline.router")
 
 # ROUTER_AGENT (agent_id/provider on what the router itself emits) lives in schemas.models.
 NO_AGENT = "no capable healthy agent"
+RESENDS = 3  # tries to deliver a record's events again after a restart, then it goes on
 ABSOLUTE_MS = 10**12  # a deadline_ms above this is an epoch time, below it a duration
 T = TypeVar("T")
 
@@ -157,6 +158,10 @@ class RouterCore:
         # only when someone drains them (the app), so a benchmark's core does not grow.
         self.keep_moves = False
         self.moves: list[tuple[str, TaskState, int]] = []
+        # Whether the app confirms each event's delivery (:meth:`sent`); see _unsent.
+        self.track_delivery = False
+        # Whether a task's record must be kept (its status is not written yet): the app's.
+        self.holding: Callable[[str], bool] = lambda task_id: False
         self.counters: dict[str, int] = {
             k: 0
             for k in (
@@ -178,6 +183,7 @@ class RouterCore:
                 "expiries_counted",
                 "illegal_transitions",
                 "compacted",
+                "resent",
             )
         }
 
@@ -331,21 +337,59 @@ class RouterCore:
         rec["tried"] = [*rec["tried"], agent]
         rec["expires_at"] = now + self.cfg.assignment_ttl_s
         rec["due_at"] = rec["expires_at"]
+        # What rebuilds the same TaskAssigned if this one is lost with a kill (unsent_events).
+        rec["pick"] = [kind.value, float(choice.score), choice.epsilon, now, self.policy_version]
+        self._unsent(rec)
         self.counters["assigned"] += 1
+        return self._assignment(rec, task)
+
+    def _assignment(self, rec: Mapping[str, Any], task: TaskSubmitted) -> TaskAssigned:
+        kind, score, epsilon, assigned_at, policy_version = rec["pick"]
         return TaskAssigned(
             event_id=stable_event_id("assignment", task.task_id, rec["attempt"]),
             task_id=task.task_id,
             attempt=rec["attempt"],
-            agent_id=agent,
-            policy=kind,
+            agent_id=rec["agent"],
+            policy=PolicyKind(kind),
             strategy=self.cfg.strategy.name,
-            policy_version=self.policy_version,
-            score=float(choice.score),
-            epsilon=choice.epsilon,
-            assigned_at=at(now),
+            policy_version=policy_version,
+            score=float(score),
+            epsilon=epsilon,
+            assigned_at=at(assigned_at),
             expires_at=at(rec["expires_at"]),
             task=AssignedTask.of(task),
         )
+
+    def _unsent(self, rec: dict[str, Any]) -> None:
+        """Mark ``rec``'s events (this attempt's assignment, or the final failure) as not
+        known delivered: the app clears the mark (:meth:`sent`) once Kafka acknowledged them,
+        and a restarted router sends them again (:meth:`on_tick`) if it is still there.
+        Only when someone confirms deliveries (the app), like :attr:`moves`."""
+        if not self.track_delivery:
+            return
+        rec["unsent"] = max(int(rec["attempt"]), 1)  # as the events say (a final failure: 1+)
+        rec.pop("resends", None)
+
+    def sent(self, task_id: str, attempt: int) -> None:
+        """The events of ``attempt`` of ``task_id`` are delivered: clear the record's mark."""
+        rec = self.tasks.get(task_id)
+        if rec is not None and rec.get("unsent") == attempt:
+            rec = dict(rec)
+            rec.pop("unsent", None)
+            rec.pop("resends", None)
+            self.tasks[task_id] = rec
+
+    def unsent_events(self, rec: Mapping[str, Any]) -> list[Event]:
+        """The events ``rec`` marks as not known delivered, rebuilt (same event ids)."""
+        if rec.get("unsent") is None or rec.get("task") is None:
+            return []
+        task = TaskSubmitted.model_validate(rec["task"])
+        state = state_of(rec)
+        if state == TaskState.FAILED and rec.get("by_router"):
+            return self._final_events(rec, task)
+        if state == TaskState.ASSIGNED and rec.get("pick") and rec["unsent"] == rec["attempt"]:
+            return [self._assignment(rec, task)]
+        return []
 
     def _fail(
         self,
@@ -358,11 +402,17 @@ class RouterCore:
         task = task or TaskSubmitted.model_validate(rec["task"])
         if not self._move(task.task_id, rec, TaskState.FAILED):
             return []
-        attempt = max(int(rec["attempt"]), 1)
-        tid = f"{task.task_id}:router-final"
         rec["done_at"] = now
         rec["due_at"] = now + self.cfg.done_retention_s
         rec["reason"] = reason
+        rec["by_router"] = True
+        self._unsent(rec)
+        return self._final_events(rec, task)
+
+    def _final_events(self, rec: Mapping[str, Any], task: TaskSubmitted) -> list[Event]:
+        attempt = max(int(rec["attempt"]), 1)
+        tid = f"{task.task_id}:router-final"
+        reason = str(rec.get("reason", ""))
         return [
             Trajectory(
                 event_id=stable_event_id("final-failure", task.task_id, attempt),
@@ -396,6 +446,20 @@ class RouterCore:
     # -- the clock --
     def on_tick(self, task_id: str, now: float) -> tuple[list[Event], list[Outcome]]:
         rec = self.tasks.get(task_id)
+        if rec is not None and rec.get("unsent") is not None:
+            rec = dict(rec)
+            events, resends = self.unsent_events(rec), int(rec.get("resends", 0))
+            if events and resends < RESENDS:
+                # A kill between the record and its events' delivery: send them again (same
+                # event ids, so a copy that did arrive counts once downstream).
+                rec["resends"] = resends + 1
+                self.tasks[task_id] = rec
+                self.counters["resent"] += 1
+                return events, []
+            # Nothing to send any more, or never delivered (dead-lettered each time): go on.
+            rec.pop("unsent", None)
+            rec.pop("resends", None)
+            self.tasks[task_id] = rec
         if rec is None or now < float(rec.get("due_at", 0)):
             return [], []  # stale or duplicate tick: the record is the truth
         rec = dict(rec)
@@ -403,6 +467,10 @@ class RouterCore:
         out: list[Event] = []
         outcomes: list[Outcome] = []
         if state in FINAL:
+            if self.holding(task_id):
+                rec["due_at"] = now + self.cfg.retry_s  # its status is not in Redis yet
+                self.tasks[task_id] = rec
+                return [], []
             if rec.get("compact"):
                 del self.tasks[task_id]  # past the rewards topic's retention: nothing can repeat
             else:
@@ -465,6 +533,8 @@ class RouterCore:
             self.counters["trajectories_timeout_deferred"] += 1
             return []
         rec = dict(rec)
+        rec.pop("unsent", None)  # a result of this attempt: its assignment was delivered
+        rec.pop("resends", None)
         ok = traj.status == TrajectoryStatus.OK
         if self._move(traj.task_id, rec, TaskState.SUCCEEDED if ok else TaskState.FAILED):
             rec["done_at"] = now

@@ -1,0 +1,51 @@
+"""A router process that kills itself (SIGKILL, as kill -9 would) inside one of its windows.
+
+``python -m tests.router_crash between-final-events``: after the router's final-failure
+Trajectory is delivered and before its Reward is sent; ``before-assignment``: after the task's
+record reached its changelog and before its TaskAssigned is sent. Otherwise it is
+``stormline router`` (:func:`stormline.streams.app.run_router`), settings from the environment.
+The hooks wrap :meth:`Router.emit`, the one way the router sends what it decided, and flush
+Faust's producer first, so the table's changelog records are out when it dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from stormline.schemas.models import ROUTER_AGENT, Event, TaskAssigned, Trajectory
+from stormline.settings import Settings
+from stormline.streams import app as router_app
+
+
+def _die(what: str) -> None:
+    sys.stderr.write(f"router_crash: SIGKILL {what}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hook(window: str) -> None:
+    emit = router_app.Router.emit
+
+    async def emit_hook(self: Any, events: Iterable[Event]) -> None:
+        events = list(events)
+        if window == "between-final-events":
+            final = [e for e in events if isinstance(e, Trajectory) and e.agent_id == ROUTER_AGENT]
+            if final:
+                await emit(self, final)
+                await self.app.producer.flush()
+                _die("between the final Trajectory and its Reward")
+        elif window == "before-assignment" and any(isinstance(e, TaskAssigned) for e in events):
+            await self.app.producer.flush()
+            _die("before sending TaskAssigned")
+        await emit(self, events)
+
+    router_app.Router.emit = emit_hook  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    hook(sys.argv[1])
+    router_app.run_router(Settings(), loglevel="warning")
