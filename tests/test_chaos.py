@@ -13,7 +13,8 @@ and it reports (prints) the LLM calls made twice and why.
 
 Knobs (environment): STORMLINE_CHAOS_SEED (printed; random by default), STORMLINE_CHAOS_TASKS
 (2000), STORMLINE_CHAOS_RATE (tasks/s, 10), STORMLINE_CHAOS_KILLS (most kills; by default
-until every task is published), STORMLINE_CHAOS_OUTAGES (2), STORMLINE_CHAOS_SETTLE_S (600).
+until every task is published), STORMLINE_CHAOS_OUTAGES (2), STORMLINE_CHAOS_SETTLE_S (600),
+STORMLINE_CHAOS_TTL_S (the router's assignment TTL, 60).
 Run: ``.venv/bin/pytest -m chaos tests/test_chaos.py -s`` (deselected from a plain run by
 pyproject's addopts until the lead enables it).
 
@@ -152,7 +153,9 @@ def chaos_settings(tmp: Path, brokers: int) -> Settings:
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     brokers = int(request.param)
     s = chaos_settings(tmp_path / "data", brokers)
-    env = {**settings_env(s), **FAST_LOOP_ENV}
+    # The assignment TTL is the production default (60 s) unless STORMLINE_CHAOS_TTL_S says.
+    ttl = os.environ.get("STORMLINE_CHAOS_TTL_S", "60")
+    env = {**settings_env(s), **FAST_LOOP_ENV, "STORMLINE_ROUTER_ASSIGNMENT_TTL_S": ttl}
     st = Stack(s, env, brokers)
     up = st.cli("up", "--all", "--workers", "2", "--brokers", str(brokers), timeout=600)
     try:
