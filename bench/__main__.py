@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
+
+from bench.floors import stage_rows
 
 # Order matters only for reading the report.
-SUITES = ["serde", "worker", "router", "learning", "trainer", "sink", "end_to_end", "api"]
+SUITES = ["floors", "serde", "worker", "router", "learning", "trainer", "sink", "end_to_end", "api"]
 OUT = Path(__file__).parent
 console = Console()
 
@@ -280,6 +283,7 @@ def main() -> int:
             console.print_json(json.dumps(results["suites"][name], default=str))
     path_json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     (OUT / "results.md").write_text(render_md(results))
+    _print_stages(results["suites"])
     console.print(f"wrote {path_json} and {OUT / 'results.md'}")
     return 1 if failed else 0
 
@@ -322,6 +326,17 @@ def render_md(results: dict[str, Any]) -> str:
         if not met:
             gaps.append(f"- `{key}`: {why or 'not met'}.")
     lines += ["", "Why the missed targets are missed (measured, not guessed):", "", *gaps, ""]
+    lines += [
+        "## Every stage beside its library's floor (issue 16)",
+        "",
+        "The floors are measured in the same run (`bench/floors.py`, the SDK floors in "
+        "`bench/worker.py`, the Faust forwarder in `bench/router.py`).",
+        "",
+        "| stage | figure | floor | ratio or figure | met |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in stage_rows(results["suites"])),
+        "",
+    ]
     for suite, figures in results["suites"].items():
         lines += [
             f"## {suite}",
@@ -340,6 +355,15 @@ def render_md(results: dict[str, Any]) -> str:
                 notes.append(f"- `{key}`: {v}")
         lines += ["", *notes, ""]
     return "\n".join(lines)
+
+
+def _print_stages(suites: dict[str, Any]) -> None:
+    table = Table(title="every stage beside its floor")
+    for col in ("stage", "figure", "floor", "ratio or figure", "met"):
+        table.add_column(col)
+    for row in stage_rows(suites):
+        table.add_row(*row)
+    console.print(table)
 
 
 def _conditions(m: dict[str, Any]) -> str:
