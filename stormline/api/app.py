@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stormline.api import routes_analytics, routes_ops, routes_tasks
 from stormline.api.auth import guard
+from stormline.api.console import routes as console
 from stormline.api.events import StatusHub
 from stormline.api.publisher import BatchPublisher
 from stormline.api.store import ApiStore
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_tasks.router, prefix="/v1", dependencies=v1, tags=["tasks"])
     app.include_router(routes_ops.router, prefix="/v1", dependencies=v1, tags=["operate"])
     app.include_router(routes_analytics.router, prefix="/v1", dependencies=v1, tags=["analytics"])
+    console.include(app, v1)  # the operators' console: /console/ and /console/api/
     app.add_api_route("/healthz", _healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", _readyz, methods=["GET"], tags=["health"])
     app.add_exception_handler(redis.RedisError, _unavailable)
@@ -213,6 +215,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep stormline.logs' JSON handler: uvicorn's own config replaces it
         access_log=False,
         timeout_graceful_shutdown=10,
     )
