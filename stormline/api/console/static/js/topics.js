@@ -15,7 +15,8 @@ async function loadTopics() {
     ["messages", "messages", (v) => C.num(v)],
     ["event", "event", (v) => C.esc(v || "(internal)")],
   ], { empty: "no topics under this prefix" });
-  if (!current && d.topics.length) {
+  // A topic named in the address wins; else show the first busy one of the loop's own.
+  if (!current && !C.hashParams().get("topic") && d.topics.length) {
     const prefer = ["tasks", "trajectories", "rewards"].map((n) => d.prefix + n);
     const first = d.topics.find((t) => prefer.includes(t.name) && t.messages > 0) || d.topics[0];
     location.hash = "topic=" + encodeURIComponent(first.name);
