@@ -212,3 +212,18 @@ def test_a_tasks_timeline_in_order_with_every_attempt(
     assert isinstance(events[4]["components"], dict)
     assert queries.timeline(store, "task-0", tenant="default") == []  # not that tenant's
     assert queries.timeline(store, "x' OR 1=1 --", tenant="acme") == []
+
+
+def test_share_is_zero_in_a_bucket_where_an_agent_got_none() -> None:
+    rows = [
+        {"bucket": "b1", "task_type": "math", "agent_id": "a", "n": 3},
+        {"bucket": "b1", "task_type": "math", "agent_id": "b", "n": 1},
+        {"bucket": "b2", "task_type": "math", "agent_id": "a", "n": 2},
+        {"bucket": "b2", "task_type": "sort", "agent_id": "b", "n": 5},
+    ]
+    got = {(s["task_type"], s["agent_id"]): s["points"] for s in queries.share_series(rows)}
+    assert got == {
+        ("math", "a"): [["b1", 0.75], ["b2", 1.0]],
+        ("math", "b"): [["b1", 0.25], ["b2", 0.0]],  # not a gap the chart draws across
+        ("sort", "b"): [["b2", 1.0]],
+    }

@@ -120,17 +120,25 @@ def rows(
 
 
 def share_series(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task type, agent): [[bucket, share], ...] over the buckets of that task type."""
+    """Per (task type, agent): [[bucket, share], ...] over every bucket of that task type; a
+    bucket in which the agent got none of the type's assignments is a share of 0 (not a gap
+    that a chart would draw across)."""
     totals: dict[tuple[str, str], int] = {}
     for r in rows_:
         k = (r["bucket"], r["task_type"])
         totals[k] = totals.get(k, 0) + int(r["n"])
-    series: dict[tuple[str, str], list[list[Any]]] = {}
-    for r in rows_:
-        share = int(r["n"]) / totals[(r["bucket"], r["task_type"])]
-        series.setdefault((r["task_type"], r["agent_id"]), []).append([r["bucket"], share])
+    n = {(r["task_type"], r["agent_id"], r["bucket"]): int(r["n"]) for r in rows_}
+    buckets: dict[str, list[str]] = {}
+    for b, t in sorted(totals):
+        buckets.setdefault(t, []).append(b)
+    pairs = sorted({(r["task_type"], r["agent_id"]) for r in rows_})
     return [
-        {"task_type": t, "agent_id": a, "points": pts} for (t, a), pts in sorted(series.items())
+        {
+            "task_type": t,
+            "agent_id": a,
+            "points": [[b, n.get((t, a, b), 0) / totals[(b, t)]] for b in buckets[t]],
+        }
+        for t, a in pairs
     ]
 
 

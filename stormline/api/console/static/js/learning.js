@@ -44,12 +44,23 @@ function render(d) {
     ["occurred_at", "when", (v) => C.time(v)], ["policy", "policy"], ["version", "version"],
     ["promoted", "promoted", (v) => `<span class="pill ${v ? "ok" : "error"}">${v ? "promoted" : "kept"}</span>`],
     ["decision", "decision"],
-    ["metrics", "metrics", (v) => `<span class="mono">${C.esc(Object.entries(v || {}).map(([k, m]) => `${k}=${typeof m === "number" ? m.toFixed(3) : m}`).join(" "))}</span>`],
+    ["metrics", "metrics", (v) => `<span class="mono">${C.esc(Object.entries(v || {}).map(([k, m]) => `${k}=${typeof m === "number" && !Number.isInteger(m) ? m.toFixed(3) : m}`).join(" "))}</span>`],
     ["uri", "uri", (v) => `<span class="mono">${C.esc(v)}</span>`],
   ], { empty: "no checkpoint yet: the trainer publishes one per update", cls: "checkpoints" });
 }
 
+// About 60 buckets over the chosen window, never under 5 s.
+const BUCKET_S = { "15m": 15, "1h": 60, "6h": 360, "24h": 1440, "7d": 10080 };
+
 (async () => {
   await C.header(document.body.dataset.page);
-  C.every(10000, async () => render(await C.api("/console/api/learning?since=6h&bucket=30")));
+  const since = document.getElementById("since");
+  let timer = null;
+  const start = () => {
+    if (timer) clearInterval(timer);
+    const q = `since=${since.value}&bucket=${BUCKET_S[since.value]}`;
+    timer = C.every(10000, async () => render(await C.api(`/console/api/learning?${q}`)));
+  };
+  since.addEventListener("change", start);
+  start();
 })();
