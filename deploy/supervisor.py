@@ -70,6 +70,8 @@ class ServiceSpec:
     name: str
     args: list[str]  # arguments after `stormline`
     ready_port: int | None = None  # the services after it start once this loopback port answers
+    env: dict[str, str] = field(default_factory=dict)  # this child's own, over the shared ones
+    metrics_port: int | None = None  # where this child serves /metrics (for `status`)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "stormline.cli", *self.args]
@@ -102,6 +104,16 @@ def default_services(
     specs.append(ServiceSpec("api", ["api"]))  # on STORMLINE_API_HOST:STORMLINE_API_PORT
     if trainer:
         specs.append(ServiceSpec("trainer", ["trainer"]))
+    return with_metrics_ports(specs, settings.metrics_base_port)
+
+
+def with_metrics_ports(specs: list[ServiceSpec], base: int) -> list[ServiceSpec]:
+    """Each Stormline child its own /metrics port: base + its place (the simulator none)."""
+    if base <= 0:
+        return specs
+    for i, spec in enumerate(s for s in specs if s.args[0] != "simulate-llm"):
+        spec.metrics_port = base + i + 1
+        spec.env["STORMLINE_METRICS_PORT"] = str(spec.metrics_port)
     return specs
 
 
@@ -151,7 +163,7 @@ class Supervisor:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, **child.spec.env},
         )
         log.close()
         child.started_at = time.monotonic()
@@ -217,6 +229,7 @@ class Supervisor:
                 "pid": c.proc.pid if c.proc else None,
                 "restarts": c.restarts,
                 "command": " ".join(c.spec.args),
+                "metrics": c.spec.metrics_port,
             }
             for c in self._children
         ]

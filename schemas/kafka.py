@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, Message
 
-from stormline import tracing
+from stormline import metrics, tracing
 from stormline.runtime import admin as rt_admin
 from stormline.runtime.admin import end_offsets
 from stormline.runtime.consumer import RecordConsumer, position
@@ -72,6 +72,7 @@ def dead_letter(
     log.warning("dead letter %s[%d]@%d: %s: %s", topic, partition, offset, kind, error)
     if topic == DEAD_LETTERS.name(settings):
         return None  # never re-dead-letter a dead letter: logged and skipped instead
+    metrics.DEAD_LETTERS.labels(kind, topic.removeprefix(settings.topic_prefix)).inc()
     keep = settings.max_record_bytes // 2
     if value is not None and len(value) > keep:
         error = f"{error} (raw_value keeps the first {keep} of {len(value)} bytes)"

@@ -84,6 +84,24 @@ class StackSettings(_Section):
         description="service.name of this process's spans; unset = OTEL_SERVICE_NAME, else "
         "stormline-<process> (stormline-router, stormline-worker, ...).",
     )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of this process's Prometheus /metrics (worker, evaluator, sink, "
+        "trainer, api, router); 0 = off. In a container one port serves for all (9400).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Interface /metrics binds (0.0.0.0 in a container, for the scraper).",
+    )
+    metrics_base_port: int = Field(
+        default=9400,
+        ge=0,
+        le=65535,
+        description="`stormline up --all`: each service's /metrics on base + its place "
+        "(router +1, worker-1 +2, ...; `stormline status` lists them); 0 = off.",
+    )
     secret_env: list[str] = Field(
         default_factory=list,
         description="More environment variables whose values are secret (masked in logs and "

@@ -59,7 +59,7 @@ from typing import Any, TypeVar
 import faust
 from faust.types import EventT
 
-from stormline import logs, tracing
+from stormline import logs, metrics, tracing
 from stormline.logs import install_redaction
 from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.catalog import (
@@ -97,6 +97,7 @@ from stormline.streams.kafka import (
     read_broadcast,
     replicas,
 )
+from stormline.streams.metrics import instrument
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import split_key
 from stormline.streams.router import (
@@ -271,6 +272,8 @@ class Router:
                 return await sent
 
             await retrying(f"sending {type(ev).__name__}", send)
+            if isinstance(ev, TaskAssigned):
+                metrics.TASKS_ROUTED.labels(ev.task.task_type, ev.agent_id, ev.strategy).inc()
             # The final failure's Reward is sent after its Trajectory: both are out now.
             if isinstance(ev, TaskAssigned) or (
                 isinstance(ev, Reward) and ev.agent_id == ROUTER_AGENT
@@ -769,7 +772,9 @@ def run_router(settings: Settings, loglevel: str = "info") -> None:
     ensure_topics(settings)
     ensure_internal_topics(settings)
     tracing.setup(settings, "router")
+    metrics.serve(settings.metrics_port, "router", settings.metrics_host)
     router = create(settings)
+    instrument(router)  # Faust's Prometheus sensor; /metrics on the web port too
     # JSON lines like every Stormline process: Faust applies this over its own colour format,
     # and --quiet drops its banner and spinner (plain text on stdout).
     router.app.conf.logging_config = logs.dict_config("router", loglevel, settings)

@@ -125,7 +125,7 @@ class Deployment:
         for name, svc in self.doc["services"].items():
             if name in INFRA:
                 continue  # the embedded stack's own addresses, above
-            for p in svc.get("ports") or []:
+            for p in [*(svc.get("ports") or []), *(svc.get("expose") or [])]:  # own netns
                 self.ports[(name, int(str(p).split(":")[-1]))] = f"127.0.0.1:{free_port()}"
 
     # ------------------------------------------------------------------ mapping --

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import torch
 
+from stormline import metrics
 from stormline.schemas.catalog import ASSIGNMENTS, CHECKPOINTS, HEARTBEATS, REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventConsumer, EventProducer, Received
 from stormline.schemas.models import AgentHeartbeat, Reward, TaskAssigned, Trajectory
@@ -96,6 +97,7 @@ class TrainerService:
         self._buffer_since = time.monotonic()
         self._last_save = time.monotonic()
         self.updates = 0
+        metrics.TRAINER_BUFFERED.watch(self, lambda t: [((), len(t.state.buffer))])
         self._recover()
 
     def _resume_weights(self) -> dict[str, torch.Tensor] | None:
@@ -204,6 +206,10 @@ class TrainerService:
         )
         self.weights = out.state
         self.updates += 1
+        metrics.TRAINER_UPDATES.inc()
+        metrics.TRAINER_UPDATE_SECONDS.observe(out.seconds)
+        metrics.TRAINER_EXPERIENCES.inc(len(out.trained))
+        metrics.TRAINER_PROMOTIONS.labels("promoted" if out.event.promoted else "rejected").inc()
         # The held-out experiences were not trained on: they stay buffered for the next update.
         self.state.buffer = list(out.holdout)
         self.state.version = out.event.version
@@ -248,6 +254,7 @@ def serve(settings: Settings) -> None:
     from stormline.schemas.kafka import ensure_topics
 
     logs.setup(service="trainer")
+    metrics.serve(settings.metrics_port, "trainer", settings.metrics_host)
     ensure_topics(settings)
     stop = threading.Event()
 

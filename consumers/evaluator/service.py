@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, cast
 
-from stormline import logs, tracing
+from stormline import logs, metrics, tracing
 from stormline.consumers.evaluator import rules as evaluators
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
 from stormline.consumers.llm import ErrorKind, LLMProvider, ProviderError
@@ -195,6 +195,9 @@ class EvaluatorService:
                 with tracing.continued("stormline.evaluator.reward", rec.headers, _attrs(result)):
                     self.producer.produce(result, topic=self.rewards_topic)  # + trace headers
                 produced.append(result)
+                metrics.REWARDS.labels(
+                    result.task_type, result.agent_id, result.source.value
+                ).observe(result.value)
             else:
                 self.consumer.dead_letter_failed(rec, result)
                 self.dead += 1
@@ -290,6 +293,7 @@ def run(settings: Settings) -> None:
     # credentials); the evaluator's own lines say what matters.
     logs.quiet_http_clients(settings)  # unless STORMLINE_LOG_HTTP_REQUESTS
     tracing.setup(settings, "evaluator")
+    metrics.serve(settings.metrics_port, "evaluator", settings.metrics_host)
     service = EvaluatorService(settings)
     service.install_signal_handlers()
     service.run()

@@ -45,6 +45,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from stormline import metrics
 from stormline.consumers.sink.dedup import SeenIds, first_copies, id_hash
 from stormline.consumers.sink.store import Store, open_store
 from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
@@ -199,6 +200,7 @@ class Sink:
             self._write_and_commit()
         except Exception:
             self.stats.failures += 1
+            metrics.SINK_FAILURES.inc()
             if not self._paused:
                 self._paused = True
                 self.consumer.raw.pause(self.consumer.raw.assignment())
@@ -288,6 +290,7 @@ class Sink:
                 high[key] = max(high.get(key, -1), r["offset"])
             self._seen[table].add([id_hash(r["event_id"]) for r in fresh])
             self.stats.per_table[table] += len(fresh)
+            metrics.SINK_ROWS.labels(table).inc(len(fresh))
             written += len(fresh)
         self.consumer.commit()
         if self._buffer:
@@ -302,6 +305,7 @@ class Sink:
 
 def run_sink(settings: Settings) -> SinkStats:
     """The `stormline sink` service: runs until SIGTERM/SIGINT, then flushes and commits."""
+    metrics.serve(settings.metrics_port, "sink", settings.metrics_host)
     sink = Sink(settings)
 
     def _term(_sig: int, _frame: Any) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from stormline import tracing
+from stormline import metrics, tracing
 from stormline.consumers.llm.agents import Registry
 from stormline.consumers.worker.heartbeats import Heartbeats
 from stormline.consumers.worker.pipeline import Pipeline
@@ -143,6 +143,8 @@ class Worker:
             in_flight=lambda: len(self._tasks),
             draining=self.draining,
         )
+        metrics.IN_FLIGHT.watch(self, lambda w: [((), len(w._tasks))])
+        metrics.BREAKER_STATE.watch(self.providers, _breaker_samples)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGTERM, self.stop)
@@ -267,6 +269,7 @@ class Worker:
         with tracing.child("stormline.worker.trajectory", {"stormline.status": traj.status.value}):
             await deliver(io.out, traj)  # the Trajectory carries this span's context
         self.stats.processed += 1
+        metrics.TRAJECTORIES.labels(traj.agent_id, traj.status.value).inc()
         if traj.status is not TrajectoryStatus.OK:
             self.stats.errors += 1
             log.warning(
@@ -371,11 +374,24 @@ def _attrs(a: TaskAssigned) -> dict[str, str | int]:
     }
 
 
+def _breaker_samples(pool: ProviderPool) -> list[tuple[tuple[str, ...], float]]:
+    """Each breaker's state, read on the scrape thread without ``state`` (which moves an
+    open breaker to half-open: only the event loop may do that, or two probes could go)."""
+    out: list[tuple[tuple[str, ...], float]] = []
+    for key, b in list(pool.breakers.items()):
+        state = b._state.value
+        if state == "open" and b.clock() - b._opened_at >= b.cooldown_s:
+            state = "half_open"  # what the next call will find
+        out.append(((redact(key),), metrics.BREAKER_CODES[state]))
+    return out
+
+
 def run_worker(settings: Settings, worker_id: str | None = None) -> WorkerStats:
     """Entry point of `stormline worker`: load the registry, run until SIGTERM/SIGINT."""
     from stormline.consumers.llm.agents import endpoint_problems, load_registry
 
     tracing.setup(settings, "worker")
+    metrics.serve(settings.metrics_port, "worker", settings.metrics_host)
     registry = load_registry(settings.agents_file, settings)
     # Say once, loudly, what would otherwise be one warning per task and every circuit open.
     for problem in endpoint_problems(registry, settings=settings):

@@ -12,7 +12,7 @@ import json
 import time
 from datetime import UTC, datetime
 
-from stormline import tracing
+from stormline import metrics, tracing
 from stormline.consumers.llm import (
     Completion,
     CompletionRequest,
@@ -239,18 +239,27 @@ class GuardedCall:
                 outcome.errors
             )
             raise CallFailed(exc, summary) from exc
+        finally:
+            if outcome.tries > 1:
+                metrics.LLM_RETRIES.labels(req.agent_id, cfg.provider).inc(outcome.tries - 1)
 
     async def _counted(
         self, provider: LLMProvider, req: CompletionRequest, expires_at: datetime | None
     ) -> Completion:
         if expires_at is not None and datetime.now(UTC) >= expires_at:
             self.stats.expired_skipped += 1
+            metrics.EXPIRED.labels("not_called").inc()
             raise AttemptExpired(f"assignment expired at {expires_at.isoformat()}")
         self.stats.llm_calls += 1
         try:
-            with tracing.llm_call(provider.name, req.model) as span:  # GenAI conventions
+            with (
+                tracing.llm_call(provider.name, req.model) as span,  # GenAI conventions
+                metrics.llm_call(req.agent_id, cfg_kind(provider), req.timeout_s) as counted,
+            ):
                 comp = await provider.complete(req)
-                tracing.llm_usage(span, comp.usage.prompt_tokens, comp.usage.completion_tokens)
+                u = comp.usage
+                tracing.llm_usage(span, u.prompt_tokens, u.completion_tokens)
+                counted.usage(u.prompt_tokens, u.completion_tokens, u.cost_usd)
             return comp
         except (ProviderError, TimeoutError):
             raise
@@ -262,3 +271,9 @@ class GuardedCall:
         finally:
             if expires_at is not None and datetime.now(UTC) > expires_at:
                 self.stats.expired_calls += 1  # answered after expiry: maybe paid twice
+                metrics.EXPIRED.labels("answered_late").inc()
+
+
+def cfg_kind(provider: LLMProvider) -> str:
+    """openai, anthropic, ...: a provider's name is its endpoint key, ``kind@base_url``."""
+    return provider.name.partition("@")[0]

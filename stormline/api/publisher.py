@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 
 from confluent_kafka import KafkaError, Message
 
-from stormline import tracing
+from stormline import metrics, tracing
 from stormline.schemas.catalog import TASKS
 from stormline.schemas.kafka import DeliveryError, EventProducer
 from stormline.schemas.models import TaskSubmitted
@@ -68,6 +69,9 @@ class BatchPublisher:
                 f"the brokers did not acknowledge {left[0]} of {len(tasks)} tasks within "
                 f"{timeout:.0f}s"
             ) from exc
+        published = Counter(t.task_type for t in tasks if t.task_id not in failed)
+        for task_type, n in published.items():
+            metrics.TASKS_SUBMITTED.labels(task_type).inc(n)
         if failed:
             ok = [t.task_id for t in tasks if t.task_id not in failed]
             raise PartialDelivery(list(failed), ok, next(iter(failed.values())))

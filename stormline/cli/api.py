@@ -37,11 +37,13 @@ def api(
     port: Annotated[int | None, typer.Option(help="STORMLINE_API_PORT (8000)")] = None,
 ) -> None:
     """Serve the HTTP API (FastAPI, /docs) until SIGTERM: tasks, results, rewards, operators."""
-    from stormline import logs
+    from stormline import logs, metrics
     from stormline.api.app import serve
 
     logs.setup(service="api")
-    serve(settings_of(ctx), host, port)
+    s = settings_of(ctx)
+    metrics.serve(s.metrics_port, "api", s.metrics_host)
+    serve(s, host, port)
 
 
 def _redis_call(s: Settings, what: str, fn: Any) -> Any:

@@ -267,14 +267,18 @@ def _print_supervised(rows: list[dict[str, object]]) -> None:
         "running",
         "pid",
         "restarts",
+        "metrics",
         "command",
     )
     for r in rows:
+        port = r.get("metrics")  # STORMLINE_METRICS_BASE_PORT + its place
+        metrics = f"http://127.0.0.1:{port}/metrics" if port else "-"
         table.add_row(
             str(r["name"]),
             "[green]yes[/green]" if r["running"] else "[yellow]restarting[/yellow]",
             str(r["pid"]),
             str(r["restarts"]),
+            metrics,
             escape(f"stormline {r['command']}"),
         )
     ui.console.print(table)

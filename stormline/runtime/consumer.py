@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
+from stormline import metrics
 from stormline.runtime.commits import TP, OffsetTracker, commit_tracked
 from stormline.runtime.connection import client_logger, confluent_config
 from stormline.settings import Settings
@@ -72,6 +73,7 @@ class RecordConsumer:
         **overrides: Any,
     ) -> None:
         self.group_id = group_id
+        self.lag: dict[TP, int] = {}
         conf = confluent_config(
             settings,
             **{
@@ -82,12 +84,19 @@ class RecordConsumer:
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 1_000,
                 "partition.assignment.strategy": "cooperative-sticky",
+                # The lag gauge (stormline_consumer_lag) from librdkafka's own report.
+                "statistics.interval.ms": metrics.LAG_INTERVAL_MS,
+                "stats_cb": self._stats,
                 **overrides,
             },
         )
         self.raw = Consumer(conf, logger=client_logger())
         self.raw.subscribe(list(topics))
         self.tracker = OffsetTracker()
+        metrics.CONSUMER_LAG.watch(self, metrics.lag_of)  # read at scrape time, while open
+
+    def _stats(self, report: str) -> None:
+        self.lag = metrics.lag_from_stats(report)
 
     def poll(self, max_records: int = 500, timeout: float = 1.0) -> list[Message]:
         """Records (no error events); each becomes committable with the next :meth:`commit`."""
@@ -114,4 +123,5 @@ class RecordConsumer:
         commit_tracked(self.raw, self.tracker)
 
     def close(self) -> None:
+        metrics.CONSUMER_LAG.unwatch(self)
         self.raw.close()
