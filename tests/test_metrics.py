@@ -13,6 +13,8 @@ import gc
 import json
 import re
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ from stormline.runtime.producer import RecordProducer
 from stormline.schemas.catalog import TASKS, TRAJECTORIES
 from stormline.settings import Settings
 from tests.api_fixtures import auth, make_key
-from tests.conftest import free_port, wait_http, wait_until
+from tests.conftest import free_port, settings_env, wait_http, wait_until
 from tests.loop import Loop
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "stormline.json"
@@ -336,3 +338,54 @@ def test_every_service_serves_metrics_that_move_under_load(loop: Loop) -> None:
     # Faust's own sensor and ours on the router's web port too.
     web = scrape(f"http://127.0.0.1:{loop.s.router_web_port}/metrics")
     assert {"faust_messages_received_total", "stormline_router_tasks_routed_total"} <= names(web)
+
+
+# ===================================================================== `up --all` path ==
+def test_up_all_serves_each_services_metrics_where_status_says(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The operator's path: `up --all`, then `status` names each service's /metrics URL."""
+    s = settings.model_copy(
+        update={
+            "simulator_port": free_port(),
+            "router_web_port": free_port(),
+            "api_port": free_port(),
+            "metrics_base_port": free_port(),  # base + 1 ... base + 5: free enough in practice
+        }
+    )
+    env = {
+        **settings_env(s),
+        "STORMLINE_AGENTS_FILE": str(Path(__file__).parent.parent / "agents.yaml"),
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "stormline.cli", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+    up = cli("up", "--all", "--workers", "1", "--no-trainer")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        rows = json.loads(cli("status", "--json", "--services-only").stdout)["supervised"]
+        ports = {r["name"]: r["metrics"] for r in rows}
+        base = s.metrics_base_port
+        assert ports == {
+            "simulate-llm": None,
+            "router": base + 1,
+            "worker-1": base + 2,
+            "evaluator": base + 3,
+            "sink": base + 4,
+            "api": base + 5,
+        }
+        service = {"worker-1": "worker"}
+        for name, port in ports.items():
+            if port is None:
+                continue
+            url = f"http://127.0.0.1:{port}/metrics"
+            wait_http(url, 120)
+            info = f'stormline_service_info{{service="{service.get(name, name)}"}} 1.0'
+            assert info in httpx.get(url, timeout=10).text, name
+        env["COLUMNS"] = "250"  # the table at full width, URLs unwrapped
+        table = cli("status", "--services-only")
+        assert f"http://127.0.0.1:{base + 2}/metrics" in table.stdout, table.stdout
+    finally:
+        cli("down")
