@@ -134,7 +134,8 @@ TASKS_SUBMITTED = Counter(
 # ---------------------------------------------------------------------------- any part --
 DEAD_LETTERS = Counter(
     "stormline_dead_letters",
-    "Records sent to dead-letters, by reason (decode, oversize, handler, ...) and topic",
+    "Records sent to dead-letters, by reason (framing, avro, unknown-schema, validation, "
+    "oversize, handler) and source topic (without the topic prefix)",
     ["reason", "topic"],
 )
 
