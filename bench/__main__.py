@@ -335,6 +335,7 @@ def render_md(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in stage_rows(results["suites"])),
         "",
+        *_profiles_md(results["suites"]),
     ]
     for suite, figures in results["suites"].items():
         lines += [
@@ -354,6 +355,22 @@ def render_md(results: dict[str, Any]) -> str:
                 notes.append(f"- `{key}`: {v}")
         lines += ["", *notes, ""]
     return "\n".join(lines)
+
+
+def _profiles_md(suites: dict[str, Any]) -> list[str]:
+    """Where each process's CPU went in the profiled end-to-end runs: the measured 'why'."""
+    found = {k: v for k, v in suites.get("end_to_end", {}).items() if "_profile_" in k}
+    if not found:
+        return []
+    return [
+        "Where the CPU goes: each Python service of the end-to-end loop sampled by py-spy "
+        "(`bench/profile.py`, a separate run with half the tasks; collapsed stacks in "
+        "`bench/profiles/`), every sample charged to the library that was running; the "
+        "Java broker's share is its CPU per task above.",
+        "",
+        *(f"- `{k}`: {v}" for k, v in found.items()),
+        "",
+    ]
 
 
 def _print_stages(suites: dict[str, Any]) -> None:

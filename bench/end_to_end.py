@@ -7,7 +7,10 @@ reports the CPU milliseconds per task of every process involved (broker, registr
 simulator, router, workers, evaluator, the publisher), read from /proc. Each run is done
 twice: agents reaching the simulator server through the official OpenAI SDK (``end_to_end_*``),
 and the same agents with the in-process ``simulated`` provider (``end_to_end_in_process_llm_*``),
-which separates the platform's own cost from the client library's.
+which separates the platform's own cost from the client library's. Then, once more each with
+half the tasks, every Python service is sampled by py-spy (``bench/profile.py``): the
+``*_profile_*`` figures say which library each process's CPU per task went to, and the
+collapsed stacks stay in ``bench/profiles/e2e_*.txt`` (``BENCH_PROFILE=0`` skips this).
 Needs the stack of ``Settings()`` (``make bench`` runs ``stormline up`` first).
 Target (issue 8): >= 1,000 tasks/s on the 2-core machine.
 """
@@ -15,6 +18,7 @@ Target (issue 8): >= 1,000 tasks/s on the 2-core machine.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 import uuid
@@ -24,6 +28,7 @@ import httpx
 import yaml
 
 from bench import cpu_seconds, free_port
+from bench.profile import Profiles, summary
 from stormline.deploy.demo_tasks import demo_tasks
 from stormline.deploy.supervisor import ServiceSpec, Supervisor
 from stormline.schemas.catalog import CATALOG, REWARDS
@@ -31,6 +36,8 @@ from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 
+# BENCH_PROFILE=0 skips the profiled runs (bench/profiles/e2e_*.txt, summaries in the results).
+PROFILE = os.environ.get("BENCH_PROFILE", "1") != "0"
 SIM_CONFIG = {"seed": 1, "default": {"skill": {"*": 0.8}, "latency_ms": 0}}
 
 
@@ -67,8 +74,15 @@ def _agents(path: Path, sim_port: int, sim_config: Path, in_process: bool) -> No
     path.write_text(yaml.safe_dump(doc))
 
 
-def one_run(n: int, workers: int, in_process: bool = False) -> dict[str, float]:
-    """One timed run; ``in_process``: agents use the in-process simulated provider."""
+def one_run(
+    n: int, workers: int, in_process: bool = False, profile: bool = False
+) -> dict[str, float | str]:
+    """One timed run; ``in_process``: agents use the in-process simulated provider.
+
+    ``profile``: sample every Python service with py-spy during the window and return, per
+    process, where its CPU went (``bench/profile.py``) instead of the timed figures, since
+    the samplers share the cores with the loop.
+    """
     base = Settings()
     s = base.model_copy(
         update={
@@ -125,6 +139,7 @@ def one_run(n: int, workers: int, in_process: bool = False) -> dict[str, float]:
         # Where the CPU goes per task is the measured explanation of the throughput.
         pids = {**_stack_pids(s), **sup.pids()}
         cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        spies = Profiles(_profile_prefix(in_process), sup.pids()) if profile else None
         self0 = time.process_time()
         start = time.monotonic()
         EventProducer(s, serde).publish(tasks)
@@ -136,19 +151,29 @@ def one_run(n: int, workers: int, in_process: bool = False) -> dict[str, float]:
             done |= {r.event.task_id for r in watch.poll_batch(5000, 0.5)} & wanted
         elapsed = time.monotonic() - start
         cpu = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        profiles = spies.stop() if spies else {}
         cpu["publisher+watcher"] = time.process_time() - self0
         cpu0["publisher+watcher"] = 0.0
         watch.close()
     finally:
         sup.stop()
-    # Workers are summed: between them they make one LLM call per task.
-    per_task: dict[str, float] = {}
+    own: dict[str, float] = {}  # CPU ms per task of each process
     for name, after in cpu.items():
         before = cpu0.get(name)
         if after is not None and before is not None:
-            key = "worker" if name.startswith("worker-") else name.replace("-", "_")
-            per_task[key] = per_task.get(key, 0.0) + (after - before) * 1000 / max(len(done), 1)
+            own[name] = (after - before) * 1000 / max(len(done), 1)
     prefix = "end_to_end_in_process_llm_" if in_process else "end_to_end_"
+    if profile:
+        return {
+            f"{prefix}profile_{name.replace('-', '_')}": f"{own.get(name, 0):.2f} ms CPU per "
+            f"task ({len(done)} tasks): " + summary(path, own.get(name))
+            for name, path in profiles.items()
+        }
+    # Workers are summed: between them they make one LLM call per task.
+    per_task: dict[str, float] = {}
+    for name, ms in own.items():
+        key = "worker" if name.startswith("worker-") else name.replace("-", "_")
+        per_task[key] = per_task.get(key, 0.0) + ms
     figures = {f"{prefix}cpu_ms_per_task_{k.replace('+', '_')}": v for k, v in per_task.items()}
     figures[f"{prefix}cpu_ms_per_task_total"] = sum(per_task.values())
     return {
@@ -161,9 +186,16 @@ def one_run(n: int, workers: int, in_process: bool = False) -> dict[str, float]:
     }
 
 
+def _profile_prefix(in_process: bool) -> str:
+    return "e2e_in_process_llm_" if in_process else "e2e_sdk_"
+
+
 def run(quick: bool = False) -> dict[str, float | str]:
     n = 1000 if quick else 5000
     out: dict[str, float | str] = {**one_run(n, workers=2), **one_run(n, 2, in_process=True)}
+    if PROFILE:  # after the timed runs, so the samplers do not slow those
+        for in_process in (False, True):
+            out.update(one_run(n // 2, 2, in_process=in_process, profile=True))
     out["end_to_end_setup"] = (
         f"{n} tasks, simulated LLM at 0 ms, 1 router, 2 workers, 1 evaluator, all on this "
         "machine's 2 cores; end_to_end_*: agents reach `stormline simulate-llm` through the "
