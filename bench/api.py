@@ -39,6 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.profile import PROFILES, spy_argv
 from stormline.api.models import Role
 
 BATCH = 100
@@ -47,7 +48,6 @@ SECONDS = float(os.environ.get("BENCH_API_SECONDS", "60"))  # per paced phase
 GENERATORS = int(os.environ.get("BENCH_API_GENERATORS", "1"))
 CONCURRENCY = int(os.environ.get("BENCH_API_CONCURRENCY", "4"))  # saturated phase
 PROFILE = os.environ.get("BENCH_API_PROFILE", "")
-PROFILES = Path(__file__).parent / "profiles"
 REPEATS = 1  # one run is minutes; each paced phase holds >= 1,200 requests
 
 
@@ -261,11 +261,12 @@ def _profile(pid: int, rate: float, seconds: float) -> subprocess.Popen[bytes] |
         return None
     PROFILES.mkdir(exist_ok=True)
     ext = {"svg": "svg", "raw": "txt", "speedscope": "json"}[PROFILE]
-    spy = Path(sys.executable).parent / "py-spy"
-    cmd = [str(spy), "record", "--pid", str(pid), "--nonblocking", "--rate", "100"]
-    cmd += ["--duration", str(int(seconds)), "--format", PROFILE]
-    cmd += ["-o", str(PROFILES / f"api_{rate:.0f}.{ext}")]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = spy_argv(pid, PROFILES / f"api_{rate:.0f}.{ext}", PROFILE)
+    return subprocess.Popen(
+        [*cmd, "--duration", str(int(seconds))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _paced_figures(

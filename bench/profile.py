@@ -92,18 +92,22 @@ def summary(path: Path, cpu_ms_per_task: float | None = None, top: int = 6) -> s
     return f"{total} samples; by library: {libs}; hottest: {funcs}"
 
 
+def spy_argv(pid: int, output: Path, fmt: str = "raw") -> list[str]:
+    """The one py-spy command line of the benchmarks: sample ``pid`` without pausing it."""
+    spy = Path(sys.executable).parent / "py-spy"
+    argv = [str(spy), "record", "--nonblocking", "--rate", str(RATE_HZ), "--format", fmt]
+    return [*argv, "--full-filenames", "--pid", str(pid), "--output", str(output)]
+
+
 class Profiles:
     """py-spy on each of ``pids`` until :meth:`stop`; files under ``bench/profiles/``."""
 
     def __init__(self, prefix: str, pids: dict[str, int]) -> None:
         PROFILES.mkdir(exist_ok=True)
-        spy = Path(sys.executable).parent / "py-spy"
         self.paths = {name: PROFILES / f"{prefix}{name}.txt" for name in pids}
-        argv = [str(spy), "record", "--nonblocking", "--format", "raw", "--full-filenames"]
-        argv += ["--rate", str(RATE_HZ)]
         self._procs = [
             subprocess.Popen(
-                [*argv, "--pid", str(pid), "--output", str(self.paths[name])],
+                spy_argv(pid, self.paths[name]),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
