@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from stormline.api.app import create_app
 from stormline.api.models import Role
 from stormline.client import Client, QuotaExceeded
 from stormline.schemas.catalog import TASKS
@@ -24,6 +26,7 @@ from stormline.schemas.kafka import ensure_topics
 from stormline.schemas.models import TaskSubmitted
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
+from stormline.state import set_status, task_status
 from tests.api_fixtures import Jwks, auth, make_key, post, running_api
 from tests.test_publish import read_topic
 
@@ -279,6 +282,32 @@ def test_in_flight_quota_frees_up_when_a_task_ends(api: str, api_settings: Setti
     assert post(api, "/v1/tasks", key, _task()).status_code == 202
     again = httpx.post(f"{api}/v1/tasks/{ids[0]}/cancel", headers=auth(key), timeout=10)
     assert again.status_code == 200 and again.json()["state"] == "cancelled"  # idempotent
+
+
+def test_a_cancel_wins_over_the_router_moving_the_task(api_settings: Settings) -> None:
+    """The router writes ``waiting`` at attempt 1 over ``submitted`` at attempt 0 between the
+    cancel's read and its write (in the app, in this process, so that the move lands exactly
+    there): the cancel still applies. It once answered 409 "is waiting: too late to cancel"."""
+    key = make_key(api_settings, "racing", [Role.SUBMIT, Role.READ])
+    with TestClient(create_app(api_settings)) as http:
+        r = http.post("/v1/tasks", json=_task(), headers=auth(key))
+        assert r.status_code == 202, r.text
+        tid = r.json()["task_ids"][0]
+        store = http.app.state.store  # type: ignore[attr-defined]
+        read = store.status
+        moved = []
+
+        async def read_then_router_moves(task_id: str) -> dict[str, str] | None:
+            rec = await read(task_id)
+            if not moved:
+                moved.append(set_status(api_settings, task_id, "waiting", 1))
+            return rec
+
+        store.status = read_then_router_moves
+        c = http.post(f"/v1/tasks/{tid}/cancel", headers=auth(key))
+    assert moved == [True], "the router's move did not apply: the race was not set up"
+    assert c.status_code == 200 and c.json()["state"] == "cancelled", c.text
+    assert task_status(api_settings, tid)["state"] == "cancelled"
 
 
 # =========================================================================== OIDC ==

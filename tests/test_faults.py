@@ -23,6 +23,7 @@ from stormline.deploy.stack import EmbeddedStack
 from stormline.schemas.catalog import REWARDS
 from stormline.schemas.kafka import end_offsets
 from stormline.settings import Settings
+from stormline.state import task_status
 from tests.conftest import free_port
 from tests.loop import Loop, Outcomes
 
@@ -53,13 +54,26 @@ def private(
 def check(loop: Loop, out: Outcomes, what: str) -> int:
     wanted = {t.task_id for t in loop.tasks}
     missing = out.missing(wanted)
-    assert not missing, f"{what}: {len(missing)} tasks have no outcome, e.g. {sorted(missing)[:3]}"
+    assert not missing, (
+        f"{what}: {len(missing)} tasks have no outcome: {_whereabouts(loop, out, missing)}"
+    )
     several = [t for t in wanted if out.final_outcomes(t) != 1]
     assert not several, f"{what}: tasks with more than one final outcome: {several[:3]}"
     assert not out.conflicting_attempts(), f"{what}: attempts done twice"
     dup = loop.duplicate_llm_calls(out)
     print(f"{what}: {len(wanted)} tasks, each with one final outcome; {dup} LLM calls repeated")
     return dup
+
+
+def _whereabouts(loop: Loop, out: Outcomes, missing: set[str]) -> dict[str, object]:
+    """Where each of the first missing tasks got to: its Redis status and its trajectories."""
+    return {
+        t: {
+            "status": task_status(loop.s, t),
+            "trajectories": [(tr.attempt, str(tr.status)) for tr in out.trajectories.get(t, [])],
+        }
+        for t in sorted(missing)[:5]
+    }
 
 
 def test_kill9_worker_router_and_evaluator_mid_load(private, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

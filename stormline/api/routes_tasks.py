@@ -169,16 +169,25 @@ async def task_events(
     )
 
 
+_CANCEL_TRIES = 5  # each refusal means the task moved on; it is final after a few moves
+
+
 @router.post("/tasks/{task_id}/cancel", response_model=TaskStatus)
 @needs(Role.SUBMIT)
 async def cancel_task(request: Request, task_id: str, who: Caller) -> TaskStatus:
     """Mark the task ``cancelled`` (through the guarded status); again: the same answer;
     409 once it succeeded or failed."""
     st = request.app.state
-    cur = await _owned(request, who, task_id)
-    if cur.state not in FINAL_STATES:
-        await st.state.set_status(task_id, TaskState.CANCELLED.value, cur.attempt)
     now = await _owned(request, who, task_id)
+    # The router may move the task (submitted/0 -> waiting/1) between our read and our write,
+    # which the guarded write refuses as stale: read again and retry at the newer attempt.
+    for _ in range(_CANCEL_TRIES):
+        if now.state in FINAL_STATES:
+            break
+        applied = await st.state.apply_status(task_id, TaskState.CANCELLED.value, now.attempt)
+        if applied is None:
+            raise HTTPException(503, "the task status store did not answer; cancel again")
+        now = await _owned(request, who, task_id)
     if now.state is not TaskState.CANCELLED:
         raise HTTPException(409, f"task {task_id!r} is {now.state.value}: too late to cancel")
     await st.store.finished(who.tenant, task_id)
