@@ -66,7 +66,15 @@ def check(loop: Loop, out: Outcomes, what: str) -> int:
 
 
 def _whereabouts(loop: Loop, out: Outcomes, missing: set[str]) -> dict[str, object]:
-    """Where each of the first missing tasks got to: its Redis status and its trajectories."""
+    """Where each of the first missing tasks got to: its Redis status and its trajectories;
+    printed with the router's counters and the end of every service's log."""
+    try:
+        url = f"http://127.0.0.1:{loop.s.router_web_port}/router/counters/"
+        print("router counters:", httpx.get(url, timeout=5).text)
+    except httpx.HTTPError as exc:
+        print("router counters: not answered:", exc)
+    for log in sorted((loop.s.data_dir / "logs").glob("*.log")):
+        print(f"--- {log.name}, last lines:", *log.read_text().splitlines()[-8:], sep="\n")
     return {
         t: {
             "status": task_status(loop.s, t),
