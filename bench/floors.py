@@ -262,6 +262,35 @@ STAGES: list[tuple[str, list[Fig], list[Fig] | None, str, float]] = [
 ]
 
 
+# Why a stage misses its target, as its profile shows (bench/results.md "Where the CPU goes").
+# Keyed by the stage's label, or by its first word for the serde rows (one per event type).
+GAPS: dict[str, str] = {
+    "serde": "encode is pydantic's model_dump plus fastavro; decode is fastavro plus a pydantic "
+    "validation of a record the schema already shaped (2026-12-04: 0.61-0.80x); 0.9x needs "
+    "decode without re-validation inside the loop, validation kept at publish and the API",
+    "worker CPU per task ÷ one openai SDK call (aiohttp), 0 ms LLM": "2026-12-04 profile of the "
+    "e2e run: per task Stormline's own worker code 0.75-0.79 ms, redis-py 0.38 ms (its "
+    "command packing), the SDK 0.33-0.44 ms plus aiohttp 0.2 ms; the bench's 4.2 ms includes "
+    "the consumer and producer of a single-worker run",
+    "router CPU per routed task ÷ a bare Faust forwarder's per record": "the router's profile "
+    "(5.8 ms per task): aiokafka 1.8 ms, mode (Faust's service runtime) 1.5 ms, faust 0.8 ms, "
+    "Stormline's routing 0.8-0.9 ms, redis 0.3-0.4 ms: the Faust hops (repartition, "
+    "assignment, changelogs) cost ~4 ms; the router issue (14) redesigns them",
+    "broker CPU per task (ms), in-process provider": "1.2 ms: the Faust router's small "
+    "aiokafka fetches and changelog sends dominate what the broker serves",
+    "loop CPU per task (ms, every process), in-process provider": "router 5.8 ms of the 8.3 ms "
+    "(profile above), then the broker 1.2 ms and the workers 1.0 ms each",
+    "loop tasks/s, in-process provider": "CPU-bound at 8.3 ms per task on 2 cores, 5.8 ms of "
+    "it in the Faust router",
+    "loop tasks/s through the OpenAI SDK": "CPU-bound: the router's 5.8 ms plus workers at "
+    "~2 ms each (SDK, aiohttp, redis-py) and the broker",
+}
+
+
+def gap_for(label: str) -> str:
+    return GAPS.get(label) or GAPS.get(label.split()[0]) or "not met; no explanation recorded"
+
+
 def _value(suites: dict[str, Any], figs: list[Fig]) -> float | None:
     total = 0.0
     for suite, key, scale in figs:
