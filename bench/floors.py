@@ -270,14 +270,14 @@ GAPS: dict[str, str] = {
     "decode without re-validation inside the loop, validation kept at publish and the API",
     "worker CPU per task ÷ one openai SDK call (aiohttp), 0 ms LLM": "2026-12-04 profile of the "
     "e2e run: per task Stormline's own worker code 0.75-0.79 ms, redis-py 0.38 ms (its "
-    "command packing), the SDK 0.33-0.44 ms plus aiohttp 0.2 ms; the bench's 4.2 ms includes "
-    "the consumer and producer of a single-worker run",
+    "command packing), the SDK 0.33-0.44 ms plus aiohttp 0.2 ms, ~2 ms in all; the worker "
+    "suite's own 4.2 ms (one worker process) was not profiled, so its extra 2 ms is unexplained",
     "router CPU per routed task ÷ a bare Faust forwarder's per record": "the router's profile "
     "(5.8 ms per task): aiokafka 1.8 ms, mode (Faust's service runtime) 1.5 ms, faust 0.8 ms, "
     "Stormline's routing 0.8-0.9 ms, redis 0.3-0.4 ms: the Faust hops (repartition, "
     "assignment, changelogs) cost ~4 ms; the router issue (14) redesigns them",
-    "broker CPU per task (ms), in-process provider": "1.2 ms: the Faust router's small "
-    "aiokafka fetches and changelog sends dominate what the broker serves",
+    "broker CPU per task (ms), in-process provider": "1.2 ms; py-spy samples Python only, so "
+    "the Java broker's split is not measured: not explained yet",
     "loop CPU per task (ms, every process), in-process provider": "router 5.8 ms of the 8.3 ms "
     "(profile above), then the broker 1.2 ms and the workers 1.0 ms each",
     "loop tasks/s, in-process provider": "CPU-bound at 8.3 ms per task on 2 cores, 5.8 ms of "
