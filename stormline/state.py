@@ -27,13 +27,14 @@ talks to Redis.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -521,3 +522,360 @@ def record_reward(settings: Settings, task_id: str, value: float, source: str = 
     # The TTL: never a key without one (the maxmemory policy evicts only keys that have one).
     done = _sync(settings).eval(_REWARD, 1, key, value, source, settings.idempotency_ttl_s)
     return bool(done)
+
+
+# ==================================================================== worker hot path ==
+# Issue 16: the worker's Redis work in one pipelined call per event-loop tick, for every
+# task that reached the same point in that tick. Added beside RedisState, whose methods stay
+# as they were: they are the fallback whenever the pipelined call fails (Redis down, a
+# refusal, a script Redis forgot after a restart), so every fault takes the path it took
+# before and is retried, counted and reported the same way.
+
+
+def _lua_function(name: str, script: str) -> str:
+    """``script`` (a whole script reading KEYS and ARGV) as a local Lua function of (KEYS,
+    ARGV): the parameters shadow the globals, so the very text RedisState runs (the status
+    script built from the lifecycle's table, the provider budget) runs per task here."""
+    return f"local function {name}(KEYS, ARGV)\n{script}\nend\n"
+
+
+# ARGV is a run of segments, each its length and then its items.
+_SEGMENTS = """
+local pos = 1
+local function segment()
+  local n, seg = tonumber(ARGV[pos]), {}
+  for j = 1, n do seg[j] = ARGV[pos + j] end
+  pos = pos + n + 1
+  return seg
+end
+"""
+
+# Per task, KEYS: its record, its status hash, its cached answer, its provider's budget ('' when
+# not asked); ARGV: the status script's arguments (empty: the status is not touched) and the
+# budget script's (empty: not asked). A recorded trajectory is the whole answer (nothing is
+# written, no budget taken); a cached answer takes no budget. Per task {record, cached, wait}.
+_BEGIN_MANY = """
+local out = {}
+for i = 0, #KEYS / 4 - 1 do
+  local k = i * 4
+  local status, budget = segment(), segment()
+  local rec = redis.call('GET', KEYS[k + 1])
+  local hit, wait = false, false
+  if not rec then
+    if #status > 0 then apply_status({KEYS[k + 2]}, status) end
+    if KEYS[k + 3] ~= '' then hit = redis.call('GET', KEYS[k + 3]) end
+    if not hit and #budget > 0 then wait = take_budget({KEYS[k + 4]}, budget) end
+  end
+  out[i + 1] = {rec, hit, wait}
+end
+return out
+"""
+
+# Per task, KEYS: its record, its status hash; ARGV: the record ({value, ttl}; empty: too large
+# to keep) and the status script's arguments (result fields). Per task 1 when its record was
+# kept (or none is kept) and its fields written, else the record that was there first (whose
+# fields the caller writes).
+_FINISH_MANY = """
+local out = {}
+for i = 0, #KEYS / 2 - 1 do
+  local rec, status = segment(), segment()
+  local first = false
+  if #rec > 0 and not redis.call('SET', KEYS[2 * i + 1], rec[1], 'NX', 'EX', rec[2]) then
+    first = redis.call('GET', KEYS[2 * i + 1])
+  end
+  if first then
+    out[i + 1] = first
+  else
+    apply_status({KEYS[2 * i + 2]}, status)
+    out[i + 1] = 1
+  end
+end
+return out
+"""
+
+
+def begin_many_lua() -> str:
+    return (
+        _lua_function("apply_status", status_lua())
+        + _lua_function("take_budget", RedisState._BUDGET_LUA)
+        + _SEGMENTS
+        + _BEGIN_MANY
+    )
+
+
+def finish_many_lua() -> str:
+    return _lua_function("apply_status", status_lua()) + _SEGMENTS + _FINISH_MANY
+
+
+def _segment(items: list[Any]) -> list[Any]:
+    return [len(items), *items]
+
+
+@dataclass(frozen=True)
+class BudgetAsk:
+    """One take from a provider's shared budget (the arguments of
+    :meth:`RedisState.take_budget`, ``take=True``)."""
+
+    provider: str
+    rps: float = 0.0
+    tpm: float = 0.0
+    tokens: float = 0.0
+
+    def args(self) -> list[Any]:
+        burst = max(self.rps, 1.0) if self.rps else 0
+        return [self.rps, burst, self.tpm, self.tokens, 0.0, 1]
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What an attempt's first Redis call found: the trajectory recorded for it (then nothing
+    was written and nothing taken), the cached answer, the budget's wait (None: not asked,
+    or Redis did not answer: then there is no shared budget, as with take_budget)."""
+
+    recorded: Trajectory | None = None
+    cached: CachedResponse | None = None
+    wait: float | None = None
+
+
+@dataclass
+class _Tick:
+    begins: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = field(default_factory=list)
+    finishes: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = field(default_factory=list)
+    writes: list[tuple[tuple[Any, ...], Callable[[], Coroutine[Any, Any, Any]]]] = field(
+        default_factory=list
+    )
+
+
+class HotPath:
+    """The worker's Redis calls, gathered per event-loop tick into one pipelined call.
+
+    Every task that asks in the same tick rides the same pipeline: :meth:`begin` (the
+    idempotency record, the ``running`` status, the cached answer, the first budget take)
+    and :meth:`finish` (the record with NX and the result fields) are one Lua script each
+    per tick for all those tasks, and write-behind commands (:meth:`cache_response`,
+    :meth:`charge_budget`) go along. A task's own cost is then packing its arguments and
+    reading its reply, not a round trip.
+
+    If the pipelined call fails for a task, that task takes RedisState's own methods, as it
+    did before, with their retries, degradation and counting.
+    """
+
+    CHUNK = 128  # tasks per script call: one call must not hold Redis for long
+
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+        self._tick: _Tick | None = None
+        self._sending: set[asyncio.Task[Any]] = set()
+        self._begin = state._r.register_script(begin_many_lua())
+        self._finish = state._r.register_script(finish_many_lua())
+        self._budget = state._r.register_script(RedisState._BUDGET_LUA)
+        self._loaded = False
+
+    # -- the calls ---------------------------------------------------------------------
+    async def begin(
+        self,
+        task_id: str,
+        attempt: int,
+        *,
+        running_for: str | None,
+        cache_key: str | None = None,
+        budget: BudgetAsk | None = None,
+    ) -> Begun:
+        """The attempt's record; if there is none: status ``running`` (when ``running_for``,
+        the agent, is given), the answer cached under ``cache_key``, one take of ``budget``."""
+        s = self.state
+        status = []
+        if running_for is not None:
+            fields = {"agent_id": running_for}
+            status = _status_args(s.settings, task_id, TaskState.RUNNING, attempt, fields)
+        keys = [
+            s._traj_key(task_id, attempt),
+            f"{s.prefix}task:{task_id}",
+            f"{s.prefix}cache:{cache_key}" if cache_key else "",
+            f"{s.prefix}budget:{budget.provider}" if budget else "",
+        ]
+        args = [*_segment(status), *_segment(budget.args() if budget else [])]
+        reply = _NOT_SENT if s.degraded else await self._ask(self._queue().begins, keys, args)
+        if isinstance(reply, list) and len(reply) == 3:
+            rec, hit, wait = reply
+            return Begun(
+                TrajectoryRecord.decode(rec) if rec else None,
+                CachedResponse.decode(hit) if hit else None,
+                float(wait) if wait is not None else None,
+            )
+        await self._failed(reply)
+        return await self._begin_alone(task_id, attempt, running_for, cache_key, budget)
+
+    async def _begin_alone(
+        self,
+        task_id: str,
+        attempt: int,
+        running_for: str | None,
+        cache_key: str | None,
+        budget: BudgetAsk | None,
+    ) -> Begun:
+        s = self.state
+        recorded = await s.recorded_trajectory(task_id, attempt)
+        if recorded is not None:
+            return Begun(recorded)
+        if running_for is not None:
+            await s.set_status(task_id, TaskState.RUNNING, attempt, agent_id=running_for)
+        cached = await s.cached_response(cache_key) if cache_key else None
+        wait = None
+        if budget is not None and cached is None:
+            b = budget
+            wait = await s.take_budget(b.provider, rps=b.rps, tpm=b.tpm, tokens=b.tokens)
+        return Begun(None, cached, wait)
+
+    async def finish(self, traj: Trajectory) -> Trajectory:
+        """Record ``traj`` unless one is recorded already, and the result fields of the one
+        that counts (:meth:`RedisState.record_trajectory` + :meth:`RedisState.set_result`)."""
+        s = self.state
+        value = TrajectoryRecord.encode(traj)
+        record: list[Any] = [value, s.settings.idempotency_ttl_s]
+        if len(value) > s.settings.max_record_bytes:
+            # Kafka's readers refuse a record this large anyway; Redis does not keep it either.
+            log.warning("trajectory of %s not recorded: %d bytes", traj.task_id, len(value))
+            record = []
+        keys = [s._traj_key(traj.task_id, traj.attempt), f"{s.prefix}task:{traj.task_id}"]
+        args = [*_segment(record), *_segment(_result_args(s.settings, traj))]
+        reply = _NOT_SENT if s.degraded else await self._ask(self._queue().finishes, keys, args)
+        if reply == 1:
+            return traj
+        if isinstance(reply, bytes):  # another copy was recorded first: it counts
+            first = TrajectoryRecord.decode(reply)
+            await s.set_result(first.task_id, first.attempt, **_result_fields(first))
+            return first
+        await self._failed(reply)
+        if record:
+            traj = await s.record_trajectory(traj)
+        await s.set_result(traj.task_id, traj.attempt, **_result_fields(traj))
+        return traj
+
+    async def cached_response(self, key: str) -> CachedResponse | None:
+        return await self.state.cached_response(key)
+
+    async def cache_response(self, key: str, response: Response, ttl_s: int) -> None:
+        """Write-behind: queued with this tick's pipeline (with the attempt's record, when the
+        caller records next), not waited for."""
+        value = CachedResponse.encode(response)
+        cmd = ("SET", f"{self.state.prefix}cache:{key}", value, "EX", ttl_s)
+        self._write(cmd, lambda: self.state.cache_response(key, response, ttl_s))
+
+    def charge_budget(self, provider: str, *, tpm: float, tokens: float) -> None:
+        """Write-behind :meth:`RedisState.take_budget` ``take=False``: an answer used more
+        tokens than it reserved."""
+        args = [0.0, 0, tpm, tokens, 0.0, 0]
+        key = f"{self.state.prefix}budget:{provider}"
+        self._write(
+            ("EVALSHA", self._budget.sha, 1, key, *args),
+            lambda: self.state.take_budget(provider, tpm=tpm, tokens=tokens, take=False),
+        )
+
+    async def aclose(self) -> None:
+        """Wait for the pipelined calls still going (write-behind ones included)."""
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
+    # -- the tick ----------------------------------------------------------------------
+    def _queue(self) -> _Tick:
+        tick = self._tick
+        if tick is None:
+            tick = self._tick = _Tick()
+            # Starts on the next tick, so everything asked in this one goes with it.
+            task = asyncio.get_running_loop().create_task(self._send(tick))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        return tick
+
+    @staticmethod
+    async def _ask(
+        into: list[tuple[list[str], list[Any], asyncio.Future[Any]]],
+        keys: list[str],
+        args: list[Any],
+    ) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        into.append((keys, args, fut))
+        return await fut
+
+    def _write(self, cmd: tuple[Any, ...], alone: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        if self.state.degraded:
+            task = asyncio.get_running_loop().create_task(alone())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            return
+        self._queue().writes.append((cmd, alone))
+
+    async def _send(self, tick: _Tick) -> None:
+        if self._tick is tick:
+            self._tick = None
+        # Writes first: a read asked later in the tick sees a write asked earlier.
+        commands: list[tuple[Any, ...]] = [cmd for cmd, _ in tick.writes]
+        owners: list[list[asyncio.Future[Any]]] = []
+        for ops, script in ((tick.begins, self._begin), (tick.finishes, self._finish)):
+            for c in range(0, len(ops), self.CHUNK):
+                chunk = ops[c : c + self.CHUNK]
+                keys = [k for ks, _, _ in chunk for k in ks]
+                args = [a for _, xs, _ in chunk for a in xs]
+                commands.append(("EVALSHA", script.sha, len(keys), *keys, *args))
+                owners.append([f for _, _, f in chunk])
+        replies: list[Any]
+        try:
+            if not self._loaded:
+                for script in (self._begin, self._finish, self._budget):
+                    await self.state._r.script_load(script.script)
+                self._loaded = True
+            pipe = self.state._r.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # every task of the tick falls back to its own calls
+            replies = [exc] * len(commands)
+        except BaseException:
+            for owner in owners:
+                for f in owner:
+                    f.cancel()
+            raise
+        written, replies = replies[: len(tick.writes)], replies[len(tick.writes) :]
+        for owner, reply in zip(owners, replies, strict=True):
+            each = reply if isinstance(reply, list) and len(reply) == len(owner) else None
+            for i, f in enumerate(owner):
+                if not f.done():  # a task cancelled meanwhile (a drain) wants nothing
+                    f.set_result(reply if each is None else each[i])
+        for (_, alone), reply in zip(tick.writes, written, strict=True):
+            if isinstance(reply, Exception):
+                try:
+                    await self._failed(reply)
+                    await alone()
+                except Exception as exc:  # nobody waits for a write-behind: say it
+                    log.warning("redis write not done: %s", redact(str(exc))[:200])
+
+    async def _failed(self, reply: Any) -> None:
+        """Bookkeeping before a task falls back to RedisState's own calls."""
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            self._loaded = False  # Redis restarted: load the scripts again with the next tick
+        elif isinstance(reply, _REDIS_DOWN):
+            # Degrade now, as RedisState would, so that the fallbacks do not each wait on
+            # a connection first.
+            async def again() -> None:
+                raise reply
+
+            await self.state._safe(again, None)
+        elif isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
+            raise reply  # not Redis' answer: a bug, as RedisState would raise it
+
+
+_NOT_SENT = object()  # degraded: straight to RedisState, which probes and recovers
+
+
+def _result_fields(traj: Trajectory) -> dict[str, Any]:
+    return {
+        "agent_id": traj.agent_id,
+        "trajectory_id": traj.trajectory_id,
+        "output": traj.output,
+        "error": traj.error,
+    }
+
+
+def _result_args(settings: Settings, traj: Trajectory) -> list[Any]:
+    return _status_args(settings, traj.task_id, "", traj.attempt, _result_fields(traj))
