@@ -27,6 +27,7 @@ import redis
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from stormline.consumers.llm import Completion
 from stormline.consumers.llm.agents import load_registry
 from stormline.consumers.llm.simulation import ModelProfile, SimConfig, solve
 from stormline.consumers.llm.simulator import ServerThread, Simulator
@@ -41,12 +42,13 @@ from stormline.schemas.models import (
     TaskAssigned,
     Trajectory,
     TrajectoryStatus,
+    Usage,
     WorkerStatus,
     stable_event_id,
 )
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
-from stormline.state import key_prefix, task_status
+from stormline.state import BudgetAsk, HotPath, RedisState, key_prefix, set_status, task_status
 from tests.conftest import free_port, settings_env
 
 CLI = [sys.executable, "-m", "stormline.cli"]
@@ -497,3 +499,111 @@ async def test_rate_limiter_is_a_shared_token_bucket_in_redis(settings: Settings
     finally:
         await a.aclose()
         await b.aclose()
+
+
+# ------------------------------------------------- the hot path: one call per tick --
+def _evalsha_calls(r: redis.Redis) -> int:
+    stats: dict[str, Any] = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def _traj(tid: str, output: str, attempt: int = 1) -> Trajectory:
+    return Trajectory(
+        task_id=tid,
+        trajectory_id=trajectory_id(tid, attempt),
+        attempt=attempt,
+        agent_id="a",
+        status=TrajectoryStatus.OK,
+        output=output,
+    )
+
+
+async def test_the_redis_work_of_a_tick_is_one_call_for_every_task(settings: Settings) -> None:
+    """Issue 16: 64 attempts begun together are one script call, finished together another
+    (before: four round trips per task), and leave what RedisState's own calls left."""
+    state = RedisState(settings)
+    hot = HotPath(state)
+    r = redis.Redis.from_url(settings.redis_address)
+    try:
+        await hot.begin("warm", 1, running_for="a")  # the scripts are loaded once, first
+        before = _evalsha_calls(r)
+        begun = await asyncio.gather(*(hot.begin(f"h{i}", 1, running_for="a") for i in range(64)))
+        assert _evalsha_calls(r) - before == 1
+        assert all(b.recorded is None and b.cached is None and b.wait is None for b in begun)
+        trajs = [_traj(f"h{i}", str(i)) for i in range(64)]
+        assert await asyncio.gather(*(hot.finish(t) for t in trajs)) == trajs
+        assert _evalsha_calls(r) - before == 2
+        st = task_status(settings, "h7")
+        assert st is not None and (st["state"], st["attempt"], st["agent_id"]) == (
+            "running",
+            "1",
+            "a",
+        )
+        assert st["output"] == "7" and st["trajectory_id"] == trajs[7].trajectory_id
+        assert (r.ttl(f"{key_prefix(settings)}traj:h7:1") or 0) > 0
+        # A redelivery: the record is the answer, and nothing is written.
+        again = await hot.begin("h7", 1, running_for="b")
+        assert again.recorded == trajs[7]
+        assert task_status(settings, "h7") == st
+    finally:
+        await hot.aclose()
+        await state.aclose()
+        r.close()
+
+
+async def test_the_pipelined_calls_keep_the_status_guard_and_the_first_record(
+    settings: Settings,
+) -> None:
+    state = RedisState(settings)
+    hot = HotPath(state)
+    try:
+        # Two copies of one attempt finished in the same tick: the first record counts, and
+        # its result fields are the ones written.
+        await hot.begin("g2", 1, running_for="a")
+        first, second = _traj("g2", "first"), _traj("g2", "second")
+        assert await asyncio.gather(hot.finish(first), hot.finish(second)) == [first, first]
+        st = task_status(settings, "g2")
+        assert st is not None and st["output"] == "first"
+        # The router failed the task: a late begin and finish change neither state nor fields.
+        assert set_status(settings, "g1", "assigned", 2)
+        assert set_status(settings, "g1", "failed", 2, error="attempt 2 expired")
+        assert (await hot.begin("g1", 2, running_for="a")).recorded is None
+        late = _traj("g1", "late", attempt=2)
+        assert await hot.finish(late) == late  # recorded: the result is kept, not counted
+        st = task_status(settings, "g1")
+        assert st is not None and st["state"] == "failed" and "output" not in st
+        # An older attempt never moves the status back either.
+        assert (await hot.begin("g1", 1, running_for="a")).recorded is None
+        assert task_status(settings, "g1") == st
+    finally:
+        await hot.aclose()
+        await state.aclose()
+
+
+async def test_a_cached_answer_takes_no_budget_and_a_forgotten_script_falls_back(
+    settings: Settings,
+) -> None:
+    state = RedisState(settings)
+    hot = HotPath(state)
+    r = redis.Redis.from_url(settings.redis_address)
+    one = BudgetAsk("openai@hot-test", rps=1)  # a bucket of one request
+    try:
+        answer = Completion(output="16", provider="openai", model="m", steps=[], usage=Usage())
+        await hot.cache_response("q8", answer, 60)  # written behind, before this tick's reads
+        hit = await hot.begin("c1", 1, running_for="a", cache_key="q8", budget=one)
+        assert hit.cached is not None and hit.cached.output == "16" and hit.wait is None
+        # Redis forgets its scripts (a restart): that task takes RedisState's own calls...
+        r.script_flush()
+        taken = await hot.begin("c2", 1, running_for="a", budget=one)
+        assert taken.wait == 0.0  # the bucket's one request, which the cache hit left
+        st = task_status(settings, "c2")
+        assert st is not None and st["state"] == "running"
+        # ...and the next tick is one pipelined call again, on the same shared budget.
+        before = _evalsha_calls(r)
+        empty = await hot.begin("c3", 1, running_for="a", budget=one)
+        assert _evalsha_calls(r) - before == 1
+        assert empty.wait is not None and 0.0 < empty.wait <= 1.0
+    finally:
+        await hot.aclose()
+        await state.aclose()
+        r.close()

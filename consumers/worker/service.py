@@ -35,7 +35,7 @@ from stormline.consumers.worker.heartbeats import Heartbeats
 from stormline.consumers.worker.pipeline import Pipeline
 from stormline.consumers.worker.providers import ProviderPool
 from stormline.consumers.worker.stats import WorkerStats
-from stormline.consumers.worker.trajectories import deliver, trajectory_id
+from stormline.consumers.worker.trajectories import Acks, deliver, trajectory_id
 from stormline.logs import bound, redact
 from stormline.runtime.commits import COMMIT_WAIT_S, OffsetTracker, commit_on_daemon_thread
 from stormline.schemas.catalog import ASSIGNMENTS, DEAD_LETTERS
@@ -61,6 +61,7 @@ class _Clients:
     out: EventProducer
     dlq: EventProducer
     consumer: EventConsumer
+    acks: Acks
 
     @classmethod
     def open(
@@ -77,7 +78,7 @@ class _Clients:
         )
         consumer.raw.subscribe([ASSIGNMENTS.name(settings)], on_revoke=on_revoke, on_lost=on_revoke)
         out = EventProducer(settings, serde).start()
-        return cls(RedisState(settings), out, dlq, consumer)
+        return cls(RedisState(settings), out, dlq, consumer, Acks())
 
     async def close(self) -> None:
         for producer in (self.out, self.dlq):
@@ -131,6 +132,7 @@ class Worker:
             agents=agents,
             breakers=self.providers.breakers,
             stats=self.stats,
+            acks=io.acks,
         )
         heartbeats = Heartbeats(
             s,
@@ -162,15 +164,16 @@ class Worker:
         try:
             await self._consume(io, pipeline, until)
         finally:
-            await self._shut_down(io, heartbeats, beating)
+            await self._shut_down(io, pipeline, heartbeats, beating)
         return self.stats
 
     async def _shut_down(
-        self, io: _Clients, heartbeats: Heartbeats, beating: asyncio.Task[None]
+        self, io: _Clients, pipeline: Pipeline, heartbeats: Heartbeats, beating: asyncio.Task[None]
     ) -> None:
         self._draining = True
         await self._drain()
         await self._commit(io.consumer, final=True)
+        await pipeline.aclose()  # Redis writes still going (a cache write-behind)
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating
@@ -267,7 +270,8 @@ class Worker:
             await self._dead_letter(io, rec, exc)
             return
         with tracing.child("stormline.worker.trajectory", {"stormline.status": traj.status.value}):
-            await deliver(io.out, traj)  # the Trajectory carries this span's context
+            # The Trajectory carries this span's context.
+            await deliver(io.out, traj, acks=io.acks)
         self.stats.processed += 1
         metrics.TRAJECTORIES.labels(traj.agent_id, traj.status.value).inc()
         if traj.status is not TrajectoryStatus.OK:
@@ -308,6 +312,7 @@ class Worker:
             what=f"dead letter of the assignment of task {rec.event.task_id}",
             topic=DEAD_LETTERS.name(s),
             key=rec.key or "",
+            acks=io.acks,
         )
 
     async def _drain(self) -> None:

@@ -31,60 +31,49 @@ from stormline.consumers.llm.resilience import (
 )
 from stormline.consumers.worker.stats import WorkerStats
 from stormline.consumers.worker.trajectories import trajectory_event_id
-from stormline.schemas.lifecycle import TaskState
 from stormline.schemas.models import TaskAssigned, Trajectory
-from stormline.state import RedisState
+from stormline.state import BudgetAsk, CachedResponse, HotPath, RedisState
 
 
 class Idempotency:
     """A Trajectory recorded for (task, attempt) is the answer: re-sent, never recomputed."""
 
-    def __init__(self, state: RedisState, stats: WorkerStats) -> None:
-        self.state = state
+    def __init__(self, hot: HotPath, stats: WorkerStats) -> None:
+        self.hot = hot
         self.stats = stats
 
     async def recorded(self, a: TaskAssigned) -> Trajectory | None:
         """The recorded Trajectory, if any (:class:`~stormline.state.UnreadableRecord` if it
         cannot be read: the caller dead-letters the assignment rather than pay again)."""
-        traj = await self.state.recorded_trajectory(a.task_id, a.attempt)
-        if traj is None:
-            return None
+        traj = (await self.hot.begin(a.task_id, a.attempt, running_for=None)).recorded
+        return None if traj is None else self.resend(a, traj)
+
+    def resend(self, a: TaskAssigned, traj: Trajectory) -> Trajectory:
         self.stats.resent += 1
         # Records of older workers carry a random event id; every copy gets the stable one.
         return traj.model_copy(update={"event_id": trajectory_event_id(a.task_id, a.attempt)})
 
 
 class Recorder:
-    """Task status as the attempt goes, and the one Trajectory that counts for it."""
+    """The one Trajectory that counts for the attempt, and its result fields in the task's
+    status (``running`` is written with the attempt's first call, :meth:`HotPath.begin`)."""
 
-    def __init__(self, state: RedisState) -> None:
-        self.state = state
-
-    async def running(self, a: TaskAssigned) -> None:
-        await self.state.set_status(a.task_id, TaskState.RUNNING, a.attempt, agent_id=a.agent_id)
+    def __init__(self, hot: HotPath) -> None:
+        self.hot = hot
 
     async def record(self, traj: Trajectory) -> Trajectory:
         """Record ``traj`` (unless another was first) and its result fields; return the one
         recorded."""
-        traj = await self.state.record_trajectory(traj)
-        await self.state.set_result(
-            traj.task_id,
-            traj.attempt,
-            agent_id=traj.agent_id,
-            trajectory_id=traj.trajectory_id,
-            output=traj.output,
-            error=traj.error,
-        )
         # The final state (succeeded/failed) is the router's to write (contracts.md): only it
         # knows whether this attempt's result counts.
-        return traj
+        return await self.hot.finish(traj)
 
 
 class ResponseCache:
     """Answers to identical requests, for ``STORMLINE_RESPONSE_CACHE_TTL_S`` (0: off)."""
 
-    def __init__(self, state: RedisState, ttl_s: int, stats: WorkerStats) -> None:
-        self.state = state
+    def __init__(self, hot: HotPath, ttl_s: int, stats: WorkerStats) -> None:
+        self.hot = hot
         self.ttl_s = ttl_s
         self.stats = stats
 
@@ -95,12 +84,15 @@ class ResponseCache:
         )
         return hashlib.sha256(ident.encode()).hexdigest()
 
-    async def get(self, cfg: ProviderConfig, req: CompletionRequest) -> Completion | None:
+    def key_if_on(self, cfg: ProviderConfig, req: CompletionRequest) -> str | None:
+        return self.key(cfg, req) if self.ttl_s else None
+
+    async def get(self, cfg: ProviderConfig, req: CompletionRequest) -> CachedResponse | None:
         if not self.ttl_s:
             return None
-        hit = await self.state.cached_response(self.key(cfg, req))
-        if hit is None:
-            return None
+        return await self.hot.cached_response(self.key(cfg, req))
+
+    def served(self, hit: CachedResponse) -> Completion:
         self.stats.cache_hits += 1
         return Completion(
             output=hit.output,
@@ -111,8 +103,9 @@ class ResponseCache:
         )
 
     async def put(self, cfg: ProviderConfig, req: CompletionRequest, comp: Completion) -> None:
+        """Written behind, with the attempt's record: nothing waits for it."""
         if self.ttl_s:
-            await self.state.cache_response(self.key(cfg, req), comp, self.ttl_s)
+            await self.hot.cache_response(self.key(cfg, req), comp, self.ttl_s)
 
 
 class RateLimit:
@@ -120,7 +113,8 @@ class RateLimit:
     (``STORMLINE_PROVIDER_RATE_LIMITS``), tokens/minute (``STORMLINE_PROVIDER_TOKEN_LIMITS``:
     a call reserves its prompt/4 + max_tokens, and is charged more if its usage says so), and
     the waits providers ask for with a 429 (``Retry-After``, rate-limit headers): such a 429
-    pushes the budget back, so every worker waits until then. Asked before every try.
+    pushes the budget back, so every worker waits until then. Asked before every try; the
+    first try's ask can ride the attempt's first Redis call (:meth:`ProviderThrottle.ask_first`).
 
     A provider with neither limit costs no Redis call, until this worker sees a 429 from it
     that says when to come back; from then on (for ``HOT_S``) it asks too.
@@ -129,9 +123,12 @@ class RateLimit:
     HOT_S = 60.0
 
     def __init__(
-        self, state: RedisState, limits: dict[str, float], token_limits: dict[str, float]
+        self,
+        state: RedisState | HotPath,
+        limits: dict[str, float],
+        token_limits: dict[str, float],
     ) -> None:
-        self.state = state
+        self.state = state.state if isinstance(state, HotPath) else state
         self.limits = limits
         self.token_limits = token_limits
         self.hot_until: dict[str, float] = {}
@@ -149,16 +146,32 @@ class ProviderThrottle:
         self.tpm = rl.token_limits.get(cfg.key, rl.token_limits.get(cfg.provider, 0.0))
         self.estimate = estimate_tokens(req.prompt, req.system_prompt, req.max_tokens)
         self.reserved = 0  # tokens this call holds in the budget
+        self._first: float | None = None  # the answer to ask_first, until acquire uses it
+
+    def _limited(self) -> bool:
+        hot = self.rl.hot_until.get(self.key, 0.0) > time.monotonic()
+        return bool(self.rps or self.tpm or hot)
+
+    def ask_first(self) -> BudgetAsk | None:
+        """The first try's take, to be asked with the attempt's first Redis call right
+        before the call (the caller holds its slot); None: this provider has no budget."""
+        if not self._limited():
+            return None
+        return BudgetAsk(self.key, self.rps, self.tpm, self.estimate if self.tpm else 0)
+
+    def answered(self, wait: float | None) -> None:
+        """What the budget said to :meth:`ask_first` (None: Redis did not answer, so there
+        is no shared budget, as with take_budget)."""
+        self._first = wait or 0.0
 
     async def acquire(self, deadline: float | None) -> None:
-        hot = self.rl.hot_until.get(self.key, 0.0) > time.monotonic()
-        if not (self.rps or self.tpm or hot):
-            return
-        tokens = self.estimate if self.tpm else 0
+        wait, self._first = self._first, None
+        if wait is None:
+            if not self._limited():
+                return
+            wait = await self._take()
         # Not a backoff: the budget says how long until there is room.
-        while wait := await self.rl.state.take_budget(
-            self.key, rps=self.rps, tpm=self.tpm, tokens=tokens
-        ):
+        while wait:
             if not within(wait, time.monotonic(), deadline):
                 raise ProviderError(
                     ErrorKind.RATE_LIMIT,
@@ -167,7 +180,12 @@ class ProviderThrottle:
                     final=True,
                 )
             await asyncio.sleep(wait)
-        self.reserved = tokens
+            wait = await self._take()
+        self.reserved = self.estimate if self.tpm else 0
+
+    async def _take(self) -> float:
+        tokens = self.estimate if self.tpm else 0
+        return await self.rl.state.take_budget(self.key, rps=self.rps, tpm=self.tpm, tokens=tokens)
 
     async def hold(self, seconds: float) -> float:
         self.rl.hot_until[self.key] = time.monotonic() + self.rl.HOT_S

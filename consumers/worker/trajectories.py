@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+
+from confluent_kafka import KafkaError, Message
 
 from stormline.consumers.llm import Completion
 from stormline.consumers.llm.agents import AgentConfig, ProviderConfig
@@ -70,6 +74,52 @@ def trajectory(
     )
 
 
+class Acks:
+    """Kafka's acknowledgements of produced events, handed to the event loop in bursts.
+
+    The producer's poll thread reports each delivery. A future per record from another
+    thread (``asyncio.wrap_future``) wakes the loop once per record: a self-pipe write and a
+    callback each. Here the reports queue up, and one wake-up resolves every report that came
+    in meanwhile (one per ``poll`` of the producer, for all the records it delivered).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reports: collections.deque[tuple[asyncio.Future[None], str | None]] = (
+            collections.deque()
+        )
+        self._woken = False
+
+    def sent(
+        self, out: EventProducer, event: Event, *, topic: str | None, key: str | None
+    ) -> asyncio.Future[None]:
+        """Produce ``event``; the future resolves when Kafka acknowledged it (or raises
+        :class:`DeliveryError`)."""
+        fut = self._loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:  # the poll thread
+            self._reports.append((fut, None if err is None else str(err)))
+            if not self._woken:
+                self._woken = True
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    self._loop.call_soon_threadsafe(self._resolve)
+
+        out.produce(event, topic=topic, key=key, on_delivery=delivered)
+        return fut
+
+    def _resolve(self) -> None:
+        # Cleared before the queue is read: a report queued after this line wakes again.
+        self._woken = False
+        while self._reports:
+            fut, err = self._reports.popleft()
+            if fut.done():  # its task was cancelled (a drain hands it back)
+                continue
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(DeliveryError(err))
+
+
 def _undelivered(exc: BaseException) -> bool:
     # The registry down: the event cannot be encoded yet; it will be once the registry is back.
     return isinstance(exc, DeliveryError | RegistryUnavailable)
@@ -82,13 +132,32 @@ async def deliver(
     what: str = "",
     topic: str | None = None,
     key: str | None = None,
+    acks: Acks | None = None,
 ) -> None:
     """Produce ``event`` (or what ``event()`` builds, again on each try) and wait for Kafka's
-    acknowledgement, retrying until it comes."""
-    if isinstance(event, Trajectory):
-        what = what or f"delivery of the trajectory of task {event.task_id}"
-    retrying = _DELIVERY.async_retrying(_undelivered, log=log, what=what or "delivery")
-    async for attempt in retrying:
-        with attempt:
+    acknowledgement, retrying until it comes (the one retry policy's backoff between tries).
+    ``acks``: the acknowledgements come in bursts (:class:`Acks`) instead of one future each."""
+    failures = 0
+    while True:
+        try:
             ev = event if isinstance(event, Event) else event()
-            await asyncio.wrap_future(out.send(ev, topic=topic, key=key))
+            if acks is None:
+                await asyncio.wrap_future(out.send(ev, topic=topic, key=key))
+            else:
+                await acks.sent(out, ev, topic=topic, key=key)
+            return
+        except Exception as exc:
+            if not _undelivered(exc):
+                raise
+            failures += 1
+            wait = _DELIVERY.backoff(failures)
+            if not what and isinstance(event, Trajectory):
+                what = f"delivery of the trajectory of task {event.task_id}"
+            log.warning(
+                "%s failed (attempt %d: %s); retrying in %.2fs",
+                what or "delivery",
+                failures,
+                exc,
+                wait,
+            )
+            await asyncio.sleep(wait)
