@@ -386,10 +386,10 @@ class RouterSettings(_Section):
     router_web_host: str = Field(default="127.0.0.1", description="Router web views' host.")
     router_web_port: int = Field(default=6066, description="Router web views' port (JSON).")
     router_store: str = Field(
-        default="memory", pattern="^(memory|rocksdb)$", description="Table store: memory|rocksdb"
-    )
-    router_partitions: int | None = Field(
-        default=None, ge=1, description="Partitions of the router's internal topics and tables."
+        default="rocksdb",
+        pattern="^(memory|rocksdb)$",
+        description="Store of the router's ledger (counted outcomes per task, kept as long as "
+        "the rewards topic): rocksdb (on disk under the data dir) | memory.",
     )
     router_replication: int | None = Field(
         default=None,
@@ -409,7 +409,11 @@ class RouterSettings(_Section):
     )
     router_ucb_c: float = Field(default=1.0, ge=0, description="UCB1 exploration constant.")
     router_step_size: float | None = Field(
-        default=None, gt=0, le=1, description="Q update step; unset means the sample mean."
+        default=None,
+        gt=0,
+        le=1,
+        description="Older name of a discount: a step s means STORMLINE_ROUTER_DISCOUNT = 1 - s "
+        "(the same recency weighting); ignored when the discount is set.",
     )
     router_seed: int | None = Field(
         default=None,
@@ -423,8 +427,14 @@ class RouterSettings(_Section):
         default=None,
         gt=0,
         le=1,
-        description="Discount gamma of the bandit statistics (window ~1/(1-gamma) rewards); "
-        "unset keeps all evidence.",
+        description="Discount gamma of the bandit statistics (window ~1/(1-gamma) outcomes of "
+        "a task type and agent); unset keeps all evidence.",
+    )
+    router_cost_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Lambda of cost-aware routing: an outcome counts reward - lambda * its cost "
+        "in USD (the evaluator puts the trajectory's cost on the reward); 0 = cost ignored.",
     )
     router_assignment_ttl_s: float = Field(
         default=60.0, gt=0, description="An attempt with no trajectory by then is reassigned."
@@ -437,10 +447,10 @@ class RouterSettings(_Section):
         default=300.0, gt=0, description="Deadline of a task that sets no deadline_ms."
     )
     router_done_retention_s: float = Field(
-        default=3600.0,
+        default=300.0,
         gt=0,
-        description="How long a finished task's full record is kept; its reward ledger stays "
-        "(compacted) as long as the rewards topic keeps records.",
+        description="How long a finished task's record is kept (in memory); its ledger of "
+        "counted outcomes stays (ROUTER_STORE) as long as the rewards topic keeps records.",
     )
     router_heartbeat_timeout_s: float = Field(
         default=15.0, gt=0, description="No heartbeat for this long: the agent is down."
@@ -462,10 +472,18 @@ class RouterSettings(_Section):
         default=0.5, ge=0, le=1, description="Weight of a checkpoint scorer against the Q-table."
     )
     router_batch_max: int = Field(
-        default=500, ge=1, description="Tasks reordered by priority per batch under backlog."
+        default=500,
+        ge=1,
+        description="Input records handled per batch (tasks reordered by priority within it).",
     )
     router_batch_window_ms: float = Field(
-        default=2.0, ge=0, description="How long a priority batch waits to fill."
+        default=2.0, ge=0, description="How long a batch waits to fill."
+    )
+    router_stats_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often a router worker publishes the statistics shards it changed "
+        "(every worker's decisions read everyone's, this much old at most).",
     )
     router_heartbeat_lookback_s: float = Field(
         default=120.0, gt=0, description="Heartbeat history a starting router reads."

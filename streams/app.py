@@ -1,59 +1,62 @@
-"""The router: one faust-streaming app that owns task routing, Q-tables and agent health.
+"""The router: one faust-streaming app that owns task routing, the bandit statistics and health.
 
 Flow (all Kafka traffic goes through aiokafka inside Faust; every byte through ``Serde``)::
 
-    tasks ─┐ priority batches                   ┌─▶ assignments (TaskAssigned)
-    traj. ─┼──▶ <app>-by-type (key task_type) ──┤   route: RouterCore + tables qtable/tasks/types
-    rewards┘                ▲ clock ticks       └─▶ trajectories + rewards (final failures)
-    heartbeats ─┐                                     │ attempt outcomes
-                └──▶ <app>-health (key agent_id) ◀────┘   keep_health: table health ─▶ agent-health
-    heartbeats, agent-health, checkpoints ──▶ every worker's Directory and policy (no group)
+    tasks ────────┐ co-partitioned by task id        ┌─▶ assignments (TaskAssigned)
+    trajectories ─┼──▶ route (batches) ──────────────┼─▶ trajectories + rewards (final failures)
+    rewards ──────┘    RouterCore: tables tasks,     └─▶ <app>-health (outcomes per agent)
+                       ledger; the clock (a heap)
+    heartbeats ──▶ forward-heartbeats ──▶ <app>-health ──▶ keep-health (table health)
+                                                               ──▶ agent-health
+    heartbeats, agent-health, checkpoints, <app>-stats ──▶ every worker (no group): Directory,
+                       policy, the fleet's statistics
 
-* **Repartitioning**: tasks, trajectories and rewards are re-keyed by task type onto one
-  internal topic, so the worker that owns a partition owns the Q-cells of those task types and
-  the records of their tasks; tables are co-partitioned with it. Two workers split the types,
-  one worker holds them all, and the decisions per type are the same.
-* **Priority**: the stateless forwarder reads tasks in batches (``router_batch_max`` within
-  ``router_batch_window_ms``) and forwards each batch highest priority first (stable, so FIFO
-  within a priority). Under backlog the batches are full, so a priority-9 task overtakes up to
-  a whole batch of lower ones; with no backlog batches hold one task and nothing waits.
+* **No repartition hop**: ``tasks``, ``trajectories`` and ``rewards`` are keyed by task id
+  with one partition count, so the worker that owns partition ``p`` of one owns it of all, and
+  a task's record, its ledger and the shards it updates live on ``p``. A hot task type spreads
+  over every partition and every router worker.
+* **Batches**: the route agent handles up to ``router_batch_max`` records at a time (within
+  ``router_batch_window_ms``): results first, then tasks highest priority first (FIFO within
+  a priority). Every record names its own partition for the table writes it causes
+  (:func:`streams.stores.at_partition`), so a batch may mix partitions.
+* **Order of effects** (:meth:`Router.finish`): the batch's table writes are flushed to their
+  changelogs before any event it decided is sent, so a kill never leaves an assignment out
+  whose record was lost (a restarted owner could otherwise give the same attempt to another
+  agent); events not confirmed delivered are sent again by the next owner (same event ids).
+* **Statistics**: each worker keeps the shards of its partitions (streams/shards.py) and
+  publishes the ones it changed every ``router_stats_interval_s`` to ``<app>-stats``, which
+  every worker reads; decisions use the sum over all partitions.
+* **Clock**: due times are on a heap (a tick costs what is due); the clock changes records
+  directly, naming each record's partition. After each rebalance a worker schedules the
+  records of the partitions it now owns.
 * **Health**: one owner per agent (keyed by agent id) runs the state machine of
-  ``streams/health.py`` and publishes each change on ``agent-health``; every router worker
-  reads that topic (and heartbeats for capabilities) without a consumer group, so all workers
-  see every agent.
-* **Clock**: Faust tables may only change inside stream iteration, so the timer sends ticks
-  (task id, keyed by task type) through the by-type topic and the owner acts on them; a tick
-  that is stale or duplicated is ignored because the task record is the truth. Due times are
-  on a heap (a tick costs what is due); one full scan after each rebalance adds the records
-  recovered from the changelog.
+  ``streams/health.py`` on heartbeats and on the outcomes each batch reports (one record per
+  agent per batch) and publishes each change on ``agent-health``.
 * **Task status**: the states the core decides (assigned, waiting, succeeded, failed) go to
-  Redis through ``RedisState.set_status``, which the lifecycle guards (contracts.md).
+  Redis through :class:`streams.status.StatusWriter`, retried until applied.
 * **Failures**: a transient one (the registry or a broker away) is retried with backoff and
-  the record is not acked meanwhile; a record that can never succeed (undecodable, invalid,
-  too large to send, or whose handler raised) goes to ``dead-letters`` with the reason (the
-  one builder, ``stormline.schemas.kafka.dead_letter``).
-* **Memory**: tables use :mod:`streams.stores` (memory) or RocksDB; after a rebalance a
-  worker keeps only the keys of the partitions it owns.
+  the batch is not acked meanwhile; a record that can never succeed (undecodable, invalid,
+  too large to send, or whose handler raised) goes to ``dead-letters`` with the reason.
 
 Kafka plumbing (the Faust app's broker settings, internal topics, the group-less reader) is
-in ``streams/kafka.py``; routing decisions are pure, in ``streams/router.py``. Why this file
-is longer than ~400 lines: it is the one place where the flow above is wired (agents, their
+in ``streams/kafka.py``; decisions are pure, in ``streams/router.py``. Why this file is
+longer than ~400 lines: it is the one place where the flow above is wired (agents, their
 handlers, clocks and views of one Faust app, each small); splitting the handlers from the
-agents that call them would spread one flow over files. Issue 14's task-keyed redesign (no
-by-type hop, shared statistics) replaces most of this wiring; the views, checkpoint loading
-and ``router_config`` split out then.
+agents that call them would spread one flow over files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import faust
@@ -74,7 +77,6 @@ from stormline.schemas.catalog import (
 from stormline.schemas.kafka import dead_letter
 from stormline.schemas.lifecycle import FINAL, TaskState
 from stormline.schemas.models import (
-    ROUTER_AGENT,
     AgentHealthChanged,
     AgentHeartbeat,
     CheckpointPublished,
@@ -90,17 +92,21 @@ from stormline.settings import Settings
 from stormline.state import RedisState
 from stormline.streams.health import AgentHealth, Directory, HealthConfig
 from stormline.streams.kafka import (
-    TABLES,
     app_id,
     ensure_internal_topics,
     faust_app,
+    partitions,
     read_broadcast,
     replicas,
+    snapshot_record,
+    stats_topic,
 )
 from stormline.streams.metrics import instrument
 from stormline.streams.policy import load_policy
-from stormline.streams.qtable import split_key
+from stormline.streams.qtable import QCell
 from stormline.streams.router import (
+    META,
+    Effects,
     Outcome,
     RouterConfig,
     RouterCore,
@@ -108,17 +114,20 @@ from stormline.streams.router import (
     by_priority,
     epoch,
 )
+from stormline.streams.shards import ShardBook
 from stormline.streams.status import StatusWriter
-from stormline.streams.stores import register as register_store
+from stormline.streams.stores import KeyedTable, at_partition
+from stormline.streams.stores import register as register_stores
 from stormline.streams.strategies import StrategyConfig
 
 log = logging.getLogger("stormline.router")
 
-K_TASK, K_TRAJ, K_REWARD, K_TICK = b"T", b"J", b"R", b"K"
 R = TypeVar("R")
 # Transient failures (the registry or a broker away) are retried with backoff, never acked;
 # the stream waits meanwhile. Only a record that can never succeed goes to dead-letters.
 RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
+SWEEP_EVERY_S = 10.0  # how often the ledger is swept for entries past the rewards' retention
+SWEEP_MAX = 10_000  # entries looked at per sweep (a long ledger is swept over several)
 
 
 def transient(exc: BaseException) -> bool:
@@ -138,21 +147,17 @@ async def retrying(what: str, fn: Callable[[], Awaitable[R]]) -> R:
     raise AssertionError("unreachable: the retry policy never stops on a transient failure")
 
 
-def oversize(exc: BaseException) -> bool:
-    from aiokafka.errors import MessageSizeTooLargeError
+def router_config(s: Settings, partition_count: int = 1) -> RouterConfig:
+    from stormline.schemas.catalog import REWARDS as _REWARDS
 
-    return isinstance(exc, MessageSizeTooLargeError)
-
-
-MISSING_TYPE = "<none>"  # trajectories/rewards that name no task type land together
-
-
-def router_config(s: Settings) -> RouterConfig:
     if s.router_probe_successes > s.router_probe_tasks:
         raise ValueError(
             "STORMLINE_ROUTER_PROBE_SUCCESSES must not exceed STORMLINE_ROUTER_PROBE_TASKS, "
             "or a half-open circuit could never close"
         )
+    discount = s.router_discount
+    if discount is None and s.router_step_size is not None:
+        discount = 1.0 - s.router_step_size  # the older name of the same recency weighting
     return RouterConfig(
         strategy=StrategyConfig(
             name=s.router_strategy,
@@ -168,124 +173,376 @@ def router_config(s: Settings) -> RouterConfig:
             probe_tasks=s.router_probe_tasks,
             probe_successes=s.router_probe_successes,
         ),
-        step_size=s.router_step_size,
         assignment_ttl_s=s.router_assignment_ttl_s,
         max_attempts=s.router_max_attempts,
         retry_s=s.router_retry_s,
         default_deadline_s=s.router_default_deadline_s,
         done_retention_s=s.router_done_retention_s,
-        ledger_retention_s=REWARDS.retention(s) / 1000.0,
+        ledger_retention_s=_REWARDS.retention(s) / 1000.0,
         policy_weight=s.router_policy_weight,
         failure_value=s.router_failure_value,
-        discount=s.router_discount,
+        discount=discount if discount is not None and discount < 1.0 else None,
+        cost_weight=s.router_cost_weight,
+        partitions=partition_count,
         seed=s.router_seed or 0,
     )
+
+
+@dataclass
+class Batch:
+    """What one batch (or one clock tick) decided, to deliver in :meth:`Router.finish`."""
+
+    # (event, the input record it came from or None, trace headers)
+    events: list[tuple[Event, EventT[bytes] | None, Any]] = field(default_factory=list)
+    outcomes: dict[str, list[Outcome]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, fx: Effects, source: EventT[bytes] | None, headers: Any = None) -> None:
+        self.events += [(e, source, headers) for e in fx.events]
+        for o in fx.outcomes:
+            self.outcomes[o.agent_id].append(o)
 
 
 class Router:
     """The Faust app and its parts; :func:`create` builds one from settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, partition_count: int | None = None) -> None:
         s = self.settings = settings
         self.serde = Serde.from_settings(s)
-        self.cfg = router_config(s)
-        self.partitions = s.router_partitions or s.default_partitions
+        self.partitions = partition_count or partitions(s)
+        self.cfg = router_config(s, self.partitions)
         self.directory = Directory(health=self.cfg.health)
         self.policies: dict[str, int] = {}
-        self.extra: dict[str, int] = {
-            "dead_letters": 0,
-            "forwarded": 0,
-            "policy_loads": 0,
-            "policy_load_failures": 0,
-        }
+        self.extra: dict[str, int] = dict.fromkeys(
+            ("dead_letters", "batches", "records", "policy_loads", "policy_load_failures"), 0
+        )
         # policy -> (checkpoint, failed loads, next try): loads to try again.
         self._retry_checkpoint: dict[str, tuple[CheckpointPublished, int, float]] = {}
-        self._tick_sent: dict[str, float] = {}
-        self._schedule: list[tuple[float, str, str]] = []
-        self._rescan = True  # a full scan of the tasks table, once after each rebalance
         self._started: float | None = None
+        self._sweep: Iterator[tuple[str, Any]] | None = None
+        self.ready: set[int] = set()  # partitions owned and recovered
+        self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
         self.app = faust_app(s, self.partitions, replicas(s))
-        app = self.app
-
-        store = register_store() if s.router_store == "memory" else None
-
-        def table(name: str) -> Any:
-            return app.Table(
-                name,
-                default=None,
-                store=store,
-                partitions=self.partitions,
-                schema=faust.Schema(key_serializer="json", value_serializer="json"),
-            )
-
-        self.qtable, self.tasks, self.types, self.health = (table(t) for t in TABLES)
+        register_stores()
+        self.tasks = self._table("tasks", "memory://")
+        self.ledger = self._table("ledger", f"{s.router_store}://")
+        self.health = self.app.Table(
+            "health",
+            default=None,
+            partitions=self.partitions,
+            schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        )
         # The task statuses users read: the router decides assigned/waiting/final (contracts).
         self.state = RedisState(s)
         # Each decided status is written until Redis has taken it (issue 15).
         self.status = StatusWriter(self.state)
+        self.book = ShardBook()
         self.core = RouterCore(
             self.cfg,
-            qtable=self.qtable,
-            tasks=_Scheduled(self.tasks, self._schedule),
-            types=self.types,
+            tasks=self.tasks,
+            ledger=self.ledger,
+            book=self.book,
             directory=self.directory,
         )
         self.core.keep_moves = True
-        self.core.track_delivery = True  # emit() confirms what Kafka acknowledged
+        self.core.track_delivery = True  # finish() confirms what Kafka acknowledged
         self.core.holding = self.status.holds  # a final record stays until its status is out
-
-        def raw_topic(name: str, internal: bool = False) -> Any:
-            kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
-            if internal:
-                kw.update(partitions=self.partitions, internal=True)
-            return app.topic(name, **kw)
-
-        self.t_tasks = raw_topic(TASKS.name(s))
-        self.t_traj = raw_topic(TRAJECTORIES.name(s))
-        self.t_rewards = raw_topic(REWARDS.name(s))
-        self.t_heartbeats = raw_topic(HEARTBEATS.name(s))
-        self.t_assign = raw_topic(ASSIGNMENTS.name(s))
-        self.t_health_out = raw_topic(AGENT_HEALTH.name(s))
-        self.t_dead = raw_topic(DEAD_LETTERS.name(s))
-        self.by_type = raw_topic(f"{app_id(s)}-by-type", internal=True)
-        self.health_in = raw_topic(f"{app_id(s)}-health", internal=True)
+        self._wire_topics()
         self._wire()
 
-    # ----------------------------------------------------------------- output helpers --
-    async def emit(self, events: Iterable[Event]) -> None:
-        topics = {
-            TaskAssigned: self.t_assign,
-            Trajectory: self.t_traj,
-            Reward: self.t_rewards,
-            AgentHealthChanged: self.t_health_out,
+    def _table(self, name: str, store: str) -> Any:
+        table = KeyedTable(
+            self.app,
+            name=name,
+            default=None,
+            store=store,
+            partitions=self.partitions,
+            beacon=self.app.tables.beacon,
+            schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        )
+        return self.app.tables.add(table)
+
+    def _wire_topics(self) -> None:
+        app, s = self.app, self.settings
+
+        def raw(*names: str, internal: bool = False, n: int | None = None) -> Any:
+            kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+            if internal:
+                kw.update(partitions=n or self.partitions, internal=True)
+            return app.topic(*names, **kw)
+
+        self.kinds: dict[str, type[Event]] = {
+            TASKS.name(s): TaskSubmitted,
+            TRAJECTORIES.name(s): Trajectory,
+            REWARDS.name(s): Reward,
         }
+        self.t_inputs = raw(*self.kinds)
+        self.t_heartbeats = raw(HEARTBEATS.name(s))
+        self.out: dict[type[Event], Any] = {
+            TaskAssigned: raw(ASSIGNMENTS.name(s)),
+            Trajectory: raw(TRAJECTORIES.name(s)),
+            Reward: raw(REWARDS.name(s)),
+            AgentHealthChanged: raw(AGENT_HEALTH.name(s)),
+        }
+        self.t_dead = raw(DEAD_LETTERS.name(s))
+        self.health_in = raw(f"{app_id(s)}-health", internal=True)
+        self.t_stats = raw(stats_topic(s), internal=True, n=1)
+
+    # ------------------------------------------------------------------ batches --
+    async def handle(self, events: list[EventT[bytes]]) -> None:
+        """One batch of input records: decode, decide (results first, then tasks by
+        priority), deliver."""
+        decoded: list[tuple[EventT[bytes], Any]] = []
         for ev in events:
-            topic = topics[type(ev)]
+            etype = self.kinds[ev.message.topic]
+            try:
+                decoded.append((ev, await self.decoded(ev, etype)))
+            except DecodeError as exc:
+                await self.dead_letter(ev, exc.kind, exc.message)
+        async with self.settled():
+            batch = Batch()
+            now = time.time()
+            tasks: list[tuple[TaskSubmitted, EventT[bytes]]] = []
+            for ev, obj in decoded:
+                if ev.message.partition not in self.ready:
+                    continue  # moved to another worker meanwhile: it reads the record again
+                if isinstance(obj, TaskSubmitted):
+                    tasks.append((obj, ev))
+                else:
+                    await self._guarded(ev, batch, functools.partial(self._result, ev, obj, now))
+            for task, ev in by_priority(tasks):
+                await self._guarded(ev, batch, functools.partial(self._task, ev, task, now))
+            self.extra["batches"] += 1
+            self.extra["records"] += len(events)
+            await self.finish(batch)
 
-            async def send(topic: Any = topic, ev: Event = ev) -> Any:
-                value = self.serde.encode(topic.get_topic_name(), ev)
-                # Inside the route span: the assignment carries the task's trace onwards.
-                headers = tracing.inject()
-                sent = await topic.send(key=ev.key().encode(), value=value, headers=headers)
-                # Delivered (acks=all), not just buffered: only then may the task's record
-                # say so (below), or a kill could lose an event the record counts as sent.
-                return await sent
+    def _result(self, ev: EventT[bytes], obj: Any, now: float) -> tuple[Effects, Any]:
+        p = ev.message.partition
+        with at_partition(p):
+            if isinstance(obj, Trajectory):
+                return self.core.on_trajectory(obj, now, p), None
+            self.core.on_reward(obj, now, p)
+            return Effects([], []), None
 
-            await retrying(f"sending {type(ev).__name__}", send)
-            if isinstance(ev, TaskAssigned):
-                metrics.TASKS_ROUTED.labels(ev.task.task_type, ev.agent_id, ev.strategy).inc()
-            # The final failure's Reward is sent after its Trajectory: both are out now.
-            if isinstance(ev, TaskAssigned) or (
-                isinstance(ev, Reward) and ev.agent_id == ROUTER_AGENT
-            ):
-                self.core.sent(ev.task_id, ev.attempt)
+    def _task(self, ev: EventT[bytes], task: TaskSubmitted, now: float) -> tuple[Effects, Any]:
+        p = ev.message.partition
+        attrs = {"stormline.task_id": task.task_id, "stormline.task_type": task.task_type}
+        with (
+            at_partition(p),
+            tracing.continued("stormline.router.route", ev.message.headers, attrs),
+            logs.bound(task_id=task.task_id),
+        ):
+            headers = tracing.inject()  # the assignment carries the task's trace onwards
+            trace = {k: v.decode() for k, v in headers} if headers else None
+            return Effects(self.core.on_task(task, now, p, trace), []), headers
 
-    async def dead_letter(
-        self, ev: EventT[bytes], kind: str, error: str, raw: bytes | None = None
+    async def _guarded(
+        self,
+        ev: EventT[bytes],
+        batch: Batch,
+        step: Callable[[], tuple[Effects, Any]],
     ) -> None:
+        """Run one record's step; a step that raises dead-letters its record, the rest goes on."""
+        try:
+            fx, headers = step()
+        except Exception as exc:
+            log.exception("router handler failed")
+            await self.dead_letter(ev, "handler", f"{type(exc).__name__}: {exc}")
+            return
+        batch.add(fx, ev, headers)
+
+    @contextlib.asynccontextmanager
+    async def settled(self) -> AsyncIterator[None]:
+        """The tables to change, outside any rebalance: which partitions are this worker's
+        is known only after one (and :meth:`rebalanced` needs the lock during it)."""
+        while True:
+            while self.app.rebalancing:
+                await asyncio.sleep(0.05)
+            await self.lock.acquire()
+            if not self.app.rebalancing:
+                break
+            self.lock.release()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    async def finish(self, batch: Batch) -> None:
+        """Deliver what ``batch`` decided, in the order that keeps the guarantees."""
+        self._record_moves()
+        issued, self.core.issued = self.core.issued, {}
+        if batch.events:
+            # Every record change before any event it caused (see the module docstring).
+            await self.app.producer.flush()
+            await asyncio.gather(*(self._send(e, src, h) for e, src, h in batch.events))
+        for p, seq in issued.items():
+            if p in self.ready and not self.app.rebalancing:
+                with at_partition(p):
+                    self.core.delivered(p, seq)
+        for agent, outcomes in batch.outcomes.items():
+            body = json.dumps(
+                {"k": "out", "n": [[o.ok, o.detail[:500]] for o in outcomes]}
+            ).encode()
+            await self.forward(self.health_in, agent.encode(), body)
+        # At once if Redis answers; otherwise the status clock retries (never waits here).
+        await self.status.flush()
+
+    async def _send(self, ev: Event, source: EventT[bytes] | None, headers: Any) -> None:
+        topic = self.out[type(ev)]
+
+        async def send() -> Any:
+            value = self.serde.encode(topic.get_topic_name(), ev)
+            sent = await topic.send(key=ev.key().encode(), value=value, headers=headers)
+            return await sent  # delivered (acks=all), not just buffered
+
+        try:
+            await retrying(f"sending {type(ev).__name__}", send)
+        except Exception as exc:  # too large for the broker: it can never be sent
+            log.error("could not send %s of task %s: %s", type(ev).__name__, ev.key(), exc)
+            if source is not None:
+                await self.dead_letter(source, "oversize", f"{type(exc).__name__}: {exc}")
+            return
+        if isinstance(ev, TaskAssigned):
+            metrics.TASKS_ROUTED.labels(ev.task.task_type, ev.agent_id, ev.strategy).inc()
+
+    def _record_moves(self) -> None:
+        """The task states the core decided, queued for Redis (guarded there by the
+        lifecycle); :meth:`finish` flushes the queue without waiting for a Redis away."""
+        moves, self.core.moves = self.core.moves, []
+        for task_id, state, attempt in moves:
+            rec = self.tasks.get(task_id) or {}
+            fields: dict[str, Any] = {}
+            if state == TaskState.ASSIGNED:
+                fields["agent_id"] = rec.get("agent")
+            elif state == TaskState.FAILED:
+                fields["error"] = rec.get("reason")
+            self.status.add(task_id, state, attempt, fields)
+
+    # --------------------------------------------------------------- the clock --
+    async def tick(self) -> None:
+        """Every record that came due: expire, reassign, retry, resend, forget."""
+        if self.app.rebalancing:
+            return
+        self._grace_until()
+        async with self.settled():
+            now = time.time()
+            batch = Batch()
+            for p, tid in self.core.schedule.pop_due(now, self.ready.__contains__):
+                rec = self.tasks.get(tid)
+                with at_partition(p), self._trace_of(rec):
+                    try:
+                        fx = self.core.on_tick(tid, now)
+                    except Exception:
+                        log.exception("router clock failed on task %s", tid)
+                        continue
+                    batch.add(fx, None, tracing.inject() if fx.events else None)
+            await self.finish(batch)
+
+    def _trace_of(self, rec: Any) -> Any:
+        if not tracing.enabled() or not rec or "trace" not in rec or rec.get("state") in FINAL:
+            return contextlib.nullcontext()
+        attrs = {"stormline.task_id": rec.get("task", {}).get("task_id", "")}
+        return tracing.continued("stormline.router.route", rec["trace"], attrs)
+
+    def _grace_until(self) -> float:
+        """End of the catch-up grace after this worker started.
+
+        After a restart the tables hold the last heartbeat times and attempt expiries from
+        before the outage, while the heartbeats and trajectories sent meanwhile are still in
+        the backlog. Judging agents down or attempts expired before that backlog is read
+        would punish them for the router's own outage, so the clocks wait one heartbeat
+        timeout first.
+        """
+        if self._started is None:
+            self._started = time.time()
+            self.core.hold_expiry_until = self._started + self.cfg.health.heartbeat_timeout_s
+        return self._started + self.cfg.health.heartbeat_timeout_s
+
+    async def rebalanced(self) -> None:
+        """After a rebalance's recovery: own the partitions assigned now, drop the rest."""
+        name = TASKS.name(self.settings)
+        assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == name}
+        async with self.lock:
+            for p in self.ready - assigned:
+                self.book.disown(p)
+            gained = assigned - self.ready
+            self.ready = assigned
+            records = [
+                (tid, rec)
+                for tid, rec in list(self.tasks.items())
+                if rec and not tid.startswith(META) and rec.get("p") in gained
+            ]
+            for p in sorted(gained):
+                with at_partition(p):
+                    self.core.adopt(p, [(t, r) for t, r in records if r.get("p") == p])
+                    self.book.own(p, self.core.load_partition(p))
+            self._sweep = None
+            # Statuses queued before a kill, or lost in Redis, are re-derived from the records.
+            queued = self.status.resync(records)
+        log.info(
+            "owning partitions %s (%d records taken over, %d statuses re-queued)",
+            sorted(assigned),
+            len(records),
+            queued,
+        )
+
+    async def publish_stats(self) -> None:
+        """The shards this worker changed, to every router worker."""
+        for p, pair, cell in self.book.take_dirty():
+            key, value = snapshot_record(p, pair, cell.to_dict())
+            await self.forward(self.t_stats, key, value)
+
+    async def sweep(self) -> None:
+        """Forget ledger entries past the rewards topic's retention, a slice at a time."""
+        if self.app.rebalancing:
+            return
+        async with self.settled():
+            if self._sweep is None:
+                items = self.ledger.items()
+                # A dict must not change under its iterator; RocksDB's iterator reads a
+                # snapshot, so a long ledger is never copied into memory.
+                self._sweep = iter(list(items)) if _in_memory(self.ledger) else iter(items)
+            chunk = []
+            try:
+                for _ in range(SWEEP_MAX):
+                    chunk.append(next(self._sweep))
+            except StopIteration:
+                self._sweep = None
+            except Exception:  # the table moved under the iterator (a rebalance): start over
+                self._sweep = None
+            for p, key in self.core.expired_ledgers(chunk, time.time()):
+                if p in self.ready:
+                    with at_partition(p):
+                        self.ledger.pop(key, None)
+
+    # ----------------------------------------------------------------- plumbing --
+    async def decoded(self, ev: EventT[bytes], etype: type[Any]) -> Any:
+        """``ev``'s value decoded; transient failures (the registry away) retried.
+
+        DecodeError (a record that can never decode) is the caller's to dead-letter.
+        """
+        value = ev.value
+        if value is not None and len(value) > self.settings.max_record_bytes:
+            raise DecodeError("oversize", f"record of {len(value)} bytes exceeds max_record_bytes")
+        try:
+            return self.serde.decode(value, etype)
+        except RegistryUnavailable:
+            pass
+
+        async def decode() -> Any:
+            return self.serde.decode(value, etype)
+
+        return await retrying(f"decoding {etype.__name__}", decode)
+
+    async def forward(self, topic: Any, key: bytes, value: bytes, headers: Any = None) -> None:
+        """Send to one of the router's own topics, retrying transient failures."""
+        await retrying(
+            f"sending to {topic.get_topic_name()}",
+            lambda: topic.send(key=key, value=value, headers=headers),
+        )
+
+    async def dead_letter(self, ev: EventT[bytes], kind: str, error: str) -> None:
         msg = ev.message
         self.extra["dead_letters"] += 1
-        value = raw if raw is not None else msg.value
         key = msg.key if isinstance(msg.key, bytes) else None
         letter = dead_letter(
             self.settings,
@@ -293,7 +550,7 @@ class Router:
             partition=msg.partition,
             offset=msg.offset,
             key=key,
-            value=value if isinstance(value, bytes) else None,
+            value=msg.value if isinstance(msg.value, bytes) else None,
             kind=kind,
             error=error,
             group=app_id(self.settings),
@@ -306,72 +563,16 @@ class Router:
 
             await retrying("sending a dead letter", send)
 
-    async def outcomes(self, outcomes: Iterable[Outcome]) -> None:
-        for o in outcomes:
-            body = json.dumps({"k": "out", "ok": o.ok, "detail": o.detail[:500]}).encode()
-            await self.forward(self.health_in, o.agent_id.encode(), body)
-
-    async def forward(self, topic: Any, key: bytes, value: bytes, headers: Any = None) -> None:
-        """Send to one of the router's own topics, retrying transient failures."""
-        await retrying(
-            f"sending to {topic.get_topic_name()}",
-            lambda: topic.send(key=key, value=value, headers=headers),
-        )
-
-    async def decoded(self, ev: EventT[bytes], etype: type[Any], raw: bytes | None = None) -> Any:
-        """``raw`` (the event's value by default) decoded; transient failures retried.
-
-        DecodeError (a record that can never decode) is the caller's to dead-letter.
-        """
-        value = ev.value if raw is None else raw
-
-        async def decode() -> Any:
-            return self._decode(value, etype)
-
-        return await retrying(f"decoding {etype.__name__}", decode)
-
-    # ------------------------------------------------------------------------ agents --
+    # ------------------------------------------------------------------- agents --
     def _wire(self) -> None:
-        self._wire_forwarders()
-        self._wire_owners()
-        self._wire_clocks()
-        self._wire_views()
-
-    def _wire_forwarders(self) -> None:
-        """Input topics onto the internal by-type and health topics (stateless)."""
         app, s = self.app, self.settings
 
-        @app.agent(self.t_tasks, name="forward-tasks")
-        async def forward_tasks(stream: Any) -> None:
+        @app.agent(self.t_inputs, name="route")
+        async def route(stream: Any) -> None:
             async for events in stream.take_events(
                 s.router_batch_max, s.router_batch_window_ms / 1000
             ):
-                batch: list[tuple[TaskSubmitted, Any]] = []
-                for ev in events:
-                    try:
-                        batch.append((await self.decoded(ev, TaskSubmitted), ev))
-                    except DecodeError as exc:
-                        await self.dead_letter(ev, exc.kind, exc.message)
-                for task, ev in by_priority(batch):
-                    await self._forward_one(ev, task.task_type.encode(), K_TASK)
-                    self.extra["forwarded"] += 1
-
-        async def forward(stream: Any, etype: type[Trajectory] | type[Reward], kind: bytes) -> None:
-            async for ev in stream.events():
-                try:
-                    event = await self.decoded(ev, etype)
-                except DecodeError as exc:
-                    await self.dead_letter(ev, exc.kind, exc.message)
-                    continue
-                await self._forward_one(ev, (event.task_type or MISSING_TYPE).encode(), kind)
-
-        @app.agent(self.t_traj, name="forward-trajectories")
-        async def forward_trajectories(stream: Any) -> None:
-            await forward(stream, Trajectory, K_TRAJ)
-
-        @app.agent(self.t_rewards, name="forward-rewards")
-        async def forward_rewards(stream: Any) -> None:
-            await forward(stream, Reward, K_REWARD)
+                await self.handle(events)
 
         @app.agent(self.t_heartbeats, name="forward-heartbeats")
         async def forward_heartbeats(stream: Any) -> None:
@@ -386,55 +587,28 @@ class Router:
                     body = {"k": "hb", "caps": hb.capabilities.get(agent), "stopped": stopped}
                     await self.forward(self.health_in, agent.encode(), json.dumps(body).encode())
 
-    async def _forward_one(self, ev: EventT[bytes], key: bytes, kind: bytes) -> None:
-        """One input record onto the by-type topic; one too large to send is dead-lettered."""
-        try:
-            await self.forward(self.by_type, key, kind + ev.value, ev.message.headers or None)
-        except Exception as exc:
-            if not oversize(exc):
-                raise
-            await self.dead_letter(ev, "oversize", f"{type(exc).__name__}: {exc}")
-
-    def _wire_owners(self) -> None:
-        """The stateful agents: routing per task type, health per agent."""
-        app = self.app
-
-        @app.agent(self.by_type, name="route")
-        async def route(stream: Any) -> None:
-            async for ev in stream.events():
-                value: bytes = ev.value
-                kind, body = value[:1], value[1:]
-                try:
-                    await self._route_one(ev, kind, body)
-                    await self._record_moves()
-                except DecodeError as exc:
-                    await self.dead_letter(ev, exc.kind, exc.message, raw=body)
-                except Exception as exc:
-                    log.exception("router handler failed")
-                    await self.dead_letter(ev, "handler", f"{type(exc).__name__}: {exc}", raw=body)
-
         @app.agent(self.health_in, name="keep-health")
         async def keep_health(stream: Any) -> None:
             async for ev in stream.events():
                 try:
-                    agent = ev.key.decode()
-                    msg = json.loads(ev.value)
-                    await self._health_one(agent, msg)
+                    await self._health_one(ev.key.decode(), json.loads(ev.value))
                 except Exception as exc:
                     log.exception("health handler failed")
                     await self.dead_letter(ev, "handler", f"{type(exc).__name__}: {exc}")
 
+        self._wire_clocks()
+        self._wire_views()
+
     def _wire_clocks(self) -> None:
-        """Timers (through the by-type/health topics) and the broadcast reader."""
         app, s = self.app, self.settings
 
         @app.on_rebalance_complete.connect
-        def rebalanced(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-            self._rescan = True  # records recovered from the changelog are not on the heap
+        async def on_rebalanced(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+            await self.rebalanced()
 
         @app.timer(interval=s.router_tick_s, name="task-clock")
         async def task_clock() -> None:
-            await self._ticks()
+            await self.tick()
 
         @app.timer(interval=s.router_tick_s, name="health-clock")
         async def health_clock() -> None:
@@ -454,6 +628,14 @@ class Router:
         async def status_clock() -> None:
             await self.status.flush()
 
+        @app.timer(interval=s.router_stats_interval_s, name="stats-clock")
+        async def stats_clock() -> None:
+            await self.publish_stats()
+
+        @app.timer(interval=SWEEP_EVERY_S, name="sweep-clock")
+        async def sweep_clock() -> None:
+            await self.sweep()
+
         @app.timer(interval=1.0, name="checkpoint-clock")
         async def checkpoint_clock() -> None:
             await self._retry_checkpoints()
@@ -466,7 +648,8 @@ class Router:
 
         @app.task
         async def broadcast() -> None:
-            await self._broadcast()
+            async for item in read_broadcast(self.settings, self.serde):
+                await self._on_broadcast(item)
 
     def _wire_views(self) -> None:
         app = self.app
@@ -483,168 +666,52 @@ class Router:
         async def counters_view(web: Any, request: Any) -> Any:
             return web.json(self.counters())
 
-    # ----------------------------------------------------------------------- handlers --
-    def _decode(self, raw: bytes | None, etype: type[Any]) -> Any:
-        if raw is not None and len(raw) > self.settings.max_record_bytes:
-            raise DecodeError("oversize", f"record of {len(raw)} bytes exceeds max_record_bytes")
-        return self.serde.decode(raw, etype)
-
-    async def _route_one(self, ev: EventT[bytes], kind: bytes, body: bytes) -> None:
-        core = self.core
-        if kind == K_TASK:
-            task = await self.decoded(ev, TaskSubmitted, body)
-            attrs = {"stormline.task_id": task.task_id, "stormline.task_type": task.task_type}
-            with (
-                tracing.continued("stormline.router.route", ev.message.headers, attrs),
-                logs.bound(task_id=task.task_id),
-            ):
-                await self.emit(core.on_task(task, time.time()))
-                self._keep_trace(task.task_id)
-        elif kind == K_TRAJ:
-            traj = await self.decoded(ev, Trajectory, body)
-            await self.outcomes(core.on_trajectory(traj, time.time()))
-        elif kind == K_REWARD:
-            core.on_reward(await self.decoded(ev, Reward, body), time.time())
-        elif kind == K_TICK:
-            now = time.time()
-            with self._trace_of(body.decode()):  # a waiting or expired task's next attempt
-                events, outcomes = core.on_tick(body.decode(), now)
-                await self.emit(events)
-            await self.outcomes(outcomes)
-        else:
-            raise DecodeError("framing", f"unknown router record kind {kind!r}")
-
-    def _keep_trace(self, task_id: str) -> None:
-        """With tracing on, the task's record keeps its trace context (the route span's),
-        so that a later attempt (assigned by the clock) continues the same trace."""
-        headers = tracing.inject()
-        rec = self.tasks.get(task_id) if headers else None
-        if rec is not None and headers:
-            self.tasks[task_id] = {**rec, "trace": {k: v.decode() for k, v in headers}}
-
-    def _trace_of(self, task_id: str) -> Any:
-        rec = self.tasks.get(task_id) if tracing.enabled() else None
-        if not rec or "trace" not in rec or rec.get("state") in FINAL:  # StrEnum: str equal
-            return contextlib.nullcontext()
-        attrs = {"stormline.task_id": task_id}
-        return tracing.continued("stormline.router.route", rec["trace"], attrs)
-
-    async def _record_moves(self) -> None:
-        """The task states the core decided, into Redis (guarded there by the lifecycle).
-
-        Best effort, like every RedisState call: the events are the record, and a status
-        Redis refused (an older attempt, a final state) was not news anyway.
-        """
-        moves, self.core.moves = self.core.moves, []
-        for task_id, state, attempt in moves:
-            rec = self.tasks.get(task_id) or {}
-            fields: dict[str, Any] = {}
-            if state == TaskState.ASSIGNED:
-                fields["agent_id"] = rec.get("agent")
-            elif state == TaskState.FAILED:
-                fields["error"] = rec.get("reason")
-            self.status.add(task_id, state, attempt, fields)
-        if moves:
-            # At once if Redis answers; otherwise the status clock retries (never waits here).
-            await self.status.flush(only=[m[0] for m in moves])
-
+    # ------------------------------------------------------------------- health --
     async def _health_one(self, agent: str, msg: dict[str, Any]) -> None:
         now = time.time()
         h = AgentHealth.from_dict(agent, self.health.get(agent))
         k = msg.get("k")
+        changes = []
         if k == "hb":
-            t = h.heartbeat(now, msg.get("caps"), bool(msg.get("stopped")), self.cfg.health)
+            changes.append(
+                h.heartbeat(now, msg.get("caps"), bool(msg.get("stopped")), self.cfg.health)
+            )
         elif k == "out":
             if h.status.value == "unknown":
                 return  # outcomes of an agent never seen alive do not create it
-            t = h.outcome(now, bool(msg.get("ok")), str(msg.get("detail", "")), self.cfg.health)
+            for ok, detail in msg.get("n") or [[msg.get("ok"), msg.get("detail", "")]]:
+                changes.append(h.outcome(now, bool(ok), str(detail), self.cfg.health))
         elif k == "check":
-            t = h.check(now, self.cfg.health)
+            changes.append(h.check(now, self.cfg.health))
         else:
             raise ValueError(f"unknown health message {k!r}")
         self.health[agent] = h.to_dict()
-        if t is not None:
-            log.info("agent %s: %s -> %s (%s)", agent, t.previous, t.status, t.reason)
-            await self.emit(
-                [
-                    AgentHealthChanged(
-                        agent_id=agent,
-                        status=t.status,
-                        previous=t.previous,
-                        reason=t.reason,
-                        occurred_at=at(t.at),
-                    )
-                ]
-            )
-
-    def _grace_until(self) -> float:
-        """End of the catch-up grace after this worker started.
-
-        After a restart the tables hold the last heartbeat times and attempt expiries from
-        before the outage, while the heartbeats and trajectories sent meanwhile are still in
-        the backlog. Judging agents down or attempts expired before that backlog is read
-        would punish them for the router's own outage, so the clocks wait one heartbeat
-        timeout first.
-        """
-        if self._started is None:
-            self._started = time.time()
-            self.core.hold_expiry_until = self._started + self.cfg.health.heartbeat_timeout_s
-        return self._started + self.cfg.health.heartbeat_timeout_s
-
-    async def _ticks(self) -> None:
-        now = time.time()
-        self._grace_until()
-        due: list[tuple[str, str]] = []
-        # Records written here are on the schedule heap, so a tick costs what is due; one full
-        # scan after each rebalance catches the records recovered from the changelog.
-        if self._rescan:
-            self._rescan = False
-            records = list(self.tasks.items())
-            for tid, rec in records:
-                # A record whose events may not have been delivered (a kill) is due now.
-                due_at = 0.0 if rec.get("unsent") is not None else float(rec.get("due_at", 0))
-                heapq.heappush(self._schedule, (due_at, rec.get("task_type", ""), tid))
-            # Statuses queued before a kill, or lost in Redis, are re-derived from the records.
-            queued = self.status.resync(records)
-            if queued:
-                log.info("re-writing the task status of %d records from the tasks table", queued)
-        while self._schedule and self._schedule[0][0] <= now:
-            _, ttype, tid = heapq.heappop(self._schedule)
-            rec = self.tasks.get(tid)
-            # Gone (a partition this worker lost, or forgotten) or rescheduled since: the
-            # record is the truth, and its newer heap entry will come.
-            if rec is not None and (
-                float(rec.get("due_at", 0)) <= now or rec.get("unsent") is not None
-            ):
-                due.append((ttype, tid))
-        gap = max(1.0, 2 * self.settings.router_tick_s)
-        for ttype, tid in due:
-            sent = self._tick_sent.get(tid, 0.0)
-            if now - sent < gap:
-                # A tick is in flight: look again once it should have been handled.
-                heapq.heappush(self._schedule, (sent + gap, ttype, tid))
+        for t in changes:
+            if t is None:
                 continue
-            self._tick_sent[tid] = now
-            await self.forward(self.by_type, ttype.encode(), K_TICK + tid.encode())
-        if len(self._tick_sent) > 100_000:
-            cutoff = now - 60
-            self._tick_sent = {k: v for k, v in self._tick_sent.items() if v > cutoff}
-
-    # -------------------------------------------------------------- broadcast reader --
-    async def _broadcast(self) -> None:
-        """Every worker reads heartbeats, agent-health and checkpoints in full (no group)."""
-        async for event in read_broadcast(self.settings, self.serde):
-            await self._on_broadcast(event)
-
-    async def _on_broadcast(self, event: Event) -> None:
-        if isinstance(event, AgentHeartbeat):
-            self.directory.heartbeat(event.capabilities, event.agent_ids)
-        elif isinstance(event, AgentHealthChanged):
-            self.directory.health_changed(
-                event.agent_id, event.status, event.previous, epoch(event.occurred_at)
+            log.info("agent %s: %s -> %s (%s)", agent, t.previous, t.status, t.reason)
+            change = AgentHealthChanged(
+                agent_id=agent,
+                status=t.status,
+                previous=t.previous,
+                reason=t.reason,
+                occurred_at=at(t.at),
             )
-        elif isinstance(event, CheckpointPublished):
-            await self._load_checkpoint(event)
+            await self._send(change, None, None)
+
+    # --------------------------------------------------------- broadcast reader --
+    async def _on_broadcast(self, item: Any) -> None:
+        if isinstance(item, tuple):  # a published shard
+            p, pair, data = item
+            self.book.snapshot(p, pair, QCell.from_dict(data))
+        elif isinstance(item, AgentHeartbeat):
+            self.directory.heartbeat(item.capabilities, item.agent_ids)
+        elif isinstance(item, AgentHealthChanged):
+            self.directory.health_changed(
+                item.agent_id, item.status, item.previous, epoch(item.occurred_at)
+            )
+        elif isinstance(item, CheckpointPublished):
+            await self._load_checkpoint(item)
 
     async def _load_checkpoint(self, event: CheckpointPublished) -> bool:
         """Load ``event``'s policy; a version counts as seen only once it loaded (issue 18).
@@ -682,13 +749,13 @@ class Router:
             if now >= at_:
                 await self._load_checkpoint(event)
 
-    # -------------------------------------------------------------------------- views --
+    # -------------------------------------------------------------------- views --
     def qtable_snapshot(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for key, cell in list(self.qtable.items()):
-            task_type, agent = split_key(key)
-            out.setdefault(task_type, {})[agent] = cell
-        return out
+        """The fleet's statistics per task type and agent (the sum of every shard)."""
+        return {
+            task_type: {agent: cell.to_dict() for agent, cell in agents.items()}
+            for task_type, agents in self.book.by_type().items()
+        }
 
     def health_snapshot(self) -> dict[str, Any]:
         return {
@@ -710,55 +777,14 @@ class Router:
             "status_pending": len(self.status.pending),
             "strategy": self.cfg.strategy.name,
             "policy_version": self.core.policy_version,
-            "tasks_tracked": len(self.tasks),
-            "owned_partitions": self.owned_partitions(),
+            "tasks_tracked": sum(1 for k in list(self.tasks.keys()) if not k.startswith(META)),
+            "scheduled": len(self.core.schedule),
+            "owned_partitions": sorted(self.ready),
         }
 
-    def owned_partitions(self) -> list[int]:
-        """The by-type partitions (the Q-table slices) this worker owns now."""
-        try:
-            assigned = self.app.consumer.assignment()
-        except Exception:
-            return []  # not started or mid-rebalance
-        name = self.by_type.get_topic_name()
-        return sorted(tp.partition for tp in assigned if tp.topic == name)
 
-
-class _Scheduled(MutableMapping[str, Any]):
-    """The tasks table, plus a heap of due times for the records this worker writes.
-
-    Every method delegates to the Faust table (get, items and ``in`` included, so that none
-    falls back to the slower MutableMapping mixins); only ``__setitem__`` adds to the heap.
-    """
-
-    def __init__(self, table: Any, heap: list[tuple[float, str, str]]) -> None:
-        self._t = table
-        self._heap = heap
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._t.get(key, default)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._t
-
-    def __getitem__(self, key: str) -> Any:
-        return self._t[key]
-
-    def __setitem__(self, key: str, rec: Any) -> None:
-        self._t[key] = rec
-        heapq.heappush(self._heap, (float(rec.get("due_at", 0)), rec.get("task_type", ""), key))
-
-    def __delitem__(self, key: str) -> None:
-        del self._t[key]
-
-    def items(self) -> Any:
-        return self._t.items()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._t)
-
-    def __len__(self) -> int:
-        return len(self._t)
+def _in_memory(table: Any) -> bool:
+    return not type(table.data).__name__.startswith("KeyedRocks")
 
 
 def create(settings: Settings) -> Router:
@@ -767,13 +793,16 @@ def create(settings: Settings) -> Router:
 
 def run_router(settings: Settings, loglevel: str = "info") -> None:
     """Ensure the catalog and internal topics exist, then run the Faust worker (blocks)."""
+    from stormline.runtime.admin import admin_client
     from stormline.schemas.kafka import ensure_topics
+    from stormline.streams.kafka import check_copartitioned
 
     ensure_topics(settings)
-    ensure_internal_topics(settings)
+    count = check_copartitioned(settings, admin_client(settings).list_topics(timeout=30))
+    ensure_internal_topics(settings, count)
     tracing.setup(settings, "router")
     metrics.serve(settings.metrics_port, "router", settings.metrics_host)
-    router = create(settings)
+    router = Router(settings, count)
     instrument(router)  # Faust's Prometheus sensor; /metrics on the web port too
     # JSON lines like every Stormline process: Faust applies this over its own colour format,
     # and --quiet drops its banner and spinner (plain text on stdout).
@@ -795,3 +824,6 @@ def run_router(settings: Settings, loglevel: str = "info") -> None:
         router.app.main()
     finally:
         sys.argv = saved
+
+
+__all__ = ["Router", "create", "router_config", "run_router"]

@@ -3,11 +3,16 @@
 Every Kafka client here takes its connection (bootstrap servers and SASL/SSL) from the one
 runtime config (:class:`stormline.runtime.connection.KafkaConnection`): the Faust app, the
 group-less broadcast reader and the admin client that creates the internal topics.
+
+The router reads ``tasks``, ``trajectories`` and ``rewards`` co-partitioned (one partition
+count, keyed by task id), and sends ``assignments`` keyed the same way:
+:func:`check_copartitioned` refuses to start on topics that differ, with what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +24,15 @@ import faust
 from stormline.runtime.admin import TopicWanted, ensure_topics, replication
 from stormline.runtime.connection import KafkaConnection
 from stormline.runtime.retry import RetryPolicy
-from stormline.schemas.catalog import AGENT_HEALTH, CHECKPOINTS, HEARTBEATS
+from stormline.schemas.catalog import (
+    AGENT_HEALTH,
+    ASSIGNMENTS,
+    CHECKPOINTS,
+    HEARTBEATS,
+    REWARDS,
+    TASKS,
+    TRAJECTORIES,
+)
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
@@ -29,7 +42,9 @@ from stormline.schemas.models import (
 from stormline.schemas.serde import DecodeError, RegistryUnavailable, Serde
 from stormline.settings import Settings
 
-TABLES = ("qtable", "tasks", "types", "health")
+# tasks: the live task records (memory); ledger: counted outcomes per task and the statistics
+# shards (STORMLINE_ROUTER_STORE); health: one record per agent (memory).
+TABLES = ("tasks", "ledger", "health")
 BROADCAST_RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
 log = logging.getLogger("stormline.router")
 
@@ -43,16 +58,47 @@ def replicas(s: Settings) -> int:
     return s.router_replication or replication(s).factor
 
 
+CO_PARTITIONED = (TASKS, TRAJECTORIES, REWARDS, ASSIGNMENTS)
+
+
+def partitions(s: Settings) -> int:
+    """The partition count of the task topics, which the router's topics and tables share."""
+    return TASKS.partitions(s)
+
+
+def check_copartitioned(s: Settings, metadata: Any) -> int:
+    """The task topics' one partition count, or a ValueError that says what to change.
+
+    Each task's state lives on its task's partition of every topic; if two of them had
+    different counts a task's trajectory would land on a partition another worker owns.
+    """
+    counts = {
+        spec.name(s): len(metadata.topics[spec.name(s)].partitions)
+        for spec in CO_PARTITIONED
+        if spec.name(s) in metadata.topics
+    }
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name} has {n}" for name, n in sorted(counts.items()))
+        raise ValueError(
+            f"the router needs {', '.join(counts)} with one partition count ({listed}): "
+            "recreate the topics with the same count (STORMLINE_TOPIC_PARTITIONS sets it per "
+            "topic, STORMLINE_DEFAULT_PARTITIONS for all)"
+        )
+    return next(iter(counts.values()), partitions(s))
+
+
 def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.App:
     """The Faust app with the one connection config and the router's broker settings."""
-    datadir = Path(s.data_dir) / "router"
+    # One directory per worker (its web port tells workers on one host apart): RocksDB
+    # takes a lock on its files.
+    datadir = Path(s.data_dir) / "router" / str(s.router_web_port)
     datadir.mkdir(parents=True, exist_ok=True)
     conn = KafkaConnection.from_settings(s)
     return faust.App(
         app_id(s),
         broker=f"kafka://{conn.bootstrap_servers}",
         broker_credentials=conn.faust_credentials(),
-        store="rocksdb://" if s.router_store == "rocksdb" else "memory://",
+        store="memory://",
         datadir=str(datadir),
         autodiscover=False,
         key_serializer="raw",
@@ -80,29 +126,41 @@ def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.Ap
     )
 
 
-def internal_topics(settings: Settings) -> list[TopicWanted]:
-    """The router's own topics: the two repartition topics and the tables' changelogs."""
-    n = settings.router_partitions or settings.default_partitions
+def stats_topic(s: Settings) -> str:
+    """The compacted topic of statistics shards every router worker publishes and reads."""
+    return f"{app_id(s)}-stats"
+
+
+def internal_topics(settings: Settings, n: int | None = None) -> list[TopicWanted]:
+    """The router's own topics: agent health's input, the shards, the tables' changelogs
+    (``n`` partitions: the task topics' count)."""
+    n = n or partitions(settings)
     # None: the cluster's replication and min.insync.replicas, as every catalog topic has.
     rf = settings.router_replication
     day = {"retention.ms": str(24 * 3600 * 1000)}
-    compact = {"cleanup.policy": "compact"}
+    # Compaction that keeps up: a changelog is read whole when a worker takes a partition.
+    compact = {
+        "cleanup.policy": "compact",
+        "segment.ms": str(600_000),
+        "min.cleanable.dirty.ratio": "0.1",
+        "delete.retention.ms": str(3_600_000),
+    }
     aid = app_id(settings)
     return [
-        TopicWanted(f"{aid}-by-type", n, rf, day),
         TopicWanted(f"{aid}-health", n, rf, day),
+        TopicWanted(stats_topic(settings), 1, rf, compact),
         *(TopicWanted(f"{aid}-{t}-changelog", n, rf, compact) for t in TABLES),
     ]
 
 
-def ensure_internal_topics(settings: Settings) -> None:
+def ensure_internal_topics(settings: Settings, n: int | None = None) -> None:
     """Create the router's own topics before Faust starts.
 
     Faust creates them too, but after its first group assignment; a topic that is missing at
     that moment is left out of the assignment until the next rebalance, and the tasks sent
     to it wait. Creating them first (same names, partition counts and policies) avoids that.
     """
-    ensure_topics(settings, internal_topics(settings))
+    ensure_topics(settings, internal_topics(settings, n))
 
 
 def broadcast_config(settings: Settings) -> dict[str, Any]:
@@ -119,8 +177,12 @@ def broadcast_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Event]:
-    """Heartbeats (the lookback window), agent-health and checkpoints (all), then live.
+Snapshot = tuple[int, str, dict[str, Any]]  # a published shard: partition, pair, cell
+
+
+async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Event | Snapshot]:
+    """Heartbeats (the lookback window), agent-health, checkpoints and the statistics shards
+    (all), then live.
 
     No consumer group: every router worker reads these topics in full. Records that do not
     decode are skipped here (the group-consuming agents dead-letter them).
@@ -128,10 +190,11 @@ async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Even
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     s = settings
-    names: dict[str, type[Event]] = {
+    names: dict[str, type[Event] | None] = {
         HEARTBEATS.name(s): AgentHeartbeat,
         AGENT_HEALTH.name(s): AgentHealthChanged,
         CHECKPOINTS.name(s): CheckpointPublished,
+        stats_topic(s): None,
     }
     consumer = AIOKafkaConsumer(**broadcast_config(s))
     await consumer.start()
@@ -145,12 +208,31 @@ async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Even
         while True:
             batches = await consumer.getmany(timeout_ms=200, max_records=1000)
             for tp, msgs in batches.items():
+                etype = names[tp.topic]
                 for m in msgs:
-                    event = await _decode_waiting(serde, m.value, names[tp.topic])
+                    if etype is None:
+                        snapshot = _snapshot(m.key, m.value)
+                        if snapshot is not None:
+                            yield snapshot
+                        continue
+                    event = await _decode_waiting(serde, m.value, etype)
                     if event is not None:
                         yield event
     finally:
         await consumer.stop()
+
+
+def snapshot_record(partition: int, pair: str, cell: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A shard as the stats topic carries it (key: partition and pair; value: JSON)."""
+    return f"{partition}\x1e{pair}".encode(), json.dumps(cell).encode()
+
+
+def _snapshot(key: bytes | None, value: bytes | None) -> Snapshot | None:
+    try:
+        p, _, pair = (key or b"").decode().partition("\x1e")
+        return int(p), pair, json.loads(value or b"")
+    except ValueError:
+        return None  # not a shard (nothing else writes here): skipped
 
 
 async def _decode_waiting(serde: Serde, raw: bytes | None, etype: type[Event]) -> Event | None:

@@ -1,26 +1,32 @@
-"""Q-table cells: what the router knows about one (task type, agent) pair. Pure, no I/O.
+"""What the router knows about one (task type, agent) pair: sufficient statistics. Pure, no I/O.
 
-A cell is stored as a plain dict in a changelog-backed Faust table, so it round-trips through
-JSON (:meth:`QCell.to_dict` / :meth:`QCell.from_dict`). It keeps:
+A :class:`QCell` holds sums, not an estimate that only its writer could update: the count of
+outcomes and their discounted weight, the sum and sum of squares of the rewards, the
+Beta-Bernoulli successes/failures, and the assignments made (``pulls``; UCB's exploration term
+uses them, because rewards arrive late and the router keeps routing meanwhile). Sums add, so
+the statistics of a pair are kept as *shards*, one per partition of the task topics, each
+written by the one router worker that owns its partition, and the fleet's view of a pair is
+the sum of its shards (:func:`merge`; :mod:`streams.shards` keeps that sum current).
 
-* ``value``: the estimate (exponential recency-weighted with a fixed step size, or the sample
-  mean when no step size is configured);
-* ``count``: rewards applied; ``pulls``: assignments made (UCB's exploration term uses pulls,
-  because rewards arrive late and the router keeps routing meanwhile);
-* ``successes``/``failures`` for Beta-Bernoulli Thompson sampling and ``total``/``sumsq`` for
-  the Gaussian variant; ``binary`` stays true while every reward was exactly 0 or 1.
+``value`` is the estimate the strategies read: the (discounted) mean ``total / weight``.
+``discount`` (gamma in (0, 1)) shrinks a cell's evidence before each outcome, so the estimate
+follows an agent whose quality drifts (a provider that degrades, a model upgrade); the window
+is about ``1/(1-gamma)`` outcomes of the cell. A cell sees about 1/P of its pair's traffic
+when the pair is spread over P partitions, so :func:`shard_discount` gives each shard
+``gamma**P``: the fleet's window stays ``1/(1-gamma)`` outcomes of the pair.
 
-Outcomes are counted once per attempt by :class:`AttemptLedger` (kept in the task's record):
-an attempt's automatic outcome (a verifier/judge/failure reward, or the router's own expiry)
-counts once; a later human reward for it, or a real reward for an attempt the router had
-already expired, *replaces* the earlier contribution (:meth:`QCell.replace`) exactly once.
+Outcomes are counted once per attempt by :class:`AttemptLedger` (kept per task in the
+router's ledger table): an attempt's automatic outcome (a verifier/judge/failure reward, or
+the router's own expiry) counts once; a later human reward for it, or a real reward for an
+attempt the router had already expired, *replaces* the earlier contribution
+(:meth:`QCell.replace`) exactly once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 SEP = "\x1f"  # unit separator: cannot appear in a task type or agent id typed by a human
@@ -35,62 +41,59 @@ def split_key(key: str) -> tuple[str, str]:
     return task_type, agent_id
 
 
+def shard_discount(discount: float | None, partitions: int) -> float | None:
+    """The per-shard discount that keeps the pair's window at ``1/(1-discount)`` outcomes."""
+    if discount is None or discount >= 1.0:
+        return None
+    return float(discount ** max(partitions, 1))
+
+
 @dataclass
 class QCell:
     value: float = 0.0
     count: int = 0
     pulls: int = 0
+    weight: float = 0.0
     successes: float = 0.0
     failures: float = 0.0
     total: float = 0.0
     sumsq: float = 0.0
     binary: bool = True
-    extra: dict[str, float] = field(default_factory=dict)
 
     # -- learning --
-    def update(
-        self, reward: float, step_size: float | None = None, discount: float | None = None
-    ) -> QCell:
-        """Apply one reward in place and return self.
-
-        ``step_size`` None: sample mean (stationary agents). A fixed step in (0, 1] weights
-        recent rewards more, which tracks an agent whose quality drifts (a model upgrade).
-        ``discount`` (gamma in (0, 1)) shrinks the Beta/Gaussian evidence before each update,
-        so Thompson's posterior forgets at rate gamma and follows an agent that degrades
-        (the effective window is about 1/(1-gamma) rewards).
-        """
+    def update(self, reward: float, discount: float | None = None) -> QCell:
+        """Count one outcome in place and return self (``discount``: see the module)."""
         if not math.isfinite(reward):
             raise ValueError("reward must be finite")
         if discount is not None and discount < 1.0:
+            self.weight *= discount
             self.successes *= discount
             self.failures *= discount
             self.total *= discount
             self.sumsq *= discount
-            self.extra["weight"] = self.extra.get("weight", float(self.count)) * discount + 1.0
         self.count += 1
-        step = (1.0 / self.count) if step_size is None else step_size
-        self.value += step * (reward - self.value)
+        self.weight += 1.0
         self.total += reward
         self.sumsq += reward * reward
-        if reward in (0.0, 1.0):
-            if reward == 1.0:
-                self.successes += 1
-            else:
-                self.failures += 1
-        else:
+        if reward not in (0.0, 1.0):
             self.binary = False
-            # Fractional rewards still inform the Beta posterior, as a fractional trial.
-            clipped = min(1.0, max(0.0, reward))
-            self.successes += clipped
-            self.failures += 1.0 - clipped
+        # Fractional rewards still inform the Beta posterior, as a fractional trial.
+        clipped = min(1.0, max(0.0, reward))
+        self.successes += clipped
+        self.failures += 1.0 - clipped
+        self.value = self.mean
         return self
 
-    def replace(self, old: float, new: float, step_size: float | None = None) -> QCell:
-        """Swap one applied reward ``old`` for ``new`` (a human correction); count unchanged."""
+    def replace(self, old: float, new: float) -> QCell:
+        """Swap one counted outcome ``old`` for ``new`` (a human correction); count unchanged.
+
+        Under a discount the old outcome has decayed since it was counted; it is taken out
+        at full weight, which errs towards the new value: the correction is the newer word.
+        """
         if not (math.isfinite(old) and math.isfinite(new)):
             raise ValueError("reward must be finite")
         if self.count == 0:
-            return self.update(new, step_size)
+            return self.update(new)
         self.total += new - old
         self.sumsq += new * new - old * old
         o, n = min(1.0, max(0.0, old)), min(1.0, max(0.0, new))
@@ -98,8 +101,7 @@ class QCell:
         self.failures = max(0.0, self.failures + o - n)
         if new not in (0.0, 1.0):
             self.binary = False
-        step = (1.0 / self.count) if step_size is None else step_size
-        self.value += step * (new - old)
+        self.value = self.mean
         return self
 
     def pulled(self) -> QCell:
@@ -108,22 +110,15 @@ class QCell:
 
     # -- statistics --
     @property
-    def weight(self) -> float:
-        """The evidence behind the sums: ``count``, or its discounted version."""
-        return self.extra.get("weight", float(self.count))
-
-    @property
     def mean(self) -> float:
-        w = self.weight
-        return self.total / w if w > 0 else 0.0
+        return self.total / self.weight if self.weight > 0 else 0.0
 
     @property
     def variance(self) -> float:
-        w = self.weight
-        if w < 2:
+        if self.weight < 2:
             return 0.25  # the largest variance of a [0, 1] reward: an honest prior
         m = self.mean
-        return max(self.sumsq / w - m * m, 1e-6)
+        return max(self.sumsq / self.weight - m * m, 1e-6)
 
     # -- storage --
     def to_dict(self) -> dict[str, object]:
@@ -132,12 +127,12 @@ class QCell:
             "value": self.value,
             "count": self.count,
             "pulls": self.pulls,
+            "weight": self.weight,
             "successes": self.successes,
             "failures": self.failures,
             "total": self.total,
             "sumsq": self.sumsq,
             "binary": self.binary,
-            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -145,8 +140,29 @@ class QCell:
         """A cell from its :meth:`to_dict` form (a JSON table value, hence ``Any``)."""
         if not data:
             return cls()
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        cell = cls(**{k: data[k] for k in _FIELDS if k in data})
+        if "weight" not in data:  # written before the weight was a field of its own
+            cell.weight = float((data.get("extra") or {}).get("weight", cell.count))
+        return cell
+
+
+_FIELDS = tuple(f.name for f in fields(QCell))
+
+
+def merge(cells: Iterable[QCell]) -> QCell:
+    """The sum of shards: the statistics of their pair over all of them."""
+    out = QCell()
+    for c in cells:
+        out.count += c.count
+        out.pulls += c.pulls
+        out.weight += c.weight
+        out.successes += c.successes
+        out.failures += c.failures
+        out.total += c.total
+        out.sumsq += c.sumsq
+        out.binary = out.binary and c.binary
+    out.value = out.mean
+    return out
 
 
 AUTO, HUMAN, EXPIRY = "auto", "human", "expiry"
@@ -176,7 +192,7 @@ _REPLACES = {HUMAN: {AUTO, EXPIRY}, AUTO: {EXPIRY}, EXPIRY: set[str]()}
 
 
 class AttemptLedger:
-    """The outcome counted for each attempt of one task (kept inside its task record).
+    """The outcome counted for each attempt of one task (the router's ledger table).
 
     Stored as ``{str(attempt): [agent, value, kind, trajectory id]}`` (JSON round-trips).
     """
@@ -207,6 +223,9 @@ class AttemptLedger:
 
     def record(self, attempt: int, entry: Entry) -> None:
         self._d[str(attempt)] = [entry.agent, entry.value, entry.kind, entry.trajectory_id]
+
+    def __len__(self) -> int:
+        return len(self._d)
 
     def to_dict(self) -> dict[str, list[Any]]:
         return {k: list(v) for k, v in self._d.items()}

@@ -1,41 +1,52 @@
-"""The router's decisions, free of Faust: tasks in, assignments and final failures out.
+"""The router's decisions, free of Faust: tasks in, assignments and final outcomes out.
 
 :class:`RouterCore` works on plain mutable mappings (the Faust tables in production, dicts in
-unit tests) and a clock passed in, so every rule below is testable without Kafka:
+unit tests) and a clock passed in, so every rule below is testable without Kafka. Every call
+names the partition ``p`` of the task it is about: tasks, trajectories and rewards are keyed
+by task id with one partition count, so a task's records, its ledger and the statistics
+shards it updates all live on its partition, and the worker that owns the partition decides.
 
 * **Matching**: candidates are agents whose capabilities cover the task's required ones and
-  whose health admits them (:class:`streams.health.Directory`, fed by heartbeats and
-  AgentHealthChanged).
-* **Choice**: :func:`streams.strategies.choose_agent` over the Q-cells of (task type, candidate),
-  optionally blended with a checkpoint scorer.
-* **Task lifecycle** (one record per task id, states and moves of
-  :mod:`stormline.schemas.lifecycle`; an illegal move is refused and logged): ``submitted`` ->
-  ``waiting`` (no candidate; retried until the deadline) -> ``assigned`` (attempt n, expires
-  at t) -> ``succeeded`` / ``failed``. Expiry is the router's decision alone, on its clock: a
-  worker's TIMEOUT trajectory does not end the attempt. An expired attempt counts as a
-  failure of its agent and is reassigned as attempt n+1, preferring an agent not tried yet;
-  after ``max_attempts`` the task gets a final failed Trajectory and a Reward from
-  :data:`ROUTER_AGENT`. Nothing is dropped silently.
-* **Choice is a function of (task id, attempt)**: each decision draws from an RNG seeded
-  with them, so an attempt redone after a crash (the assignment sent, the record lost) goes
-  to the same agent given the same statistics.
-* **Outcomes** (success, wrong answer, error, expiry) update the Q-cell of the attempt's
-  agent once per attempt (:class:`streams.qtable.AttemptLedger` in the task record); a human
-  reward replaces the automatic one; errors count ``failure_value``.
+  whose health admits them (:class:`streams.health.Directory`).
+* **Choice**: :func:`streams.strategies.choose_agent` over the fleet's statistics of each
+  (task type, candidate) (:class:`streams.shards.ShardBook`), optionally blended with a
+  checkpoint scorer. Each decision draws from an RNG seeded with (seed, task id, attempt).
+* **Task lifecycle** (one record per task in ``tasks``, states and moves of
+  :mod:`stormline.schemas.lifecycle`; an illegal move is refused, logged and counted):
+  ``submitted`` -> ``waiting`` (no candidate; retried until the deadline) -> ``assigned``
+  (attempt n, expires at t) -> ``succeeded`` / ``failed``. Expiry is the router's decision
+  alone, on its clock: a worker's TIMEOUT trajectory does not end the attempt. An attempt that
+  expired or ended in an error counts against its agent and is reassigned as attempt n+1,
+  preferring an agent not tried yet; after ``max_attempts`` the task gets a final failed
+  Trajectory and a Reward from :data:`ROUTER_AGENT`. Nothing is dropped silently.
+* **Outcomes** (success, wrong answer, error, expiry) are counted once per attempt in the
+  task's entry of ``ledger`` (:class:`streams.qtable.AttemptLedger`), which outlives the task
+  record for as long as the rewards topic keeps records; a human reward replaces the automatic
+  one; errors and expiries count ``failure_value``; ``cost_weight`` subtracts the attempt's
+  cost. The shard an outcome updates is written to ``ledger`` *before* the entry that records
+  it, and remembers it (:attr:`streams.shards.Shard.recent`), so a kill between the two writes
+  never counts it twice.
+* **Delivery**: a record whose events are not known to be delivered carries ``unsent`` (a
+  sequence number of its partition); the app confirms deliveries per partition
+  (:meth:`RouterCore.delivered`), and a restarted owner sends again what was not confirmed
+  (same event ids) instead of blaming an agent for an assignment it never got.
+* **Time**: due times are on a heap (:class:`Schedule`): a tick costs what is due.
 
-Slightly over ~400 lines because :class:`RouterCore` is one state machine over the task record
-(assign, wait, expire, fail, reward); its steps are small methods that all read and write that
-record, and splitting the class would put the record's rules in two places.
+Over ~400 lines because :class:`RouterCore` is one state machine over the task record
+(assign, wait, expire, fail, reward); its steps are small methods that all read and write
+that record, and splitting the class would put the record's rules in two places.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import random
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from stormline.schemas.lifecycle import FINAL, IllegalTransition, TaskState, check
 from stormline.schemas.models import (
@@ -57,19 +68,23 @@ from stormline.streams.qtable import (
     AUTO,
     EXPIRY,
     HUMAN,
+    SEP,
     AttemptLedger,
     Entry,
     QCell,
     cell_key,
+    shard_discount,
 )
+from stormline.streams.shards import Shard, ShardBook
 from stormline.streams.strategies import Choice, StrategyConfig, choose_agent
 
 log = logging.getLogger("stormline.router")
 
-# ROUTER_AGENT (agent_id/provider on what the router itself emits) lives in schemas.models.
 NO_AGENT = "no capable healthy agent"
 RESENDS = 3  # tries to deliver a record's events again after a restart, then it goes on
 ABSOLUTE_MS = 10**12  # a deadline_ms above this is an epoch time, below it a duration
+MISSING_TYPE = "<none>"  # an outcome that names no task type, of a task this router never knew
+META = "\x00"  # keys of the router's own entries in its tables (never a task id)
 T = TypeVar("T")
 
 
@@ -77,19 +92,20 @@ T = TypeVar("T")
 class RouterConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
-    step_size: float | None = None
     assignment_ttl_s: float = 60.0
     max_attempts: int = 3
     retry_s: float = 1.0
     default_deadline_s: float = 300.0
-    done_retention_s: float = 3600.0
-    # How long a finished task's reward ledger is kept (compacted) after the full record is
-    # dropped: the rewards topic's retention, so a reward redelivered while the topic still
-    # holds it is recognised (issue 14, finding 2).
+    # How long a finished task's record stays (late trajectories find it); its ledger stays
+    # for ``ledger_retention_s``: the rewards topic's retention, so a reward redelivered while
+    # the topic still holds it is recognised (issue 14, finding 2).
+    done_retention_s: float = 300.0
     ledger_retention_s: float = 30 * 24 * 3600.0
     policy_weight: float = 0.5
     failure_value: float = 0.0  # what an error or an expired attempt counts for its agent
     discount: float | None = None  # gamma of the discounted statistics (None: keep all)
+    cost_weight: float = 0.0  # lambda: an outcome counts reward - lambda * its cost (USD)
+    partitions: int = 1  # of the task topics: the shards of one pair
     seed: int = 0  # with (task id, attempt): the RNG of each decision
 
 
@@ -102,6 +118,13 @@ class Outcome:
     detail: str
 
 
+class Effects(NamedTuple):
+    """What handling one input decided: events to send and outcomes for the health keeper."""
+
+    events: list[Event]
+    outcomes: list[Outcome]
+
+
 def epoch(dt: datetime) -> float:
     return dt.timestamp()
 
@@ -111,23 +134,68 @@ def at(ts: float) -> datetime:
     return d.replace(microsecond=d.microsecond // 1000 * 1000)
 
 
-# Records written before the lifecycle vocabulary used these words.
-_LEGACY = {"new": TaskState.SUBMITTED.value, "done": TaskState.SUCCEEDED.value}
-
-
 def state_of(rec: Mapping[str, Any]) -> TaskState:
-    return TaskState(_LEGACY.get(str(rec.get("state")), str(rec.get("state"))))
+    return TaskState(str(rec.get("state")))
 
 
 def by_priority(batch: list[tuple[TaskSubmitted, T]]) -> list[tuple[TaskSubmitted, T]]:
     """A batch of tasks, highest priority first, FIFO within a priority (a stable sort).
 
-    This is how priority works under backlog: the forwarder reads tasks in batches of up to
-    ``router_batch_max`` and forwards each batch in this order, so a priority-9 task overtakes
-    every lower-priority task of its batch. A batch holds what arrived within the batch
-    window; with no backlog that is one task and nobody waits for priority.
+    This is how priority works under backlog: the router reads its inputs in batches of up
+    to ``router_batch_max`` and routes each batch's tasks in this order, so a priority-9 task
+    overtakes every lower-priority task of its batch. A batch holds what arrived within the
+    batch window; with no backlog that is one task and nobody waits for priority.
     """
     return sorted(batch, key=lambda tv: -tv[0].priority)
+
+
+def shard_key(partition: int, pair: str) -> str:
+    """The ledger table's key of a statistics shard (its partition is in the key)."""
+    return f"{META}{partition}{SEP}{pair}"
+
+
+def shard_index_key(partition: int) -> str:
+    """The ledger table's key listing the pairs that have a shard on ``partition``."""
+    return f"{META}{partition}"
+
+
+def sent_key(partition: int) -> str:
+    """The tasks table's key of the highest delivered sequence number of ``partition``."""
+    return f"{META}sent{SEP}{partition}"
+
+
+def outcome_id(task_id: str, attempt: int, kind: str) -> str:
+    """A short id of one counted outcome (what a shard remembers)."""
+    raw = f"{task_id}{SEP}{attempt}{SEP}{kind}".encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+class Schedule:
+    """Due times of task records on a heap: (due at, partition, task id).
+
+    A record may be pushed more than once (each write); the record is the truth, and an
+    entry whose record is gone or due later is skipped when popped.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+
+    def push(self, due_at: float, partition: int, task_id: str) -> None:
+        heapq.heappush(self._heap, (due_at, partition, task_id))
+
+    def pop_due(self, now: float, ready: Callable[[int], bool]) -> list[tuple[int, str]]:
+        """Entries due by ``now`` on partitions ``ready`` (others are dropped: their new
+        owner schedules them from its own scan)."""
+        out: list[tuple[int, str]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, p, tid = heapq.heappop(heap)
+            if ready(p):
+                out.append((p, tid))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
 
 # --------------------------------------------------------------------------- core --
@@ -136,20 +204,22 @@ class RouterCore:
         self,
         cfg: RouterConfig,
         *,
-        qtable: MutableMapping[str, Any],
         tasks: MutableMapping[str, Any],
-        types: MutableMapping[str, Any],
+        ledger: MutableMapping[str, Any],
         directory: Directory,
+        book: ShardBook | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
-        self.qtable = qtable
         self.tasks = tasks
-        self.types = types
+        self.ledger = ledger
+        self.book = book if book is not None else ShardBook()
         self.directory = directory
+        self.schedule = Schedule()
         # A seeded ``rng`` (tests, benchmarks) picks the decisions' base seed; otherwise the
         # configured one, so that every router process decides an attempt the same way.
         self.seed = rng.getrandbits(64) if rng is not None else cfg.seed
+        self.discount = shard_discount(cfg.discount, cfg.partitions)
         self.scorer: Scorer | None = None
         # Expiries wait until then (the app sets it to the end of its catch-up grace).
         self.hold_expiry_until = 0.0
@@ -158,19 +228,23 @@ class RouterCore:
         # only when someone drains them (the app), so a benchmark's core does not grow.
         self.keep_moves = False
         self.moves: list[tuple[str, TaskState, int]] = []
-        # Whether the app confirms each event's delivery (:meth:`sent`); see _unsent.
+        # Whether the app confirms deliveries (:meth:`delivered`); see _unsent.
         self.track_delivery = False
+        self.seq: dict[int, int] = {}  # the last sequence number given out per partition
+        self.issued: dict[int, int] = {}  # ... since the app last took them (to confirm)
+        self.indexed: dict[int, set[str]] = {}  # pairs with a stored shard, per partition
         # Whether a task's record must be kept (its status is not written yet): the app's.
         self.holding: Callable[[str], bool] = lambda task_id: False
-        self.counters: dict[str, int] = {
-            k: 0
-            for k in (
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
                 "tasks",
+                "tasks_duplicate",
                 "assigned",
                 "probes",
                 "waiting",
                 "expired",
                 "reassigned",
+                "errors_reassigned",
                 "failed_no_agent",
                 "failed_attempts",
                 "trajectories",
@@ -180,16 +254,23 @@ class RouterCore:
                 "rewards_replaced",
                 "rewards_duplicate",
                 "rewards_ignored",
+                "rewards_recovered",
                 "expiries_counted",
                 "illegal_transitions",
-                "compacted",
+                "forgotten",
                 "resent",
-            )
-        }
+            ),
+            0,
+        )
 
     def rng_for(self, task_id: str, attempt: int) -> random.Random:
         """The RNG of the decision for ``attempt`` of ``task_id`` (a str seed is hashed)."""
         return random.Random(f"{self.seed}\x1f{task_id}\x1f{attempt}")
+
+    # -- records --
+    def _put(self, task_id: str, rec: dict[str, Any]) -> None:
+        self.tasks[task_id] = rec
+        self.schedule.push(float(rec.get("due_at", 0)), int(rec.get("p", 0)), task_id)
 
     def _move(self, task_id: str, rec: dict[str, Any], new: TaskState) -> bool:
         """Set ``rec``'s state to ``new`` if the lifecycle allows it; log and refuse if not."""
@@ -208,24 +289,31 @@ class RouterCore:
             self.moves.append((task_id, state, max(attempt, 1)))
 
     # -- tasks --
-    def on_task(self, task: TaskSubmitted, now: float) -> list[Event]:
+    def on_task(
+        self, task: TaskSubmitted, now: float, p: int = 0, trace: dict[str, str] | None = None
+    ) -> list[Event]:
         self.counters["tasks"] += 1
-        if task.task_id in self.tasks:
-            return []  # a redelivered task: its record already drives it
+        # A redelivered task (its record drives it), or one already finished and forgotten
+        # (its ledger says so): a replayed topic or a re-published id is not routed again.
+        if task.task_id in self.tasks or task.task_id in self.ledger:
+            self.counters["tasks_duplicate"] += 1
+            return []
         rec: dict[str, Any] = {
             "task": task.model_dump(mode="json"),
             "task_type": task.task_type,
+            "p": p,
             "state": TaskState.SUBMITTED.value,
             "attempt": 0,
             "agent": None,
             "tried": [],
-            "rewarded": {},
             "deadline_at": self._deadline(task),
             "due_at": now,
         }
-        out = self._assign(task.task_id, rec, now, avoid=(), task=task)
-        self.tasks[task.task_id] = rec
-        return out
+        if trace:
+            rec["trace"] = trace  # a later attempt (the clock's) continues the task's trace
+        events = self._assign(task.task_id, rec, now, avoid=(), task=task)
+        self._put(task.task_id, rec)
+        return events
 
     def _deadline(self, task: TaskSubmitted) -> float:
         if task.deadline_ms is None:
@@ -249,14 +337,12 @@ class RouterCore:
             return self._wait_or_fail(rec, now, task)
         # Prefer agents not tried yet (a reassignment); fall back to all candidates.
         fresh = {a: p for a, p in candidates.items() if a not in avoid} or candidates
-        cells = {a: QCell.from_dict(self.qtable.get(cell_key(task.task_type, a))) for a in fresh}
-        tstats = dict(self.types.get(task.task_type) or {"routed": 0})
+        cells = {a: self.book.cell(cell_key(task.task_type, a)) for a in fresh}
+        routed = sum(c.pulls for c in cells.values())  # epsilon decays per task of a type
         rng = self.rng_for(task_id, int(rec["attempt"]) + 1)
-        choice, prior = self._pick(task, fresh, cells, int(tstats["routed"]), rng)
+        choice, prior = self._pick(task, fresh, cells, routed, rng)
         agent = choice.agent_id
-        tstats["routed"] = int(tstats["routed"]) + 1
-        self.types[task.task_type] = tstats
-        self.qtable[cell_key(task.task_type, agent)] = cells[agent].pulled().to_dict()
+        self.book.pull(int(rec["p"]), cell_key(task.task_type, agent))
         if fresh[agent]:
             self.directory.probe_sent(agent)
             self.counters["probes"] += 1
@@ -272,7 +358,7 @@ class RouterCore:
             return self._fail(rec, now, NO_AGENT, task)
         if int(rec["attempt"]) > 0:
             # A reassignment that found nobody: the task stays assigned (the lifecycle has no
-            # assigned -> waiting), its expired attempt counted, and the clock retries.
+            # assigned -> waiting), its last attempt counted, and the clock retries.
             if not rec.get("reassign"):
                 self.counters["waiting"] += 1
             rec["reassign"] = True
@@ -306,14 +392,14 @@ class RouterCore:
         """The agent for this attempt, and the prior that weighed in (None if none did).
 
         A half-open agent with probe budget left gets the next task it can do, whatever the
-        strategy thinks of it: its Q-cell predates the outage, and a circuit that waits for
+        strategy thinks of it: its statistics predate the outage, and a circuit that waits for
         the strategy to pick a poor agent again might never close.
         """
-        prior, weight = self._prior(task, fresh)
         probing = sorted(a for a, is_probe in fresh.items() if is_probe)
         if probing:
             a = probing[0]
             return Choice(a, cells[a].value, PolicyKind.EXPLORE.value), None
+        prior, weight = self._prior(task, fresh)
         choice = choose_agent(
             self.cfg.strategy, cells, rng, step=routed, prior=prior, prior_weight=weight
         )
@@ -360,37 +446,57 @@ class RouterCore:
             task=AssignedTask.of(task),
         )
 
+    # -- delivery --
     def _unsent(self, rec: dict[str, Any]) -> None:
         """Mark ``rec``'s events (this attempt's assignment, or the final failure) as not
-        known delivered: the app clears the mark (:meth:`sent`) once Kafka acknowledged them,
-        and a restarted router sends them again (:meth:`on_tick`) if it is still there.
-        Only when someone confirms deliveries (the app), like :attr:`moves`."""
+        known delivered, with the next sequence number of its partition; the app confirms
+        delivered sequence numbers per partition (:meth:`delivered`). Only when someone
+        confirms deliveries (the app), like :attr:`moves`."""
         if not self.track_delivery:
             return
-        rec["unsent"] = max(int(rec["attempt"]), 1)  # as the events say (a final failure: 1+)
+        rec["unsent"] = self._next_seq(int(rec["p"]))
         rec.pop("resends", None)
 
-    def sent(self, task_id: str, attempt: int) -> None:
-        """The events of ``attempt`` of ``task_id`` are delivered: clear the record's mark."""
-        rec = self.tasks.get(task_id)
-        if rec is not None and rec.get("unsent") == attempt:
-            rec = dict(rec)
-            rec.pop("unsent", None)
-            rec.pop("resends", None)
-            self.tasks[task_id] = rec
+    def delivered(self, partition: int, seq: int) -> None:
+        """Every event of ``partition`` up to sequence number ``seq`` is delivered."""
+        self.tasks[sent_key(partition)] = {"p": partition, "sent": seq}
+
+    def is_unsent(self, rec: Mapping[str, Any]) -> bool:
+        u = rec.get("unsent")
+        if u is None:
+            return False
+        mark = self.tasks.get(sent_key(int(rec.get("p", 0)))) or {}
+        return int(u) > int(mark.get("sent", 0))
+
+    def adopt(self, partition: int, records: Iterable[tuple[str, Mapping[str, Any]]]) -> int:
+        """Schedule the records of a partition this worker now owns (after a rebalance or a
+        restart): each at its due time, those with events not known delivered at once.
+        Returns how many records there were."""
+        n, top = 0, 0
+        for tid, rec in records:
+            if tid.startswith(META) or not rec:
+                continue
+            n += 1
+            top = max(top, int(rec.get("unsent") or 0))
+            due = 0.0 if self.is_unsent(rec) else float(rec.get("due_at", 0))
+            self.schedule.push(due, partition, tid)
+        mark = self.tasks.get(sent_key(partition)) or {}
+        self.seq[partition] = max(self.seq.get(partition, 0), top, int(mark.get("sent", 0)))
+        return n
 
     def unsent_events(self, rec: Mapping[str, Any]) -> list[Event]:
         """The events ``rec`` marks as not known delivered, rebuilt (same event ids)."""
-        if rec.get("unsent") is None or rec.get("task") is None:
+        if not self.is_unsent(rec) or rec.get("task") is None:
             return []
         task = TaskSubmitted.model_validate(rec["task"])
         state = state_of(rec)
         if state == TaskState.FAILED and rec.get("by_router"):
             return self._final_events(rec, task)
-        if state == TaskState.ASSIGNED and rec.get("pick") and rec["unsent"] == rec["attempt"]:
+        if state == TaskState.ASSIGNED and rec.get("pick"):
             return [self._assignment(rec, task)]
         return []
 
+    # -- final failure --
     def _fail(
         self,
         rec: dict[str, Any],
@@ -444,82 +550,96 @@ class RouterCore:
         ]
 
     # -- the clock --
-    def on_tick(self, task_id: str, now: float) -> tuple[list[Event], list[Outcome]]:
+    def on_tick(self, task_id: str, now: float) -> Effects:
+        """The record of ``task_id`` came due (or may have: a tick is idempotent, the
+        record is the truth)."""
         rec = self.tasks.get(task_id)
-        if rec is not None and rec.get("unsent") is not None:
+        if rec is None:
+            return Effects([], [])  # gone: the record is the truth
+        if self.is_unsent(rec):
             rec = dict(rec)
             events, resends = self.unsent_events(rec), int(rec.get("resends", 0))
             if events and resends < RESENDS:
                 # A kill between the record and its events' delivery: send them again (same
                 # event ids, so a copy that did arrive counts once downstream).
                 rec["resends"] = resends + 1
-                self.tasks[task_id] = rec
+                rec["unsent"] = self._next_seq(int(rec["p"]))
+                self._put(task_id, rec)
                 self.counters["resent"] += 1
-                return events, []
+                return Effects(events, [])
             # Nothing to send any more, or never delivered (dead-lettered each time): go on.
             rec.pop("unsent", None)
             rec.pop("resends", None)
-            self.tasks[task_id] = rec
-        if rec is None or now < float(rec.get("due_at", 0)):
-            return [], []  # stale or duplicate tick: the record is the truth
-        rec = dict(rec)
+            self._put(task_id, rec)
+        if now < float(rec.get("due_at", 0)):
+            return Effects([], [])  # a stale heap entry: the record is due later
+        return self._due(task_id, dict(rec), now)
+
+    def _next_seq(self, p: int) -> int:
+        self.seq[p] = self.issued[p] = self.seq.get(p, 0) + 1
+        return self.seq[p]
+
+    def _due(self, task_id: str, rec: dict[str, Any], now: float) -> Effects:
         state = state_of(rec)
-        out: list[Event] = []
-        outcomes: list[Outcome] = []
         if state in FINAL:
             if self.holding(task_id):
                 rec["due_at"] = now + self.cfg.retry_s  # its status is not in Redis yet
-                self.tasks[task_id] = rec
-                return [], []
-            if rec.get("compact"):
-                del self.tasks[task_id]  # past the rewards topic's retention: nothing can repeat
+                self._put(task_id, rec)
             else:
-                self.tasks[task_id] = compacted(rec, now + self.cfg.ledger_retention_s)
-                self.counters["compacted"] += 1
-            return [], []
+                self._forget(task_id, rec, now)
+            return Effects([], [])
         if state == TaskState.ASSIGNED and now < self.hold_expiry_until:
             rec["due_at"] = self.hold_expiry_until  # look again after the catch-up grace
-            self.tasks[task_id] = rec
-            return [], []
+            self._put(task_id, rec)
+            return Effects([], [])
+        out = Effects([], [])
         if state in (TaskState.WAITING, TaskState.SUBMITTED) or rec.get("reassign"):
-            out = self._assign(task_id, rec, now, avoid=tuple(rec["tried"]))
+            out = Effects(self._assign(task_id, rec, now, avoid=tuple(rec["tried"])), [])
         elif state == TaskState.ASSIGNED:
-            outcomes, out = self._expire(task_id, rec, now)
-        self.tasks[task_id] = rec
-        return out, outcomes
+            out = self._expire(task_id, rec, now)
+        self._put(task_id, rec)
+        return out
 
-    def _expire(
-        self, task_id: str, rec: dict[str, Any], now: float
-    ) -> tuple[list[Outcome], list[Event]]:
+    def _forget(self, task_id: str, rec: Mapping[str, Any], now: float) -> None:
+        """A finished task's record goes; its ledger stays (a replayed task is not routed
+        again, a redelivered reward not counted again), with one written if it had none."""
+        entry = self.ledger.get(task_id)
+        if entry is None:
+            self.ledger[task_id] = ledger_entry(rec, {}, now)
+        del self.tasks[task_id]
+        self.counters["forgotten"] += 1
+
+    def _expire(self, task_id: str, rec: dict[str, Any], now: float) -> Effects:
         """The current attempt expired: it counts against its agent; reassign or fail."""
         self.counters["expired"] += 1
         attempt, agent = int(rec["attempt"]), str(rec["agent"])
-        self._count(rec, rec["task_type"], agent, attempt, self.cfg.failure_value, EXPIRY)
+        self._count(task_id, rec, agent, attempt, self.cfg.failure_value, EXPIRY, now)
         outcomes = [Outcome(agent, False, f"attempt {attempt} expired")]
-        if attempt >= self.cfg.max_attempts:
-            self.counters["failed_attempts"] += 1
-            return outcomes, self._fail(rec, now, f"no trajectory after {attempt} attempts")
-        self.counters["reassigned"] += 1
-        return outcomes, self._assign(task_id, rec, now, avoid=tuple(rec["tried"]))
+        events = self._next_attempt(task_id, rec, now, f"attempt {attempt} expired")
+        return Effects(events, outcomes)
 
-    def due(self, now: float) -> list[tuple[str, str]]:
-        """(task type, task id) of the records whose next step is due (a full scan)."""
-        return [
-            (rec["task_type"], tid)
-            for tid, rec in list(self.tasks.items())
-            if now >= float(rec.get("due_at", 0))
-        ]
+    def _next_attempt(self, task_id: str, rec: dict[str, Any], now: float, why: str) -> list[Event]:
+        """Attempt n ended without a result that counts: reassign, or fail after the last."""
+        if int(rec["attempt"]) >= self.cfg.max_attempts:
+            self.counters["failed_attempts"] += 1
+            return self._fail(rec, now, f"{why}; no result after {rec['attempt']} attempts")
+        self.counters["reassigned"] += 1
+        return self._assign(task_id, rec, now, avoid=tuple(rec["tried"]))
+
+    def due(self, now: float, ready: Callable[[int], bool] = lambda p: True) -> list[str]:
+        """The task ids whose record may be due by ``now`` (see :meth:`on_tick`)."""
+        return [tid for _, tid in self.schedule.pop_due(now, ready)]
 
     # -- results --
-    def on_trajectory(self, traj: Trajectory, now: float) -> list[Outcome]:
+    def on_trajectory(self, traj: Trajectory, now: float, p: int = 0) -> Effects:
         if traj.provider == ROUTER_AGENT or traj.agent_id == ROUTER_AGENT:
-            return []  # our own final failure, already accounted for
+            return Effects([], [])  # our own final failure, already accounted for
         self.counters["trajectories"] += 1
+        ok = traj.status == TrajectoryStatus.OK
         timeout = traj.status == TrajectoryStatus.TIMEOUT
-        outcome = Outcome(traj.agent_id, traj.status == TrajectoryStatus.OK, traj.error or "")
         # A worker's TIMEOUT says nothing the router's own clock will not decide: the agent
         # may never have run (an assignment read after its expiry).
-        outcomes = [] if timeout else [outcome]
+        outcomes = [] if timeout else [Outcome(traj.agent_id, ok, traj.error or "")]
         rec = self.tasks.get(traj.task_id)
         if (
             rec is None
@@ -528,21 +648,28 @@ class RouterCore:
             or traj.agent_id != rec["agent"]
         ):
             self.counters["trajectories_stale"] += 1
-            return outcomes
+            return Effects([], outcomes)
         if timeout:
             self.counters["trajectories_timeout_deferred"] += 1
-            return []
+            return Effects([], [])
         rec = dict(rec)
         rec.pop("unsent", None)  # a result of this attempt: its assignment was delivered
         rec.pop("resends", None)
-        ok = traj.status == TrajectoryStatus.OK
-        if self._move(traj.task_id, rec, TaskState.SUCCEEDED if ok else TaskState.FAILED):
-            rec["done_at"] = now
-            rec["due_at"] = now + self.cfg.done_retention_s
-            self.tasks[traj.task_id] = rec
-        return outcomes
+        events: list[Event] = []
+        if ok:
+            if self._move(traj.task_id, rec, TaskState.SUCCEEDED):
+                rec["done_at"] = now
+                rec["due_at"] = now + self.cfg.done_retention_s
+        else:
+            # An error is the agent's outcome (its FAILURE reward counts it); the task goes on
+            # with another agent while attempts remain.
+            self.counters["errors_reassigned"] += 1
+            why = f"attempt {traj.attempt} failed: {(traj.error or 'error')[:300]}"
+            events = self._next_attempt(traj.task_id, rec, now, why)
+        self._put(traj.task_id, rec)
+        return Effects(events, outcomes)
 
-    def on_reward(self, reward: Reward, now: float) -> bool:
+    def on_reward(self, reward: Reward, now: float, p: int = 0) -> bool:
         """Count ``reward`` for its attempt's agent; False if ignored or already counted.
 
         An automatic reward counts once per attempt (an error's counts ``failure_value``); a
@@ -554,80 +681,104 @@ class RouterCore:
             self.counters["rewards_ignored"] += 1
             return False  # the router's own bookkeeping, or decided by the router's clock
         rec = self.tasks.get(reward.task_id)
-        task_type = reward.task_type or (rec or {}).get("task_type", "")
         if rec is None:
-            # Unknown or forgotten task: keep a ledger-only record so a redelivery is caught.
-            rec = {
-                "task_type": task_type,
-                "state": TaskState.SUCCEEDED.value,
-                "attempt": reward.attempt,
-                "agent": reward.agent_id,
-                "tried": [],
-                "rewarded": {},
-                "done_at": now,
-                "due_at": now + self.cfg.done_retention_s,
-            }
-        rec = dict(rec)
+            rec = {"p": p, "task_type": reward.task_type}  # finished and forgotten, or unknown
         failed = reward.source == RewardSource.FAILURE
         value = self.cfg.failure_value if failed else reward.value
+        cost = reward.components.get("cost_usd", 0.0)
+        if self.cfg.cost_weight and not failed:
+            value -= self.cfg.cost_weight * cost
         kind = HUMAN if reward.source == RewardSource.HUMAN else AUTO
         attempt = reward.attempt
         if kind == HUMAN:
             # `stormline reward` given only a trajectory id does not know the attempt.
-            found = AttemptLedger(_ledger(rec.get("rewarded"))).attempt_of(reward.trajectory_id)
+            ledger = AttemptLedger((self.ledger.get(reward.task_id) or {}).get("a"))
+            found = ledger.attempt_of(reward.trajectory_id)
             attempt = found if found is not None else attempt
-        applied = self._count(
-            rec, task_type, reward.agent_id, attempt, value, kind, reward.trajectory_id
+        return self._count(
+            reward.task_id, rec, reward.agent_id, attempt, value, kind, now, reward.trajectory_id
         )
-        self.tasks[reward.task_id] = rec
-        return applied
 
     def _count(
         self,
-        rec: dict[str, Any],
-        task_type: str,
+        task_id: str,
+        rec: Mapping[str, Any],
         agent: str,
         attempt: int,
         value: float,
         kind: str,
+        now: float,
         trajectory_id: str = "",
     ) -> bool:
-        """Apply one attempt's outcome to the Q-table through the ledger in ``rec``."""
-        ledger = AttemptLedger(_ledger(rec.get("rewarded")))
+        """Count one attempt's outcome: its shard first, then the ledger entry that records it."""
+        stored = self.ledger.get(task_id)
+        ledger = AttemptLedger((stored or {}).get("a"))
         decision = ledger.decide(attempt, kind)
         if decision.action == "duplicate":
             self.counters["rewards_duplicate"] += 1
             return False
+        p = int(rec.get("p", 0))
+        task_type = str(rec.get("task_type") or (stored or {}).get("task_type") or MISSING_TYPE)
         old = decision.old
         target = old.agent if old is not None else agent
-        key = cell_key(task_type, target)
-        cell = QCell.from_dict(self.qtable.get(key))
-        if old is not None:
-            cell.replace(old.value, value, self.cfg.step_size)
-            self.counters["rewards_replaced"] += 1
+        pair = cell_key(task_type, target)
+        oid = outcome_id(task_id, attempt, kind)
+        shard = self.book.shard(p, pair)
+        if shard.counted(oid):
+            self.counters["rewards_recovered"] += 1  # counted before a kill; ledger was not
         else:
-            cell.update(value, self.cfg.step_size, self.cfg.discount)
-            self.counters["expiries_counted" if kind == EXPIRY else "rewards_applied"] += 1
-        self.qtable[key] = cell.to_dict()
+            cell = QCell.from_dict(shard.cell.to_dict())
+            if old is not None:
+                cell.replace(old.value, value)
+                self.counters["rewards_replaced"] += 1
+            else:
+                cell.update(value, self.discount)
+                self.counters["expiries_counted" if kind == EXPIRY else "rewards_applied"] += 1
+            new = Shard(cell, shard.recent)
+            new.remember(oid)
+            self._store_shard(p, pair, new)
         ledger.record(attempt, Entry(target, value, kind, trajectory_id))
-        rec["rewarded"] = ledger.to_dict()
+        entry = ledger_entry(rec, ledger.to_dict(), now, stored)
+        entry["task_type"] = task_type
+        self.ledger[task_id] = entry
         return True
 
+    def _store_shard(self, p: int, pair: str, shard: Shard) -> None:
+        indexed = self.indexed.setdefault(p, set())
+        if pair not in indexed:
+            indexed.add(pair)
+            self.ledger[shard_index_key(p)] = {"p": p, "pairs": sorted(indexed)}
+        self.ledger[shard_key(p, pair)] = shard.to_dict(p)
+        self.book.put(p, pair, shard)
 
-def compacted(rec: Mapping[str, Any], forget_at: float) -> dict[str, Any]:
-    """A finished task's record cut to what reward dedup needs (its ledger), until then."""
+    def load_partition(self, p: int) -> dict[str, Shard]:
+        """The shards of partition ``p`` as the ledger table keeps them (after a rebalance)."""
+        pairs = (self.ledger.get(shard_index_key(p)) or {}).get("pairs", [])
+        self.indexed[p] = set(pairs)
+        return {pair: Shard.from_dict(self.ledger.get(shard_key(p, pair))) for pair in pairs}
+
+    def expired_ledgers(
+        self, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
+    ) -> list[tuple[int, str]]:
+        """(partition, task id) of the ledger entries past the rewards topic's retention."""
+        horizon = now - self.cfg.ledger_retention_s
+        return [
+            (int(v.get("p", 0)), k)
+            for k, v in items
+            if not k.startswith(META) and v and float(v.get("t", now)) < horizon
+        ]
+
+
+def ledger_entry(
+    rec: Mapping[str, Any],
+    attempts: dict[str, Any],
+    now: float,
+    stored: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A task's ledger entry: its counted outcomes, its partition and type, when last touched."""
     return {
-        "task_type": rec.get("task_type", ""),
-        "state": rec.get("state"),
-        "attempt": rec.get("attempt", 0),
-        "agent": rec.get("agent"),
-        "tried": [],
-        "rewarded": _ledger(rec.get("rewarded")),
-        "compact": True,
-        "due_at": forget_at,
+        "p": int(rec.get("p", (stored or {}).get("p", 0))),
+        "task_type": rec.get("task_type") or (stored or {}).get("task_type") or MISSING_TYPE,
+        "a": attempts,
+        "t": now,
     }
-
-
-def _ledger(data: Any) -> dict[str, Any]:
-    """The ledger of a record; one written by an older router (a list of keys) starts empty."""
-    return data if isinstance(data, dict) else {}

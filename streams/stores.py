@@ -1,32 +1,79 @@
-"""An in-memory table store that forgets what a worker no longer owns (issue 14, finding 6).
+"""The router's tables: the partition of a key is the one the router names, not the event's.
 
-Faust's memory store prunes, after each rebalance's recovery, the keys of partitions this
-worker lost, but it only knows the partition of keys it *restored from the changelog*: keys
-written here while processing were kept forever after their partition moved to another
-worker, and the timers kept finding them due. This store also records the partition of every
-key set during stream iteration (the partition of the event being processed, which is the
-changelog partition Faust writes it to), so the pruning covers every key.
+Faust puts a table write on the changelog partition of the event being processed (its
+``current_event``). The router writes outside that rule twice: it handles its inputs in
+batches that mix partitions (``take_events``), and its clock changes records with no event at
+all (an expiry, a reassignment). Both know the right partition, the task's (every input topic
+is keyed by task id with one partition count), so they say it: :func:`at_partition` sets it
+for the writes and reads inside, and the table and stores here use it, falling back to the
+current event's partition like Faust.
 
-:func:`register` makes it the store behind ``memory://`` in this process (a scheme of its
-own does not survive Faust's URL handling of table stores).
+* :class:`KeyedTable`: a Faust table whose changelog partition is that partition.
+* :class:`OwnedMemoryStore` (``memory://``): Faust's memory store prunes, after each
+  rebalance's recovery, the keys of partitions this worker lost, but only knows the partition
+  of keys it restored from the changelog; this one records the partition of every write, so
+  a worker keeps only what it owns (issue 14, finding 6).
+* :class:`KeyedRocksStore` (``rocksdb://``): Faust's RocksDB store (one database per
+  partition, on disk: memory stays bounded however long the ledger is kept) reading and
+  writing the named partition's database.
+
+:func:`register` makes these the stores behind ``memory://`` and ``rocksdb://`` in this
+process (a scheme of its own does not survive Faust's URL handling of table stores).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
+import faust
 from faust.stores import STORES
-from faust.stores.memory import Store
+from faust.stores.memory import Store as MemoryStore
+from faust.stores.rocksdb import Store as RocksStore
 from faust.streams import current_event
 
-URL = "memory://"
+_PARTITION: ContextVar[int | None] = ContextVar("stormline_router_partition", default=None)
 
 
-class OwnedMemoryStore(Store):
+@contextlib.contextmanager
+def at_partition(partition: int) -> Iterator[None]:
+    """Table reads and writes inside use ``partition`` (the task's)."""
+    token = _PARTITION.set(partition)
+    try:
+        yield
+    finally:
+        _PARTITION.reset(token)
+
+
+def partition_now() -> int | None:
+    """The partition named by :func:`at_partition`, else the current event's, else None."""
+    p = _PARTITION.get()
+    if p is not None:
+        return p
+    event = current_event()
+    return None if event is None else int(event.message.partition)
+
+
+class KeyedTable(faust.Table):
+    """A table whose changelog partition is :func:`partition_now`."""
+
+    def partition_for_key(self, key: Any) -> int | None:
+        p = partition_now()
+        if p is None:
+            raise RuntimeError(
+                f"table {self.name}: a write outside stream iteration must name its partition "
+                "(streams.stores.at_partition)"
+            )
+        return p
+
+
+class OwnedMemoryStore(MemoryStore):
     def __setitem__(self, key: Any, value: Any) -> None:
-        event = current_event()
-        if event is not None:
-            self._key_partition[key] = event.message.partition
+        p = partition_now()
+        if p is not None:
+            self._key_partition[key] = p
         self.data[key] = value
 
     def __delitem__(self, key: Any) -> None:
@@ -34,7 +81,39 @@ class OwnedMemoryStore(Store):
         self._key_partition.pop(key, None)
 
 
-def register() -> str:
-    """Make this the store behind ``memory://``; returns that URL."""
+class KeyedRocksStore(RocksStore):
+    def _set(self, key: bytes, value: bytes | None) -> None:
+        p = partition_now()
+        if p is None:
+            raise RuntimeError("a RocksDB table write must name its partition")
+        self._key_index[key] = p
+        self._db_for_partition(p).put(key, value)
+
+    def _get(self, key: bytes) -> bytes | None:
+        p = partition_now()
+        if p is None:
+            return super()._get(key)
+        value = self._db_for_partition(p).get(key)
+        if value is not None:
+            self._key_index[key] = p
+        return value
+
+    def _contains(self, key: bytes) -> bool:
+        p = partition_now()
+        if p is None:
+            return super()._contains(key)
+        return self._db_for_partition(p).get(key) is not None
+
+    def _del(self, key: bytes) -> None:
+        p = partition_now()
+        if p is None:
+            super()._del(key)
+        else:
+            self._db_for_partition(p).delete(key)
+            self._key_index.pop(key, None)
+
+
+def register() -> None:
+    """Make these the stores behind ``memory://`` and ``rocksdb://`` in this process."""
     STORES.aliases["memory"] = f"{__name__}:OwnedMemoryStore"
-    return URL
+    STORES.aliases["rocksdb"] = f"{__name__}:KeyedRocksStore"

@@ -104,8 +104,8 @@ def thompson_samples(cells: Mapping[str, QCell], rng: random.Random) -> dict[str
         if cell.binary:
             out[a] = rng.betavariate(1.0 + cell.successes, 1.0 + cell.failures)
         else:
-            n = cell.count
-            mean = cell.mean if n else 0.5
+            n = cell.weight  # the (discounted) evidence behind the mean
+            mean = cell.mean if n > 0 else 0.5
             sd = math.sqrt(cell.variance / (n + 1))
             out[a] = rng.gauss(mean, sd)
     return out

@@ -43,12 +43,14 @@ class Outcomes:
         return {t for t in task_ids if not self.rewards.get(t)}
 
     def conflicting_attempts(self) -> list[tuple[str, int]]:
-        """(task, attempt) pairs with two different trajectories: the work was done twice."""
+        """(task, attempt) pairs with two different agent trajectories: the work was done
+        twice. (The router's final failure names the last attempt too; it is no work.)"""
         out = []
         for task, trs in self.trajectories.items():
             ids: dict[int, set[str]] = defaultdict(set)
             for tr in trs:
-                ids[tr.attempt].add(tr.trajectory_id)
+                if tr.agent_id != ROUTER_AGENT:
+                    ids[tr.attempt].add(tr.trajectory_id)
             out += [(task, a) for a, s in ids.items() if len(s) > 1]
         return out
 
@@ -172,7 +174,7 @@ class LoopHarness:
         s = self.s
         inputs = [spec.name(s) for spec in (TASKS, TRAJECTORIES, REWARDS)]
         stages = {
-            app_id(s): [*inputs, f"{app_id(s)}-by-type"],
+            app_id(s): inputs,
             s.topic(s.worker_group): [ASSIGNMENTS.name(s)],
             s.evaluator_group: [TRAJECTORIES.name(s)],
             **self.more_stages,

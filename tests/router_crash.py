@@ -4,7 +4,7 @@
 Trajectory is delivered and before its Reward is sent; ``before-assignment``: after the task's
 record reached its changelog and before its TaskAssigned is sent. Otherwise it is
 ``stormline router`` (:func:`stormline.streams.app.run_router`), settings from the environment.
-The hooks wrap :meth:`Router.emit`, the one way the router sends what it decided, and flush
+The hooks wrap :meth:`Router.finish`, the one way the router sends what it decided, and flush
 Faust's producer first, so the table's changelog records are out when it dies.
 """
 
@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterable
 from typing import Any
 
-from stormline.schemas.models import ROUTER_AGENT, Event, TaskAssigned, Trajectory
+from stormline.schemas.models import ROUTER_AGENT, TaskAssigned, Trajectory
 from stormline.settings import Settings
 from stormline.streams import app as router_app
 
@@ -28,22 +27,27 @@ def _die(what: str) -> None:
 
 
 def hook(window: str) -> None:
-    emit = router_app.Router.emit
+    finish = router_app.Router.finish
 
-    async def emit_hook(self: Any, events: Iterable[Event]) -> None:
-        events = list(events)
+    async def finish_hook(self: Any, batch: router_app.Batch) -> None:
+        events = [e for e, _, _ in batch.events]
         if window == "between-final-events":
-            final = [e for e in events if isinstance(e, Trajectory) and e.agent_id == ROUTER_AGENT]
+            final = [
+                (e, src, h)
+                for e, src, h in batch.events
+                if isinstance(e, Trajectory) and e.agent_id == ROUTER_AGENT
+            ]
             if final:
-                await emit(self, final)
                 await self.app.producer.flush()
+                for e, src, h in final:
+                    await self._send(e, src, h)
                 _die("between the final Trajectory and its Reward")
         elif window == "before-assignment" and any(isinstance(e, TaskAssigned) for e in events):
             await self.app.producer.flush()
             _die("before sending TaskAssigned")
-        await emit(self, events)
+        await finish(self, batch)
 
-    router_app.Router.emit = emit_hook  # type: ignore[method-assign]
+    router_app.Router.finish = finish_hook  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from stormline.schemas.models import (
     TrajectoryStatus,
 )
 from stormline.streams.health import Directory, HealthConfig
-from stormline.streams.qtable import cell_key
+from stormline.streams.qtable import QCell, cell_key
 from stormline.streams.router import NO_AGENT, RouterConfig, RouterCore
+from stormline.streams.shards import Shard
 from stormline.streams.strategies import StrategyConfig
 
 T0 = 1_800_000_000.0
@@ -34,7 +35,7 @@ def core(strategy: str = "thompson", **kw: object) -> RouterCore:
         retry_s=1,
         **kw,  # type: ignore[arg-type]
     )
-    return RouterCore(cfg, qtable={}, tasks={}, types={}, directory=d, rng=random.Random(3))
+    return RouterCore(cfg, tasks={}, ledger={}, directory=d, rng=random.Random(3))
 
 
 def task(tid: str, caps: list[str], **kw: object) -> TaskSubmitted:
@@ -91,7 +92,7 @@ def test_expiry_reassigns_to_another_agent_then_fails_after_max_attempts() -> No
     out, _ = c.on_tick("t", T0 + 10)
     tr, rw = out
     assert isinstance(tr, Trajectory) and tr.final and tr.status == TrajectoryStatus.ERROR
-    assert tr.error == "no trajectory after 2 attempts"
+    assert tr.error == "attempt 2 expired; no result after 2 attempts"
     assert isinstance(rw, Reward) and rw.source == RewardSource.FAILURE and rw.value == 0
     assert c.on_tick("t", T0 + 11) == ([], [])  # done: nothing more until forgotten
 
@@ -100,7 +101,7 @@ def test_a_trajectory_for_the_current_attempt_stops_the_clock() -> None:
     c = core()
     c.directory.heartbeat({"x": ["a"]}, [])
     (a1,) = c.on_task(task("t", ["a"]), T0)
-    assert c.on_trajectory(traj(a1), T0 + 1)[0].ok  # type: ignore[arg-type]
+    assert c.on_trajectory(traj(a1), T0 + 1).outcomes[0].ok  # type: ignore[arg-type]
     assert c.on_tick("t", T0 + 100) == ([], [])
     assert c.tasks["t"]["state"] == "succeeded"
 
@@ -132,7 +133,7 @@ def test_duplicate_and_late_rewards_are_counted_once() -> None:
     )
     assert c.on_reward(r, T0 + 1)
     assert not c.on_reward(r.model_copy(update={"event_id": r.event_id}), T0 + 2)
-    assert c.qtable[cell_key("qa", "x")]["count"] == 1
+    assert c.book.cell(cell_key("qa", "x")).count == 1
     # A FAILURE reward of the same attempt is that attempt's outcome too: counted already.
     failure = r.model_copy(update={"source": RewardSource.FAILURE, "trajectory_id": "z"})
     assert not c.on_reward(failure, T0)
@@ -149,8 +150,8 @@ def test_policy_prior_stamps_checkpoint_kind_and_version() -> None:
 
     c = core(strategy="ucb1", policy_weight=1.0)
     c.directory.heartbeat({"x": ["a"], "y": ["a"]}, [])
-    for cell in ("x", "y"):
-        c.qtable[cell_key("qa", cell)] = {"value": 0.5, "count": 5, "pulls": 5}
+    for agent in ("x", "y"):
+        c.book.put(0, cell_key("qa", agent), Shard(QCell(value=0.5, count=5, pulls=5)))
     c.scorer, c.policy_version = Prefers(), "router@3"
     (a,) = c.on_task(task("t", ["a"]), T0)
     assert a.agent_id == "y" and a.policy == PolicyKind.CHECKPOINT  # type: ignore[union-attr]

@@ -24,7 +24,7 @@ from stormline.schemas.models import (
     stable_event_id,
 )
 from stormline.streams.health import Directory, HealthConfig
-from stormline.streams.qtable import QCell, cell_key
+from stormline.streams.qtable import cell_key
 from stormline.streams.router import ROUTER_AGENT, RouterConfig, RouterCore
 from stormline.streams.strategies import StrategyConfig
 
@@ -42,7 +42,7 @@ def core(strategy: str = "thompson", seed: int = 0, **kw: object) -> RouterCore:
         seed=seed,
         **kw,  # type: ignore[arg-type]
     )
-    return RouterCore(cfg, qtable={}, tasks={}, types={}, directory=Directory(health=HC))
+    return RouterCore(cfg, tasks={}, ledger={}, directory=Directory(health=HC))
 
 
 def task(tid: str, caps: list[str] | None = None) -> TaskSubmitted:
@@ -107,7 +107,7 @@ def test_a_flaky_agent_looks_as_bad_as_it_is() -> None:
             c.on_trajectory(traj(a), T0)
             c.on_reward(reward(a, float(ok)), T0)
     assert got[-1000:].count("steady") >= 900, got[-1000:].count("steady")
-    flaky = QCell.from_dict(c.qtable[cell_key("qa", "flaky")])
+    flaky = c.book.cell(cell_key("qa", "flaky"))
     assert flaky.failures > 0 and flaky.mean < 0.7
 
 
@@ -116,7 +116,7 @@ def test_an_error_counts_the_failure_value_setting() -> None:
     c.directory.heartbeat({"x": ["a"]}, [])
     a = assign(c, task("t"))
     assert c.on_reward(reward(a, 0.0, RewardSource.FAILURE), T0)
-    cell = QCell.from_dict(c.qtable[cell_key("qa", "x")])
+    cell = c.book.cell(cell_key("qa", "x"))
     assert cell.count == 1 and cell.total == -0.5
 
 
@@ -128,11 +128,11 @@ def test_an_expired_attempt_counts_against_its_agent_once() -> None:
     assert [o.ok for o in outcomes] == [False]
     (a2,) = out
     assert isinstance(a2, TaskAssigned) and a2.attempt == 2
-    cell = QCell.from_dict(c.qtable[cell_key("qa", "x")])
+    cell = c.book.cell(cell_key("qa", "x"))
     assert (cell.count, cell.failures) == (1, 1)
     # The late real result of attempt 1 replaces the router's guess (count stays 1).
     assert c.on_reward(reward(a, 1.0), T0 + 6)
-    cell = QCell.from_dict(c.qtable[cell_key("qa", "x")])
+    cell = c.book.cell(cell_key("qa", "x"))
     assert (cell.count, cell.successes, cell.failures) == (1, 1, 0)
     assert not c.on_reward(reward(a, 1.0), T0 + 7)
 
@@ -145,10 +145,10 @@ def test_a_worker_timeout_does_not_end_the_task_nor_blame_the_agent() -> None:
     c = core()
     c.directory.heartbeat({"x": ["a"], "y": ["a"]}, [])
     a = assign(c, task("t"))
-    assert c.on_trajectory(traj(a, TrajectoryStatus.TIMEOUT), T0 + 1) == []
+    assert c.on_trajectory(traj(a, TrajectoryStatus.TIMEOUT), T0 + 1) == ([], [])
     assert not c.on_reward(reward(a, 0.0, RewardSource.TIMEOUT), T0 + 1)
     assert c.tasks["t"]["state"] == TaskState.ASSIGNED
-    assert QCell.from_dict(c.qtable.get(cell_key("qa", a.agent_id))).count == 0
+    assert c.book.cell(cell_key("qa", a.agent_id)).count == 0
     seen = [a]
     for k in range(1, 3):  # every expiry is reassigned until the attempts run out
         (nxt,), _ = c.on_tick("t", T0 + 5 * k)
@@ -160,7 +160,7 @@ def test_a_worker_timeout_does_not_end_the_task_nor_blame_the_agent() -> None:
     assert isinstance(rw, Reward) and rw.agent_id == ROUTER_AGENT
     assert rw.event_id == stable_event_id("reward", tr.trajectory_id, "failure")
     assert c.tasks["t"]["state"] == TaskState.FAILED
-    counted = sum(QCell.from_dict(v).count for v in c.qtable.values())
+    counted = sum(cell.count for cell in c.book.pairs().values())
     assert counted == 3  # one expiry per attempt; the router's own reward counts for nobody
     assert not c.on_reward(rw, T0 + 16)
 
@@ -185,14 +185,42 @@ def test_moves_follow_the_lifecycle() -> None:
     assert c.on_task(task("w", ["b"]), T0) == []
     assert c.tasks["w"]["state"] == TaskState.WAITING
     a = assign(c, task("t"))
-    c.on_trajectory(traj(a, TrajectoryStatus.ERROR), T0 + 1)
-    assert c.tasks["t"]["state"] == TaskState.FAILED
+    c.on_trajectory(traj(a), T0 + 1)
+    assert c.tasks["t"]["state"] == TaskState.SUCCEEDED
     assert c.moves == [
         ("w", TaskState.WAITING, 1),
         ("t", TaskState.ASSIGNED, 1),
-        ("t", TaskState.FAILED, 1),
+        ("t", TaskState.SUCCEEDED, 1),
     ]
     assert a.event_id == stable_event_id("assignment", "t", 1)
+
+
+def test_an_error_is_reassigned_until_the_attempts_run_out() -> None:
+    """An agent's error is its outcome, not the task's: another agent gets the next attempt,
+    and only after ``max_attempts`` does the router fail the task, naming the last error."""
+    c = core()
+    c.keep_moves = True
+    c.directory.heartbeat({"x": ["a"], "y": ["a"], "z": ["a"]}, [])
+    a = assign(c, task("t"))
+    tried = [a.agent_id]
+    for n in (2, 3):
+        (nxt,), outcomes = c.on_trajectory(traj(a, TrajectoryStatus.ERROR), T0 + n)
+        assert [o.ok for o in outcomes] == [False]
+        assert isinstance(nxt, TaskAssigned) and nxt.attempt == n
+        assert nxt.agent_id not in tried  # an agent not tried yet first
+        tried.append(nxt.agent_id)
+        a = nxt
+    (tr, rw), _ = c.on_trajectory(traj(a, TrajectoryStatus.ERROR), T0 + 4)
+    assert isinstance(tr, Trajectory) and tr.final and tr.agent_id == ROUTER_AGENT
+    assert tr.error == "attempt 3 failed: error; no result after 3 attempts"
+    assert isinstance(rw, Reward) and rw.source == RewardSource.FAILURE
+    assert c.tasks["t"]["state"] == TaskState.FAILED
+    assert [m[1:] for m in c.moves if m[0] == "t"] == [
+        (TaskState.ASSIGNED, 1),
+        (TaskState.ASSIGNED, 2),
+        (TaskState.ASSIGNED, 3),
+        (TaskState.FAILED, 3),
+    ]
 
 
 # ------------------------------------------------------------------ finding 4 --
@@ -203,7 +231,7 @@ def test_a_human_reward_replaces_the_automatic_one_exactly_once() -> None:
     assert c.on_reward(reward(a, 1.0), T0)
     human = reward(a, 0.0, RewardSource.HUMAN).model_copy(update={"attempt": 0})
     assert c.on_reward(human, T0 + 1)  # found by its trajectory id, attempt unknown
-    cell = QCell.from_dict(c.qtable[cell_key("qa", "x")])
+    cell = c.book.cell(cell_key("qa", "x"))
     assert (cell.count, cell.successes, cell.failures, cell.total) == (1, 0, 1, 0.0)
     assert not c.on_reward(human, T0 + 2)
     assert not c.on_reward(reward(a, 1.0), T0 + 3)  # a redelivered automatic one
@@ -211,7 +239,7 @@ def test_a_human_reward_replaces_the_automatic_one_exactly_once() -> None:
     b = assign(c, task("u"))
     assert c.on_reward(reward(b, 0.5, RewardSource.HUMAN), T0)
     assert not c.on_reward(reward(b, 1.0), T0 + 1)
-    cell = QCell.from_dict(c.qtable[cell_key("qa", "x")])
+    cell = c.book.cell(cell_key("qa", "x"))
     assert (cell.count, cell.total) == (2, 0.5)
 
 
@@ -239,19 +267,53 @@ def test_an_attempt_means_the_same_agent_whatever_was_decided_before() -> None:
 def test_a_reward_redelivered_after_the_done_retention_counts_once() -> None:
     """Before, the record (and with it the dedup) was deleted ``done_retention_s`` after the
     task ended, and a reward redelivered later (a worker re-sending its recorded trajectory,
-    a replayed topic) counted again. Now a compacted ledger stays for the rewards topic's
-    retention."""
+    a replayed topic) counted again. Now the task's ledger stays for the rewards topic's
+    retention, apart from the record (which goes after the done retention)."""
     c = core(done_retention_s=10, ledger_retention_s=1000)
     c.directory.heartbeat({"x": ["a"]}, [])
     a = assign(c, task("t"))
     c.on_trajectory(traj(a), T0 + 1)
     assert c.on_reward(reward(a, 1.0), T0 + 1)
     assert c.on_tick("t", T0 + 12) == ([], [])  # past the done retention
-    rec = c.tasks["t"]
-    assert rec["compact"] and "task" not in rec and rec["state"] == TaskState.SUCCEEDED
+    assert "t" not in c.tasks and "t" in c.ledger
     assert not c.on_reward(reward(a, 1.0), T0 + 500)  # redelivered: still a duplicate
+    assert c.on_task(task("t"), T0 + 500) == []  # a replayed task is not routed again
     human = reward(a, 0.0, RewardSource.HUMAN)
     assert c.on_reward(human, T0 + 600)  # a human correction still replaces it, once
-    assert QCell.from_dict(c.qtable[cell_key("qa", "x")]).count == 1
-    c.on_tick("t", T0 + 1012)  # past the rewards topic's retention: forgotten
-    assert "t" not in c.tasks
+    assert c.book.cell(cell_key("qa", "x")).count == 1
+    # Past the rewards topic's retention after its last change: the sweep forgets it.
+    assert c.expired_ledgers(c.ledger.items(), T0 + 1500) == []
+    assert c.expired_ledgers(c.ledger.items(), T0 + 1601) == [(0, "t")]
+
+
+def test_a_task_finished_without_an_outcome_is_remembered_too() -> None:
+    """A task that failed for want of an agent has no counted outcome; its ledger entry is
+    written when the record goes, so a replay of the topic does not route it again."""
+    c = core(done_retention_s=10)
+    c.on_task(task("t", ["nobody"]).model_copy(update={"deadline_ms": 1000}), T0)
+    c.on_tick("t", T0 + 2)
+    assert c.tasks["t"]["state"] == TaskState.FAILED
+    c.on_tick("t", T0 + 13)
+    assert "t" not in c.tasks and c.ledger["t"]["a"] == {}
+    assert c.on_task(task("t", ["nobody"]), T0 + 14) == []
+
+
+# ------------------------------------------------------- counted exactly once --
+def test_a_kill_between_the_shard_and_the_ledger_write_counts_once() -> None:
+    """The shard is written before the ledger entry that records its outcome. A kill between
+    the two loses the entry; the reward comes again (its offset was not committed), finds no
+    entry, and must not be counted again: the shard remembers it."""
+    c = core()
+    c.directory.heartbeat({"x": ["a"]}, [])
+    a = assign(c, task("t"))
+    assert c.on_reward(reward(a, 1.0), T0)
+    stored = {k: v for k, v in c.ledger.items() if k != "t"}  # what reached the changelog
+    restarted = core()
+    restarted.ledger.update(stored)
+    restarted.tasks.update(c.tasks)
+    restarted.book.own(0, restarted.load_partition(0))
+    assert restarted.book.cell(cell_key("qa", "x")).count == 1
+    assert restarted.on_reward(reward(a, 1.0), T0 + 1)  # the entry is written now ...
+    assert restarted.book.cell(cell_key("qa", "x")).count == 1  # ... but not counted again
+    assert restarted.counters["rewards_recovered"] == 1
+    assert not restarted.on_reward(reward(a, 1.0), T0 + 2)

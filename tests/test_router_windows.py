@@ -222,7 +222,7 @@ def _core() -> Any:
     from tests.test_router_core import core
 
     c = core()
-    c.track_delivery = True  # as the app: deliveries are confirmed through sent()
+    c.track_delivery = True  # as the app: deliveries are confirmed through delivered()
     return c
 
 
@@ -236,7 +236,7 @@ def test_an_assignment_not_confirmed_delivered_is_sent_again_then_not() -> None:
     # A restarted router's first tick: the same assignment (same event id), before any expiry.
     (again,), _ = c.on_tick("t", T0 + 1)
     assert again == a1
-    c.sent("t", 1)
+    c.delivered(0, c.seq[0])
     assert c.on_tick("t", T0 + 2) == ([], [])  # delivered now: nothing until it is due
     assert c.counters["resent"] == 1 and c.counters["expired"] == 0
 
@@ -252,5 +252,5 @@ def test_a_final_failure_not_confirmed_delivered_is_sent_again_whole() -> None:
     assert [type(e).__name__ for e in fail] == ["Trajectory", "Reward"]
     again, _ = c.on_tick("f", T0 + 3)  # the kill came before the Reward was delivered
     assert [e.event_id for e in again] == [e.event_id for e in fail]
-    c.sent("f", 1)
+    c.delivered(0, c.seq[0])
     assert c.on_tick("f", T0 + 4) == ([], [])

@@ -1,14 +1,16 @@
 """The router through the real broker when its own workers or the agents' workers come and go.
 
-Issue 14: a rebalance back and forth leaves each router worker holding only what it owns
-(finding 6); a kill -9 mid-burst never sends the same attempt to two agents (finding 7);
-workers down past the assignment TTL: every expired attempt is reassigned and no task ends
-before its attempts run out. Each test runs its own router processes (tests/test_router.py's
-harness) on the shared stack with its own topic prefix.
+Issue 14: two router workers split one task type's load, and a kill -9 of either loses nothing
+and counts nothing twice; a rebalance back and forth leaves each router worker holding only
+what it owns (finding 6); a kill -9 mid-burst never sends the same attempt to two agents
+(finding 7); workers down past the assignment TTL: every expired attempt is reassigned and no
+task ends before its attempts run out. Each test runs its own router processes
+(tests/test_router.py's harness) on the shared stack with its own topic prefix.
 """
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -54,6 +56,81 @@ def _split(routers: list[RouterProcess], partitions: int) -> None:
 
 def _tracked(r: RouterProcess) -> int:
     return int(r.view("counters")["tasks_tracked"])
+
+
+def _observations(r: RouterProcess, task_type: str) -> int:
+    return sum(int(c["count"]) for c in r.view("qtable").get(task_type, {}).values())
+
+
+# ------------------------------------------------------- two workers, one type --
+def test_two_workers_split_one_type_and_a_kill9_of_either_loses_and_doubles_nothing(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """One task type, two router workers: the type's tasks spread over every partition, so
+    both route. Each is killed -9 in turn mid-load and restarted. Every task gets its outcome,
+    and the fleet's statistics hold exactly one observation per rewarded trajectory, in
+    both workers' views (each sums its own shards and the other's published ones)."""
+    s = _settings(stack_settings, tmp_path, "s")
+    env = {"STORMLINE_ROUTER_ASSIGNMENT_TTL_S": "600", "STORMLINE_ROUTER_HEARTBEAT_TIMEOUT_S": "60"}
+    routers = [_router(s, tmp_path, f"r{i}", **env).start() for i in range(2)]
+    bus = Bus(s)
+    try:
+        agents = [f"one-{i}" for i in range(3)]
+        quality = {"one-0": 0.9, "one-1": 0.5, "one-2": 0.2}
+        rng = random.Random(5)
+        bus.beating.update({ag: ["one"] for ag in agents})
+        bus.answer.update(
+            {ag: (lambda a: float(rng.random() < quality[a.agent_id])) for ag in agents}
+        )
+        for ag in agents:
+            bus.wait(AgentHealthChanged, lambda e, ag=ag: e.agent_id == ag, timeout=30)
+        _split(routers, s.default_partitions)
+        for r in routers:
+            wait_until(
+                lambda r=r: all(
+                    r.view("health")["directory"].get(ag, {}).get("status") == "healthy"
+                    for ag in agents
+                ),
+                what=f"{r.url} to know every agent",
+            )
+        ids = [f"one-task-{i}" for i in range(900)]
+        routed = [0, 0]
+        for k in range(0, len(ids), 100):
+            bus.submit(*[task(i, "one-type", ["one"]) for i in ids[k : k + 100]])
+            if k in (300, 600):
+                victim = routers[(k // 300) - 1]
+                bus.wait(Reward, lambda e: e.task_id in ids, n=k - 50, timeout=120)
+                routed = [
+                    max(n, int(r.view("counters")["assigned"]))
+                    for n, r in zip(routed, routers, strict=True)
+                ]
+                victim.kill9()  # mid-load: records, shards, offsets partly written
+                victim.start()
+        wait_until(
+            lambda: {e.task_id for e in bus.of(Reward, lambda e: e.task_id in ids)} == set(ids),
+            timeout=240,
+            what="every task to be rewarded",
+        )
+        assert all(n > 0 for n in routed), f"a worker routed nothing before its kill: {routed}"
+        rewarded = {e.trajectory_id for e in bus.of(Reward, lambda e: e.task_id in ids)}
+        for r in routers:
+            wait_until(
+                lambda r=r: _observations(r, "one-type") >= len(rewarded),
+                timeout=60,
+                what=f"{r.url}'s view to hold every observation",
+            )
+        time.sleep(2)  # a double count, if any, has been published too
+        for r in routers:
+            got = _observations(r, "one-type")
+            assert got == len(rewarded), (got, len(rewarded), r.view("counters"))
+        agents_of: dict[tuple[str, int], set[str]] = defaultdict(set)
+        for a in bus.of(TaskAssigned, lambda e: e.task_id in ids):
+            agents_of[(a.task_id, a.attempt)].add(a.agent_id)
+        assert all(len(v) == 1 for v in agents_of.values()), "an attempt went to two agents"
+    finally:
+        bus.close()
+        for r in routers:
+            r.stop()
 
 
 # ------------------------------------------------------------------ finding 6 --

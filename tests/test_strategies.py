@@ -107,8 +107,9 @@ def test_sample_mean_and_fixed_step_updates() -> None:
         c.update(r)
     assert c.value == pytest.approx(0.75) and c.count == 4
     assert (c.successes, c.failures, c.binary) == (3, 1, True)
-    s = QCell().update(1.0, step_size=0.5).update(0.0, step_size=0.5)
-    assert s.value == pytest.approx(0.25)
+    # A discount weighs recent outcomes more: 1.0 then 0.0 with gamma 0.5 -> 0.5/1.5.
+    s = QCell().update(1.0, discount=0.5).update(0.0, discount=0.5)
+    assert s.value == pytest.approx(1 / 3) and s.weight == pytest.approx(1.5) and s.count == 2
     s.update(0.3)
     assert s.binary is False
     with pytest.raises(ValueError):

@@ -162,7 +162,7 @@ def _route(s: Settings, serde: Serde, n: int) -> None:
     its headers, and the assignment produced inside it carries that span's context."""
     directory = Directory()
     directory.heartbeat({"agent-0": ["math", "reverse", "upper", "sort"]}, ["agent-0"])
-    core = RouterCore(RouterConfig(), qtable={}, tasks={}, types={}, directory=directory)
+    core = RouterCore(RouterConfig(), tasks={}, ledger={}, directory=directory)
     consumer = EventConsumer(s, serde, s.topic("route-stand-in"), [TASKS])
     out = EventProducer(s, serde)
     seen = 0

@@ -1,0 +1,162 @@
+"""The fleet's bandit statistics: one shard per (partition, task type, agent), merged. Pure.
+
+Tasks, trajectories and rewards are keyed by task id, so the outcomes of a (task type, agent)
+pair land on every partition of those topics. The router worker that owns partition ``p``
+counts them in its shard ``(p, type, agent)``; it alone writes that shard, in its ledger
+table beside the per-task ledgers (streams/router.py says why there). Every worker publishes
+the shards it changed to a compacted topic and reads everyone's, so what a decision reads,
+:meth:`ShardBook.cell`, is the sum over every partition of: the shard itself where this worker
+owns the partition, else the latest snapshot published by whoever does. Decisions thus use the
+whole fleet's experience, a moment old (the publish interval plus a fetch).
+
+A shard also remembers the last few outcomes folded into it (:attr:`Shard.recent`). A kill
+can land between the write of a shard and the write of the ledger entry that says its outcome
+was counted; the outcome is then processed again, finds no ledger entry, and would be
+counted twice. The id in ``recent`` says it was counted already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stormline.streams.qtable import QCell, merge, split_key
+
+RECENT = 16  # outcomes remembered per shard: more than a batch can fold into one shard
+
+
+@dataclass
+class Shard:
+    """One partition's statistics of one pair, and the outcomes it folded in lately."""
+
+    cell: QCell = field(default_factory=QCell)
+    recent: list[str] = field(default_factory=list)
+
+    def counted(self, outcome_id: str) -> bool:
+        return outcome_id in self.recent
+
+    def remember(self, outcome_id: str) -> None:
+        self.recent = [*self.recent[-(RECENT - 1) :], outcome_id]
+
+    def to_dict(self, partition: int) -> dict[str, Any]:
+        return {"p": partition, "cell": self.cell.to_dict(), "recent": list(self.recent)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Shard:
+        if not data:
+            return cls()
+        return cls(QCell.from_dict(data.get("cell")), list(data.get("recent") or ()))
+
+
+def newer(a: QCell, b: QCell | None) -> bool:
+    """Whether snapshot ``a`` is newer than ``b``: outcomes only grow, then assignments."""
+    return b is None or (a.count, a.pulls) > (b.count, b.pulls)
+
+
+class ShardBook:
+    """This worker's shards (owned partitions), everyone's snapshots, and their sums."""
+
+    def __init__(self) -> None:
+        self.local: dict[int, dict[str, Shard]] = {}
+        self.remote: dict[int, dict[str, QCell]] = {}
+        self._parts: dict[str, dict[int, QCell]] = {}  # pair -> partition -> what counts
+        self._merged: dict[str, QCell] = {}
+        self.dirty: set[tuple[int, str]] = set()  # (partition, pair) changed since published
+
+    # -- reading --
+    def cell(self, key: str) -> QCell:
+        """The fleet's statistics of the pair ``key`` (read-only: never mutate it)."""
+        return self._merged.get(key) or _EMPTY
+
+    def pairs(self) -> dict[str, QCell]:
+        return dict(self._merged)
+
+    def owns(self, partition: int) -> bool:
+        return partition in self.local
+
+    def shard(self, partition: int, key: str) -> Shard:
+        """The shard of ``key`` on an owned ``partition`` (an empty one if none yet)."""
+        shards = self.local.setdefault(partition, {})
+        s = shards.get(key)
+        if s is None:
+            s = shards[key] = Shard()
+        return s
+
+    # -- this worker's shards --
+    def put(self, partition: int, key: str, shard: Shard) -> None:
+        """``shard`` is the new state of ``key`` on ``partition`` (owned by this worker)."""
+        self.local.setdefault(partition, {})[key] = shard
+        self._contribute(key, partition, shard.cell)
+        self.dirty.add((partition, key))
+
+    def pull(self, partition: int, key: str) -> None:
+        """One more assignment for ``key``; assignments are not written per task (a kill may
+        lose a few: UCB's exploration term tolerates that), only published."""
+        self.shard(partition, key).cell.pulled()
+        merged = self._merged.get(key)
+        if merged is None or self._parts.get(key, {}).get(partition) is None:
+            self._contribute(key, partition, self.shard(partition, key).cell)
+        else:
+            merged.pulls += 1
+        self.dirty.add((partition, key))
+
+    def own(self, partition: int, shards: Mapping[str, Shard]) -> None:
+        """``partition`` is this worker's now, with ``shards`` as its changelog kept them."""
+        self.local[partition] = dict(shards)
+        for key in {*shards, *self.remote.get(partition, {})}:
+            s = shards.get(key)
+            self._contribute(key, partition, s.cell if s else self.remote[partition][key])
+
+    def disown(self, partition: int) -> None:
+        """``partition`` moved to another worker: its snapshots count from now on."""
+        shards = self.local.pop(partition, {})
+        remote = self.remote.get(partition, {})
+        for key in {*shards, *remote}:
+            self._contribute(key, partition, remote.get(key))
+        self.dirty = {d for d in self.dirty if d[0] != partition}
+
+    def take_dirty(self) -> list[tuple[int, str, QCell]]:
+        """The shards changed since the last call, to publish."""
+        out = [
+            (p, key, self.local[p][key].cell)
+            for p, key in sorted(self.dirty)
+            if key in self.local.get(p, {})
+        ]
+        self.dirty.clear()
+        return out
+
+    # -- everyone's snapshots --
+    def snapshot(self, partition: int, key: str, cell: QCell) -> None:
+        """A published shard (from any worker, this one included)."""
+        remote = self.remote.setdefault(partition, {})
+        if not newer(cell, remote.get(key)):
+            return
+        remote[key] = cell
+        if partition not in self.local:
+            self._contribute(key, partition, cell)
+
+    # -- views --
+    def by_type(self) -> dict[str, dict[str, QCell]]:
+        out: dict[str, dict[str, QCell]] = {}
+        for key, cell in self._merged.items():
+            task_type, agent = split_key(key)
+            out.setdefault(task_type, {})[agent] = cell
+        return out
+
+    def _contribute(self, key: str, partition: int, cell: QCell | None) -> None:
+        parts = self._parts.setdefault(key, {})
+        if cell is None:
+            parts.pop(partition, None)
+        else:
+            parts[partition] = cell
+        # In partition order: the same shards always sum to the same floats.
+        self._merged[key] = merge(parts[p] for p in sorted(parts))
+
+
+_EMPTY = QCell()
+
+
+def load_shards(items: Iterable[tuple[str, Mapping[str, Any] | None]]) -> dict[str, Shard]:
+    """Shards from their stored form, by pair."""
+    return {key: Shard.from_dict(value) for key, value in items}
