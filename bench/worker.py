@@ -10,6 +10,12 @@ the default; httpx). ``worker_0ms_cpu_per_task_vs_sdk_floor`` is the worker's CP
 over the floor of the transport it ran with; phase 2 runs again on the other transport
 (``worker_0ms_<transport>_*``) for the transport's share of the worker's CPU.
 
+Beside the CPU per task, what explains it: ``*_cpu_busy`` (the worker's CPU over the run's
+wall time, of one core: near 1, or near what other processes leave, the rate is limited by
+CPU, not by the worker's concurrency), ``worker_0ms_gc_ms_per_task`` (the collector's share)
+and ``worker_0ms_redis_round_trips_per_task`` (requests the Redis server read per task: the
+worker's Redis work rides one pipelined call per event-loop tick, several tasks' each).
+
 The simulator runs as its own process (`stormline simulate-llm`); the worker runs in this
 process against the stack named by the usual STORMLINE_* settings (Kafka, registry,
 Redis), each phase on fresh topics. Assignments are produced before the worker starts,
@@ -20,6 +26,7 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import resource
 import subprocess
@@ -31,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import redis
 import yaml
 
 from bench import cpu_seconds, free_port
@@ -170,21 +178,64 @@ def _phase(
     producer = EventProducer(s, serde)
     producer.publish(events, timeout=120)
     producer.close()
+    del events  # the bench's own objects: a worker process does not hold them
     worker = Worker(s, registry, f"bench-{os.getpid()}", serde=serde)
+    r = redis.Redis.from_url(s.redis_address)
+    redis0 = _redis_reads(r)
+    gc_time = _GcTime()
     cpu0, sim0 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sim_pid)
-    stats = asyncio.run(worker.run(until=lambda w: w.stats.processed >= n))
+    wall0 = time.monotonic()
+    try:
+        stats = asyncio.run(worker.run(until=lambda w: w.stats.processed >= n))
+    finally:
+        gc_time.close()
+    wall = time.monotonic() - wall0
     cpu1, sim1 = resource.getrusage(resource.RUSAGE_SELF), cpu_seconds(sim_pid)
+    redis1 = _redis_reads(r)
+    r.close()
     elapsed = stats.last_done - stats.first_started
     worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    done = max(stats.processed, 1)
     return {
         "tasks": float(stats.processed),
         "tasks_per_s": stats.processed / elapsed if elapsed > 0 else 0.0,
         "in_flight_max": float(stats.in_flight_max),
         "errors": float(stats.errors),
         "llm_calls": float(stats.llm_calls),
-        "worker_cpu_ms_per_task": 1000 * worker_cpu / max(stats.processed, 1),
+        "worker_cpu_ms_per_task": 1000 * worker_cpu / done,
         "simulator_cpu_ms_per_request": 1000 * (sim1 - sim0) / max(stats.llm_calls, 1),
+        # Of one core, over the whole run (start and drain included): near 1, or near what
+        # the other processes on the machine leave, the worker is limited by its CPU.
+        "worker_cpu_busy": worker_cpu / wall if wall > 0 else 0.0,
+        "gc_ms_per_task": 1000 * gc_time.seconds / done,
+        "redis_reads_per_task": (redis1 - redis0) / done,
     }
+
+
+class _GcTime:
+    """CPU seconds the collector ran in this process while it is open."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._start
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._observe)
+
+
+def _redis_reads(r: redis.Redis) -> int:
+    """Requests the Redis server read so far: one per round trip, however many commands a
+    pipelined one carries (all its clients: the worker's heartbeats too; nothing else runs
+    during the benchmark). Commands would count each call a Lua script makes."""
+    info: dict[str, int] = r.info("stats")
+    return int(info["total_reads_processed"])
 
 
 def run(quick: bool = False) -> dict[str, float | str]:
@@ -218,7 +269,11 @@ def run(quick: bool = False) -> dict[str, float | str]:
         "worker_0ms_tasks_per_s_per_process": round(fast["tasks_per_s"], 1),
         "worker_0ms_in_flight_high_water": fast["in_flight_max"],
         "worker_200ms_worker_cpu_ms_per_task": round(slow["worker_cpu_ms_per_task"], 3),
+        "worker_200ms_worker_cpu_busy": round(slow["worker_cpu_busy"], 2),
         "worker_0ms_worker_cpu_ms_per_task": round(fast["worker_cpu_ms_per_task"], 3),
+        "worker_0ms_worker_cpu_busy": round(fast["worker_cpu_busy"], 2),
+        "worker_0ms_gc_ms_per_task": round(fast["gc_ms_per_task"], 3),
+        "worker_0ms_redis_round_trips_per_task": round(fast["redis_reads_per_task"], 3),
         f"worker_0ms_{other}_worker_cpu_ms_per_task": round(
             fast_other["worker_cpu_ms_per_task"], 3
         ),
