@@ -151,6 +151,14 @@ def test_evaluate_without_judge_scores_a_correct_answer() -> None:
     assert reward.source == RewardSource.VERIFIER
 
 
+def test_a_reward_carries_its_attempts_cost_for_cost_aware_routing() -> None:
+    t = traj(expected="4", usage={"prompt_tokens": 10, "completion_tokens": 2, "cost_usd": 0.02})
+    res = ev.evaluate_without_judge(t, {}, judge_configured=False)
+    assert isinstance(res, Evaluation)
+    assert ev.reward_for(t, res).components["cost_usd"] == 0.02
+    assert "cost_usd" not in ev.reward_for(traj(expected="4"), res).components
+
+
 def test_judge_requested_without_a_judge_is_an_error() -> None:
     with pytest.raises(EvaluationError, match="STORMLINE_JUDGE_PROVIDER"):
         ev.evaluate_without_judge(traj(evaluator="judge"), {}, judge_configured=False)

@@ -317,3 +317,27 @@ def test_a_kill_between_the_shard_and_the_ledger_write_counts_once() -> None:
     assert restarted.book.cell(cell_key("qa", "x")).count == 1  # ... but not counted again
     assert restarted.counters["rewards_recovered"] == 1
     assert not restarted.on_reward(reward(a, 1.0), T0 + 2)
+
+
+# ------------------------------------------------------------- cost-aware routing --
+def test_with_a_cost_weight_the_cheaper_of_two_equal_agents_wins() -> None:
+    """Both agents are right 80% of the time; one costs ten times the other. Without a cost
+    weight the choice between them is a coin (Thompson settles on either, seed by seed);
+    with lambda = 5 an outcome counts reward - 5 * cost, and the cheap agent wins every time."""
+
+    def cheap_share(weight: float, seed: int) -> float:
+        c = core(cost_weight=weight, seed=seed)
+        c.directory.heartbeat({"cheap": ["a"], "dear": ["a"]}, [])
+        rng = random.Random(seed)
+        got = []
+        for i in range(1500):
+            a = assign(c, task(f"t{i}"))
+            got.append(a.agent_id)
+            cost = 0.01 if a.agent_id == "cheap" else 0.1
+            r = reward(a, float(rng.random() < 0.8))
+            c.on_reward(r.model_copy(update={"components": {"cost_usd": cost}}), T0)
+        return got[-500:].count("cheap") / 500
+
+    seeds = range(1, 6)
+    assert min(cheap_share(0.0, s) for s in seeds) < 0.7
+    assert min(cheap_share(5.0, s) for s in seeds) >= 0.9

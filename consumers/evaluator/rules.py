@@ -413,7 +413,12 @@ def reward_for(trajectory: Trajectory, evaluation: Evaluation) -> Reward:
 
     Its id comes from the trajectory and the source, so a trajectory scored again (after an
     evaluator restart between producing and committing) gives the same event, not a second.
+    The attempt's cost rides along as the ``cost_usd`` component, for cost-aware routing
+    (the router may read a reward before its trajectory).
     """
+    components = dict(evaluation.components)
+    if trajectory.usage.cost_usd:
+        components["cost_usd"] = trajectory.usage.cost_usd
     return Reward(
         event_id=stable_event_id("reward", trajectory.trajectory_id, evaluation.source.value),
         task_id=trajectory.task_id,
@@ -423,7 +428,7 @@ def reward_for(trajectory: Trajectory, evaluation: Evaluation) -> Reward:
         task_type=trajectory.task_type,
         policy_version=trajectory.policy_version,
         value=evaluation.value,
-        components=evaluation.components,
+        components=components,
         source=evaluation.source,
         # A judge's reply or a provider's error text is outside our control: no key that is
         # in this process's environment may ride along into the event.
