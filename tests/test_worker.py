@@ -28,7 +28,7 @@ import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from stormline.consumers.llm import Completion
-from stormline.consumers.llm.agents import load_registry
+from stormline.consumers.llm.agents import load_registry, parse_registry
 from stormline.consumers.llm.simulation import ModelProfile, SimConfig, solve
 from stormline.consumers.llm.simulator import ServerThread, Simulator
 from stormline.consumers.worker.service import Worker, trajectory_id
@@ -606,4 +606,69 @@ async def test_a_cached_answer_takes_no_budget_and_a_forgotten_script_falls_back
     finally:
         await hot.aclose()
         await state.aclose()
+        r.close()
+
+
+class _CountingState(RedisState):
+    """The real RedisState, counting the budget takes that were round trips of their own."""
+
+    takes = 0
+
+    async def take_budget(self, provider: str, **kw: Any) -> float:
+        self.takes += 1
+        return await super().take_budget(provider, **kw)
+
+
+@pytest.mark.parametrize(("concurrency", "own_takes"), [(8, 0), (1, 2)])
+async def test_the_first_budget_take_rides_the_first_call_when_a_slot_is_free(
+    settings: Settings, serde: Serde, sim: ServerThread, concurrency: int, own_takes: int
+) -> None:
+    """With a free slot an attempt's first take goes with its first Redis call and is used
+    by its first try (not taken twice); an attempt that must wait for a slot asks after the
+    wait, right before its try."""
+    from stormline.consumers.worker.pipeline import Pipeline
+    from stormline.consumers.worker.providers import ProviderPool
+    from stormline.consumers.worker.stats import WorkerStats
+
+    s = settings.model_copy(update={"provider_rate_limits": {"openai": 1000.0}})
+    registry = parse_registry(
+        {
+            "agents": [
+                {
+                    "id": "good",
+                    "provider": "openai",
+                    "model": "sim-good",
+                    "base_url": f"{sim.url}/v1",
+                    "concurrency": concurrency,
+                }
+            ]
+        }
+    )
+    pool = ProviderPool(s)
+    state = _CountingState(s)
+    stats = WorkerStats()
+    out = EventProducer(s, serde)
+    pipeline = Pipeline(
+        s,
+        registry,
+        "w-budget",
+        state=state,
+        out=out,
+        agents=pool.agents(registry),
+        breakers=pool.breakers,
+        stats=stats,
+    )
+    r = redis.Redis.from_url(s.redis_address)
+    try:
+        events = [_assignment(f"b{i}", "good", f"What is {i} + 40?") for i in range(3)]
+        trajs = await asyncio.gather(*(pipeline.process(a) for a in events))
+        assert [t.output for t in trajs] == [e.task.expected for e in events]
+        assert stats.llm_calls == 3 and state.takes == own_takes
+        key = f"{key_prefix(s)}budget:{registry.agents['good'].provider_config().key}"
+        assert r.hget(key, "req") is not None  # the budget in Redis was asked
+    finally:
+        await pipeline.aclose()
+        await pool.aclose()
+        await state.aclose()
+        out.close(5)
         r.close()
