@@ -10,5 +10,7 @@
 * :mod:`.heartbeats`: AgentHeartbeat events.
 * :mod:`.stats`: the counters.
 
-Redis is reached only through :class:`stormline.state.RedisState`.
+Redis is reached only through :mod:`stormline.state`: :class:`~stormline.state.HotPath` carries
+the calls every task makes in one event-loop tick as one pipelined call, and falls back to
+:class:`~stormline.state.RedisState`'s own methods when that call fails.
 """
