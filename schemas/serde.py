@@ -14,6 +14,22 @@ No secret leaves in an event: :meth:`Serde.encode` looks for every secret this p
 knows (:func:`stormline.logs.secret_needles`) in the encoded bytes, where any text field's
 value lies whole, and re-encodes with them masked when one is there (rare, so the common
 path pays one substring search per secret). Registry errors never show a URL's password.
+
+The hot path (issue 16) keeps pydantic out of the loop, and fastavro's work to what only it
+does. Encode writes the instance's own field values (:func:`convert.dumper`), decode builds
+the model from the record fastavro read, checking only what the schema cannot state: the
+models' limits and validators (:func:`construct.builder`). Both use a :func:`lean_schema`
+whose uuid and timestamp-millis fields are plain string and long, converted by the generated
+code (fastavro's generic logical-type hook costs more than the conversion), and fastavro's
+compiled per-datum functions with the schema parsed once (:mod:`datum`). The bytes are those
+``model_dump()`` and fastavro gave before; where the fast decode says no (a broken limit, an
+odd value), the validating path runs as it always did and its error is the one raised. A
+record whose writer schema differs from this process's is resolved by fastavro and validated
+by pydantic in full.
+
+Validation on the way in stays where the input is untrusted: ``stormline publish`` and the
+HTTP API validate what they are given as pydantic models before anything is encoded, and
+decode still rejects whatever breaks a model's limits (a ``validation`` dead letter).
 """
 
 from __future__ import annotations
@@ -34,7 +50,8 @@ from fastavro.schema import to_parsing_canonical_form
 from pydantic import ValidationError
 
 from stormline import logs
-from stormline.schemas.models import EVENT_TYPES, Event
+from stormline.schemas import construct, convert, datum
+from stormline.schemas.models import AVRO_SHAPED_VALIDATORS, EVENT_TYPES, Event
 from stormline.settings import Settings
 
 _log = logging.getLogger("stormline.serde")
@@ -42,6 +59,7 @@ AVRO_DIR = Path(__file__).parent / "avro"
 RELEASED_DIR = Path(__file__).parent / "released"
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
+_UNPACK = _HEADER.unpack_from
 
 E = TypeVar("E", bound=Event)
 
@@ -72,6 +90,46 @@ def schema_str(event_type: type[Event]) -> str:
 @cache
 def parsed_schema(event_type: type[Event]) -> Any:
     return fastavro.parse_schema(json.loads(schema_str(event_type)))
+
+
+@cache
+def lean_schema(event_type: type[Event]) -> Any:
+    """``event_type``'s schema, parsed, with its uuid and timestamp-millis fields read as plain
+    string and long (:func:`convert.lean`): what the fast decode reads, the builder converts."""
+    return fastavro.parse_schema(convert.lean(json.loads(schema_str(event_type))))
+
+
+@cache
+def _write_plan(event_type: type[Event]) -> tuple[Any, dict[str, Any], Any]:
+    """(schema, its named types, the record of an instance in it): the lean schema and the
+    dumper where there is one, else the full schema and ``model_dump``."""
+    dump = convert.dumper(event_type, parsed_schema(event_type))
+    schema = lean_schema(event_type) if dump else parsed_schema(event_type)
+    return schema, datum.named_types(schema), dump or _model_dump
+
+
+def _model_dump(event: Event) -> dict[str, Any]:
+    return event.model_dump()
+
+
+@cache
+def _named_full(event_type: type[Event]) -> dict[str, Any]:
+    return datum.named_types(parsed_schema(event_type))
+
+
+@cache
+def _read_plan(event_type: type[Event]) -> tuple[Any, Any, Any, Any] | None:
+    """(read, lean schema, its named types, builder) where a builder can stand in for
+    ``model_validate``: ``builder(read(buf, lean, named, None, options))`` is the event."""
+    build = construct.builder(event_type, parsed_schema(event_type), AVRO_SHAPED_VALIDATORS)
+    if build is None:
+        return None
+    lean = lean_schema(event_type)
+    return datum.read_datum, lean, datum.read_named(lean), build
+
+
+_BytesIO = io.BytesIO
+_OPTIONS = datum.OPTIONS
 
 
 def fingerprint_id(schema_json: str) -> int:
@@ -158,6 +216,10 @@ class Serde:
         self.registry = registry
         self._ids: dict[tuple[str, type[Event]], bytes] = {}
         self._writers: dict[int, Any] = {}
+        # (topic, type) -> (header, schema, its named types, dumper)
+        self._encoders: dict[tuple[str, type[Event]], tuple[bytes, Any, Any, Any]] = {}
+        # (schema id, type) -> the fast decode's plan (_read_plan), () where there is none
+        self._fast: dict[tuple[int, type[Event]], tuple[Any, ...]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -182,11 +244,25 @@ class Serde:
                 self._writers[sid] = parsed_schema(event_type)
         return header
 
+    def _encoder(self, topic: str, event_type: type[Event]) -> tuple[bytes, Any, Any, Any]:
+        plan = (self._header(topic, event_type), *_write_plan(event_type))
+        self._encoders[(topic, event_type)] = plan
+        return plan
+
     def encode(self, topic: str, event: Event) -> bytes:
-        buf = io.BytesIO()
-        buf.write(self._header(topic, type(event)))
-        fastavro.schemaless_writer(buf, parsed_schema(type(event)), event.model_dump())
-        data = buf.getvalue()
+        plan = self._encoders.get((topic, type(event)))
+        header, schema, named, dump = plan or self._encoder(topic, type(event))
+        buf = bytearray(header)
+        try:
+            record = dump(event)
+        except (AttributeError, convert.Unwritable):
+            # A nested model swapped for a dict after it was made, or a naive datetime:
+            # pydantic and fastavro's own logical types make of them what they always did.
+            full = parsed_schema(type(event))
+            datum.write_datum(buf, event.model_dump(), full, _named_full(type(event)), "", _OPTIONS)
+        else:
+            datum.write_datum(buf, record, schema, named, "", _OPTIONS)
+        data = bytes(buf)
         # Every text field's value lies whole in the body: one substring search per secret.
         for needle in logs.SECRETS.needles:
             if needle in data:
@@ -208,20 +284,41 @@ class Serde:
 
     # -- decode --
     def decode(self, data: bytes | None, event_type: type[E]) -> E:
+        """The event in ``data``; :class:`DecodeError` where it is not one."""
+        try:
+            magic, sid = _UNPACK(data) if data else (-1, -1)
+        except struct.error:  # fewer than 5 bytes
+            magic = sid = -1
+        if magic != MAGIC or not data:
+            raise _framing(data)
+        plan = self._fast.get((sid, event_type))
+        if plan is None:
+            plan = self._fast_plan(sid, event_type)
+        if plan:
+            read, lean, named, build = plan
+            try:
+                buf = _BytesIO(data)
+                buf.seek(5)
+                return build(read(buf, lean, named, None, _OPTIONS))
+            except Exception:  # a limit broken, or a record the fast path cannot read:
+                pass  # the validating path below says what is wrong, as it always has
         record = self.decode_record(data, event_type)
         try:
             return event_type.model_validate(record)
         except ValidationError as exc:
             raise DecodeError("validation", _short(exc)) from exc
 
+    def _fast_plan(self, sid: int, event_type: type[Event]) -> tuple[Any, ...]:
+        """:func:`_read_plan` where ``sid`` is ``event_type``'s own schema, else ()."""
+        own = self._writer(sid) is parsed_schema(event_type)
+        plan = (_read_plan(event_type) if own else None) or ()
+        self._fast[(sid, event_type)] = plan
+        return plan
+
     def decode_record(self, data: bytes | None, event_type: type[Event]) -> dict[str, Any]:
         """Avro bytes to a plain dict in ``event_type``'s (reader) schema, unvalidated."""
         if not data or len(data) < 5 or data[0] != MAGIC:
-            raise DecodeError(
-                "framing",
-                "not in the Confluent wire format (magic byte 0, "
-                f"4-byte schema id); got {len(data or b'')} bytes",
-            )
+            raise _framing(data)
         sid = _HEADER.unpack_from(data)[1]
         writer = self._writer(sid)
         reader = parsed_schema(event_type)
@@ -252,6 +349,14 @@ class Serde:
                 writer = fastavro.parse_schema(parsed)
             self._writers[sid] = writer
         return writer
+
+
+def _framing(data: bytes | None) -> DecodeError:
+    return DecodeError(
+        "framing",
+        "not in the Confluent wire format (magic byte 0, "
+        f"4-byte schema id); got {len(data or b'')} bytes",
+    )
 
 
 def _short(exc: ValidationError) -> str:
