@@ -26,7 +26,6 @@ from typing import Annotated, Any, cast
 
 import annotated_types as at
 from pydantic import BaseModel, TypeAdapter
-from pydantic._internal._decorators import inspect_validator
 from pydantic.fields import FieldInfo
 
 from stormline.schemas.convert import (
@@ -362,12 +361,24 @@ def _validator_lines(cls: type[BaseModel], skip: frozenset[str], src: Source, r:
     for name, dec in d.field_validators.items():
         if name in skip:
             continue
-        if dec.info.mode != "after" or inspect_validator(dec.func, mode="after", type="field"):
+        if dec.info.mode != "after" or _takes_info(dec.func):
             raise Unfit(f"{cls.__name__}.{name}: not a plain after-validator")
         fields = cls.model_fields if "*" in dec.info.fields else dec.info.fields
         fn = src.ref(dec.func, "VALIDATOR")
         lines += [f"{r}[{f!r}] = {fn}({r}[{f!r}])" for f in fields if f in cls.model_fields]
     return lines
+
+
+def _takes_info(func: Any) -> bool:
+    """Whether pydantic calls ``func`` with a ValidationInfo too, as pydantic itself decides;
+    where that function is gone or changed (a pydantic internal), take it as so: pydantic
+    keeps the model."""
+    try:
+        from pydantic._internal._decorators import inspect_validator
+
+        return bool(inspect_validator(func, mode="after", type="field"))
+    except Exception:
+        return True
 
 
 def _moves(have: list[str], want: list[str]) -> list[str]:

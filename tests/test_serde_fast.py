@@ -21,7 +21,7 @@ from typing import Any
 
 import fastavro
 import pytest
-from pydantic import BaseModel, field_serializer, field_validator
+from pydantic import BaseModel, ValidationInfo, field_serializer, field_validator
 
 from stormline.schemas import construct, convert, datum
 from stormline.schemas import models as m
@@ -331,3 +331,23 @@ def test_a_model_and_schema_that_disagree_keep_pydantic() -> None:
     )
     assert construct.builder(Floaty, schema) is None
     assert construct.builder(Maybe, schema) is None
+
+
+def test_a_validator_that_takes_info_keeps_pydantic() -> None:
+    class Informed(BaseModel):
+        name: str
+        n: int
+
+        @field_validator("n")
+        @classmethod
+        def _check(cls, v: int, info: ValidationInfo) -> int:
+            return v
+
+    schema = fastavro.parse_schema(
+        {
+            "type": "record",
+            "name": "Mini",
+            "fields": [{"name": "name", "type": "string"}, {"name": "n", "type": "int"}],
+        }
+    )
+    assert construct.builder(Informed, schema) is None
