@@ -1,19 +1,27 @@
-"""Benchmark: the router's latency and throughput, one `stormline router` worker process.
+"""Benchmark: the router's latency, throughput and CPU, one `stormline router` worker process.
 
 Setup: fresh topics under a unique prefix on the stack named by the STORMLINE_* settings, a
-router subprocess, 5 agents kept alive by heartbeats from this process (nobody answers the
-assignments: this measures routing alone; the assignment TTL is long so nothing expires).
+router subprocess, 5 agents kept alive by heartbeats from this process. While ``answering``,
+this process plays worker and evaluator with confluent-kafka (cheap): every assignment gets an
+OK Trajectory and a Reward at once, so the router handles what a task costs it in the loop
+(the task, its assignment, the trajectory, the reward). The assignment TTL is long: nothing
+expires. A bare Faust forwarder (bench/forwarder.py: consume 1, produce 1, the router's Faust
+settings) runs in the same run on the same broker as the yardstick (issue 14).
 
-* Latency: tasks are submitted at 500 tasks/s; for each, TaskSubmitted.occurred_at (stamped
-  when produced) -> TaskAssigned.assigned_at (stamped by the router), p50/p99, plus the same
-  up to the moment this process consumed the assignment.
-* Throughput: a burst of tasks is produced as fast as possible; the figure is tasks divided
-  by the span between the first and last assigned_at of the burst (the router's own rate).
+* Latency: tasks at 50 and 500 tasks/s; for each, TaskSubmitted.occurred_at (stamped when
+  produced) -> TaskAssigned.assigned_at (stamped by the router), p50/p99, plus the same up
+  to the moment this process consumed the assignment.
+* Routing only: a burst nobody answers; CPU of the router per task over the burst, its rate
+  (first to last assigned_at).
+* Per task in the loop: a burst of one task type, answered; router CPU from the first task to
+  the last reward counted, per task and in forwarder records; how the type spread over the
+  partitions (the busiest partition's share of the burst's assignments).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -28,6 +36,7 @@ from typing import Any
 import httpx
 
 from bench import cpu_seconds, free_port
+from bench.profile import Profiles, summary
 from stormline.runtime.admin import TopicWanted, end_offsets
 from stormline.runtime.admin import ensure_topics as ensure_topics_wanted
 from stormline.schemas.catalog import AGENT_HEALTH, ASSIGNMENTS, TASKS
@@ -35,13 +44,16 @@ from stormline.schemas.kafka import EventConsumer, EventProducer, ensure_topics
 from stormline.schemas.models import (
     AgentHealthChanged,
     AgentHeartbeat,
+    Reward,
+    RewardSource,
     TaskAssigned,
     TaskSubmitted,
+    Trajectory,
+    TrajectoryStatus,
     WorkerStatus,
 )
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
-from stormline.streams.app import app_id
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = [f"bench-agent-{i}" for i in range(5)]
@@ -64,9 +76,14 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 class _Collector:
+    """Reads assignments and health changes; while ``answering``, plays worker and evaluator."""
+
     def __init__(self, s: Settings, serde: Serde) -> None:
         self.assigned: dict[str, tuple[TaskAssigned, float]] = {}
         self.healthy: set[str] = set()
+        self.answering = False
+        self.partitions: dict[int, int] = {}  # assignments seen per partition while answering
+        self._out = EventProducer(s, serde, **{"linger.ms": 5})
         self._stop = threading.Event()
         self._c = EventConsumer(
             s, serde, f"{s.topic_prefix}bench-collector", [ASSIGNMENTS, AGENT_HEALTH]
@@ -80,8 +97,36 @@ class _Collector:
                 now = time.time()
                 if isinstance(rec.event, TaskAssigned):
                     self.assigned.setdefault(rec.event.task_id, (rec.event, now))
+                    if self.answering:
+                        self._answer(rec.event)
+                        self.partitions[rec.partition] = self.partitions.get(rec.partition, 0) + 1
                 elif isinstance(rec.event, AgentHealthChanged):
                     self.healthy.add(rec.event.agent_id)
+            self._out.poll(0)
+
+    def _answer(self, a: TaskAssigned) -> None:
+        tid = f"{a.task_id}-{a.attempt}"
+        # Agent i is right with probability 0.5 + 0.1 * i: something to learn.
+        ok = random.random() < 0.5 + 0.1 * AGENTS.index(a.agent_id)
+        common = {"task_id": a.task_id, "attempt": a.attempt, "agent_id": a.agent_id}
+        self._out.produce(
+            Trajectory(
+                **common,
+                trajectory_id=tid,
+                task_type=a.task.task_type,
+                status=TrajectoryStatus.OK,
+                output="4",
+            )
+        )
+        self._out.produce(
+            Reward(
+                **common,
+                trajectory_id=tid,
+                task_type=a.task.task_type,
+                value=float(ok),
+                source=RewardSource.VERIFIER,
+            )
+        )
 
     def wait(self, pred: Any, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -95,9 +140,10 @@ class _Collector:
         self._stop.set()
         self._t.join(5)
         self._c.close()
+        self._out.close()
 
 
-def run(quick: bool = False) -> dict[str, float | str]:
+def run(quick: bool = False, profile: bool = False) -> dict[str, float | str]:
     base = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-"))
     s = base.model_copy(
@@ -220,6 +266,14 @@ def run(quick: bool = False) -> dict[str, float | str]:
         fwd_ms = fcpu * 1000 / max(fwd.forwarded() - before, 1)
         stamps = [col.assigned[t][0].assigned_at.timestamp() for t in bids if t in col.assigned]
         span = max(stamps) - min(stamps) if len(stamps) > 1 else float("nan")
+        routing_ms = cpu_burst * 1000 / max(len(stamps), 1)
+        loop: dict[str, Any] = _loop_burst(s, producer, col, proc.pid, url, 1000 if quick else 5000)
+        if profile:  # a second burst under py-spy, so the figures above are not sampled
+            spy = Profiles("router_loop_", {"router": proc.pid})
+            again = _loop_burst(s, producer, col, proc.pid, url, 1000 if quick else 5000)
+            path = spy.stop().get("router")
+            ms = float(again["router_loop_cpu_ms_per_task"])
+            loop["router_loop_profile"] = summary(path, ms, top=12) if path else "no profile"
         counters = httpx.get(url, timeout=5).json()
         return {
             "router_latency_rate_tasks_per_s": float(rate),
@@ -233,14 +287,17 @@ def run(quick: bool = False) -> dict[str, float | str]:
             "router_p50_latency_ms_at_50_per_s": round(statistics.median(slow_ms), 2),
             "router_p99_latency_ms_at_50_per_s": round(_pct(slow_ms, 99), 2),
             "router_throughput_tasks": float(len(stamps)),
-            "router_cpu_ms_per_task": round(cpu_burst * 1000 / max(len(stamps), 1), 3),
+            "router_cpu_ms_per_task": round(routing_ms, 3),
             "forwarder_cpu_ms_per_record": round(fwd_ms, 3),
-            "router_cpu_per_task_in_forwarder_records": round(
-                cpu_burst * 1000 / max(len(stamps), 1) / fwd_ms, 2
+            "router_cpu_per_task_in_forwarder_records": round(routing_ms / fwd_ms, 2)
+            if fwd_ms
+            else 0.0,
+            **loop,
+            "router_loop_cpu_per_task_in_forwarder_records": round(
+                loop["router_loop_cpu_ms_per_task"] / fwd_ms, 2
             )
             if fwd_ms
             else 0.0,
-            "router_busiest_partition_share": _busiest_share(s),
             "router_tasks_per_cpu_second": round(len(stamps) / cpu_burst, 1) if cpu_burst else 0.0,
             "router_host_load_avg_1m": round(os.getloadavg()[0], 2),
             "router_throughput_tasks_per_s": round(len(stamps) / span, 1) if span else 0.0,
@@ -248,7 +305,10 @@ def run(quick: bool = False) -> dict[str, float | str]:
             "router_dead_letters": float(counters.get("dead_letters", -1)),
             "router_strategy": str(counters.get("strategy")),
             "router_note": "one router worker process (its CPU time measured from /proc); "
-            "timestamps from one host clock, ms precision; host shared with other load",
+            "routing only = a burst nobody answers; loop = one task type, each assignment "
+            "answered at once with a Trajectory and a Reward (this process plays worker and "
+            "evaluator), CPU from the first task to the last reward counted; timestamps from "
+            "one host clock, ms precision",
         }
     finally:
         stop.set()
@@ -297,18 +357,52 @@ class _Forwarder:
             self.proc.kill()
 
 
+def _loop_burst(
+    s: Settings, producer: EventProducer, col: _Collector, pid: int, url: str, n: int
+) -> dict[str, float]:
+    """``n`` tasks of one type, answered: the router's CPU per task in the loop."""
+
+    def applied() -> int:
+        c = httpx.get(url, timeout=5).json()
+        return int(c["rewards_applied"]) + int(c["rewards_duplicate"])
+
+    ids = [f"loop-{uuid.uuid4().hex[:8]}-{i}" for i in range(n)]
+    col.answering, col.partitions = True, {}
+    start = applied()
+    cpu0 = cpu_seconds(pid) or 0.0
+    t0 = time.monotonic()
+    producer.publish(
+        TaskSubmitted(
+            task_id=tid,
+            task_type="hot",
+            prompt="What is 2 + 2?",
+            required_capabilities=["general"],
+        )
+        for tid in ids
+    )
+    deadline = time.monotonic() + 600
+    while applied() < start + n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wall = time.monotonic() - t0
+    cpu = (cpu_seconds(pid) or 0.0) - cpu0
+    col.answering = False
+    done = applied() - start
+    shares = sorted(col.partitions.values(), reverse=True)
+    total = sum(shares)
+    return {
+        "router_loop_tasks": float(done),
+        "router_loop_cpu_ms_per_task": round(cpu * 1000 / max(done, 1), 3),
+        "router_loop_tasks_per_s": round(done / wall, 1) if wall else 0.0,
+        "router_single_type_partitions_used": float(len(shares)),
+        "router_single_type_busiest_partition_share": round(shares[0] / total, 3) if total else 0.0,
+    }
+
+
 def tasks_topic_size(s: Settings) -> int:
     return sum(end_offsets(s, TASKS.name(s), TASKS.partitions(s)))
-
-
-def _busiest_share(s: Settings) -> float:
-    """The share of the router's busiest by-type partition (tasks, ticks, results)."""
-    ends = end_offsets(s, f"{app_id(s)}-by-type", s.router_partitions or s.default_partitions)
-    total = sum(ends)
-    return round(max(ends) / total, 3) if total else 0.0
 
 
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    print(json.dumps(run(quick="--quick" in sys.argv, profile="--profile" in sys.argv), indent=2))

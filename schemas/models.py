@@ -154,7 +154,12 @@ class AssignedTask(TaskFields):
 
     @classmethod
     def of(cls, task: TaskSubmitted) -> AssignedTask:
-        return cls.model_validate(task.model_dump(exclude={"event_id", "schema_version"}))
+        # The fields of a validated task are valid as they are: no second validation (one
+        # per assignment, in the router's hot path); containers copied, not shared.
+        values = {name: getattr(task, name) for name in cls.model_fields}
+        values["required_capabilities"] = list(task.required_capabilities)
+        values["metadata"] = dict(task.metadata)
+        return cls.model_construct(**values)
 
 
 class TaskAssigned(Event):

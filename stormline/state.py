@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -374,6 +374,34 @@ class RedisState:
         keys = [f"{self.prefix}task:{task_id}"]
         out = await self._safe(lambda: self._status(keys=keys, args=args), None)
         return None if out is None else bool(out)
+
+    async def apply_statuses(
+        self, writes: Sequence[tuple[str, TaskState | str, int, dict[str, Any]]]
+    ) -> list[bool] | None:
+        """:meth:`apply_status` for many tasks (task id, state, attempt, fields) in one round
+        trip (a pipeline, in order); None if Redis did not answer (then none is known)."""
+        if not writes:
+            return []
+
+        sha = self._status.sha
+
+        async def op() -> list[Any]:
+            # EVALSHA by hand: a pipeline that carries Script objects asks SCRIPT EXISTS
+            # first on every execute (a second round trip); the script is loaded once, and
+            # again if Redis lost it (a restart).
+            for _ in range(2):
+                pipe = self._r.pipeline(transaction=False)
+                for task_id, state, attempt, fields in writes:
+                    args = _status_args(self.settings, task_id, TaskState(state), attempt, fields)
+                    pipe.execute_command("EVALSHA", sha, 1, f"{self.prefix}task:{task_id}", *args)
+                try:
+                    return list(await pipe.execute())
+                except redis.exceptions.NoScriptError:
+                    await self._r.script_load(self._status.script)
+            raise redis.exceptions.NoScriptError("the status script could not be loaded")
+
+        out = await self._safe(op, None)
+        return None if out is None else [bool(x) for x in out]
 
     async def set_result(self, task_id: str, attempt: int, **fields: Any) -> bool:
         """Result fields (trajectory_id, output, error) of the current attempt, no state change;

@@ -48,10 +48,13 @@ agents that call them would spread one flow over files.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
 import logging
+import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -95,9 +98,11 @@ from stormline.streams.kafka import (
     app_id,
     ensure_internal_topics,
     faust_app,
+    mark_clean_stop,
     partitions,
     read_broadcast,
     replicas,
+    reset_tables_after_a_kill,
     snapshot_record,
     stats_topic,
 )
@@ -113,6 +118,7 @@ from stormline.streams.router import (
     at,
     by_priority,
     epoch,
+    sent_key,
 )
 from stormline.streams.shards import ShardBook
 from stormline.streams.status import StatusWriter
@@ -126,6 +132,7 @@ R = TypeVar("R")
 # Transient failures (the registry or a broker away) are retried with backoff, never acked;
 # the stream waits meanwhile. Only a record that can never succeed goes to dead-letters.
 RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
+DELIVERIES = 64  # batches whose events may wait for delivery at once
 SWEEP_EVERY_S = 10.0  # how often the ledger is swept for entries past the rewards' retention
 SWEEP_MAX = 10_000  # entries looked at per sweep (a long ledger is swept over several)
 
@@ -141,6 +148,12 @@ def transient(exc: BaseException) -> bool:
 
 async def retrying(what: str, fn: Callable[[], Awaitable[R]]) -> R:
     """``await fn()`` until it succeeds or fails for a reason that is not transient."""
+    try:  # the common case without building a retry policy's state per call
+        return await fn()
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        log.warning("%s failed (%s); retrying with backoff", what, exc)
     async for attempt in RETRY.async_retrying(transient, log=log, what=what):
         with attempt:
             return await fn()
@@ -178,7 +191,11 @@ def router_config(s: Settings, partition_count: int = 1) -> RouterConfig:
         retry_s=s.router_retry_s,
         default_deadline_s=s.router_default_deadline_s,
         done_retention_s=s.router_done_retention_s,
-        ledger_retention_s=_REWARDS.retention(s) / 1000.0,
+        # The rewards topic's retention; -1 (or any value <= 0) keeps them, and the ledger,
+        # for ever.
+        ledger_retention_s=(
+            _REWARDS.retention(s) / 1000.0 if _REWARDS.retention(s) > 0 else math.inf
+        ),
         policy_weight=s.router_policy_weight,
         failure_value=s.router_failure_value,
         discount=discount if discount is not None and discount < 1.0 else None,
@@ -195,11 +212,19 @@ class Batch:
     # (event, the input record it came from or None, trace headers)
     events: list[tuple[Event, EventT[bytes] | None, Any]] = field(default_factory=list)
     outcomes: dict[str, list[Outcome]] = field(default_factory=lambda: defaultdict(list))
+    dead: list[tuple[EventT[bytes], str, str]] = field(default_factory=list)  # (record, kind, why)
 
     def add(self, fx: Effects, source: EventT[bytes] | None, headers: Any = None) -> None:
         self.events += [(e, source, headers) for e in fx.events]
         for o in fx.outcomes:
             self.outcomes[o.agent_id].append(o)
+
+
+@dataclass
+class _Delivery:
+    issued: dict[int, int]  # partition -> highest sequence number of the batch
+    batch: Batch | None  # what is still to send (None once sent)
+    done: bool = False
 
 
 class Router:
@@ -221,6 +246,11 @@ class Router:
         self._sweep: Iterator[tuple[str, Any]] | None = None
         self.ready: set[int] = set()  # partitions owned and recovered
         self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
+        self._outbox = asyncio.Event()  # batches wait in _deliveries for deliver()
+        self._confirming = True  # until a delivery round fails (then a restart resends)
+        self._unsendable: list[tuple[str, int, str]] = []  # assignments the broker refused
+        self._deliveries: collections.deque[_Delivery] = collections.deque()
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self.app = faust_app(s, self.partitions, replicas(s))
         register_stores()
         self.tasks = self._table("tasks", "memory://")
@@ -245,6 +275,7 @@ class Router:
         )
         self.core.keep_moves = True
         self.core.track_delivery = True  # finish() confirms what Kafka acknowledged
+        self.core.buffer_ledger = True  # finish() writes the ledger once per batch
         self.core.holding = self.status.holds  # a final record stays until its status is out
         self._wire_topics()
         self._wire()
@@ -308,9 +339,9 @@ class Router:
                 if isinstance(obj, TaskSubmitted):
                     tasks.append((obj, ev))
                 else:
-                    await self._guarded(ev, batch, functools.partial(self._result, ev, obj, now))
+                    self._guarded(ev, batch, functools.partial(self._result, ev, obj, now))
             for task, ev in by_priority(tasks):
-                await self._guarded(ev, batch, functools.partial(self._task, ev, task, now))
+                self._guarded(ev, batch, functools.partial(self._task, ev, task, now))
             self.extra["batches"] += 1
             self.extra["records"] += len(events)
             await self.finish(batch)
@@ -335,18 +366,19 @@ class Router:
             trace = {k: v.decode() for k, v in headers} if headers else None
             return Effects(self.core.on_task(task, now, p, trace), []), headers
 
-    async def _guarded(
+    def _guarded(
         self,
         ev: EventT[bytes],
         batch: Batch,
         step: Callable[[], tuple[Effects, Any]],
     ) -> None:
-        """Run one record's step; a step that raises dead-letters its record, the rest goes on."""
+        """Run one record's step; a step that raises dead-letters its record (after the
+        batch's decisions, which never wait), the rest goes on."""
         try:
             fx, headers = step()
         except Exception as exc:
             log.exception("router handler failed")
-            await self.dead_letter(ev, "handler", f"{type(exc).__name__}: {exc}")
+            batch.dead.append((ev, "handler", f"{type(exc).__name__}: {exc}"))
             return
         batch.add(fx, ev, headers)
 
@@ -367,31 +399,113 @@ class Router:
             self.lock.release()
 
     async def finish(self, batch: Batch) -> None:
-        """Deliver what ``batch`` decided, in the order that keeps the guarantees."""
+        """Deliver what ``batch`` decided, in the order that keeps the guarantees.
+
+        Called with the tables locked, right after the batch's decisions. The table writes
+        are made here and awaited until the broker acknowledged them: only then may an
+        event they caused leave (a restarted owner could otherwise give the same attempt to
+        another agent), and only then is the batch acked to Faust (which commits offsets
+        after its own producer flush, which may return before its writes are out). The
+        events go out in the background (:meth:`deliver`), so the next batch is decided
+        while this one's are acknowledged; deliveries are confirmed in batch order
+        (:meth:`_confirm`).
+        """
         self._record_moves()
+        self._write_ledger()
+        self._confirm()
         issued, self.core.issued = self.core.issued, {}
-        if batch.events:
-            # Every record change before any event it caused (see the module docstring).
-            await self.app.producer.flush()
-            await asyncio.gather(*(self._send(e, src, h) for e, src, h in batch.events))
-        for p, seq in issued.items():
-            if p in self.ready and not self.app.rebalancing:
-                with at_partition(p):
-                    self.core.delivered(p, seq)
-        for agent, outcomes in batch.outcomes.items():
-            body = json.dumps(
-                {"k": "out", "n": [[o.ok, o.detail[:500]] for o in outcomes]}
-            ).encode()
-            await self.forward(self.health_in, agent.encode(), body)
+        await self._durable()
+        for ev, kind, why in batch.dead:
+            await self.dead_letter(ev, kind, why)
+        if batch.events or batch.outcomes:
+            while len(self._deliveries) >= DELIVERIES:  # back-pressure: the broker lags
+                await asyncio.sleep(0.005)
+                self._confirm()
+            self._deliveries.append(_Delivery(issued, batch))
+            self._outbox.set()
         # At once if Redis answers; otherwise the status clock retries (never waits here).
-        await self.status.flush()
+        if self.status.pending:
+            self._background(self.status.flush())
+
+    async def _durable(self) -> None:
+        """Until the broker acknowledged every table write made so far.
+
+        A write the producer gave up on (the broker away past its timeouts) leaves this
+        process's tables ahead of their changelogs: it exits at once, as a kill -9 would,
+        so that nothing more is acked or committed, and its restart recovers from the
+        changelogs and reads the records again."""
+        pending = self.tasks.take_unacked() + self.ledger.take_unacked()
+        if not pending:
+            return
+        try:
+            await asyncio.gather(*pending)
+        except Exception as exc:
+            log.critical("a table write was not acknowledged (%s); exiting to recover", exc)
+            logging.shutdown()
+            os._exit(75)
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def deliver(self) -> None:
+        """Send the events of every batch decided since the last round (their table writes
+        are acknowledged already: :meth:`finish`), all at once, so that under load one
+        round of produce requests serves many batches."""
+        while True:
+            await self._outbox.wait()
+            self._outbox.clear()
+            rounds = [d for d in self._deliveries if d.batch is not None]
+            batches = [d.batch for d in rounds if d.batch is not None]
+            events = [e for b in batches for e in b.events]
+            try:
+                if events:
+                    await asyncio.gather(*(self._send(e, src, h) for e, src, h in events))
+                outcomes: dict[str, list[Outcome]] = defaultdict(list)
+                for b in batches:
+                    for agent, some in b.outcomes.items():
+                        outcomes[agent] += some
+                for agent, theirs in outcomes.items():
+                    body = json.dumps(
+                        {"k": "out", "n": [[o.ok, o.detail[:500]] for o in theirs]}
+                    ).encode()
+                    await self.forward(self.health_in, agent.encode(), body)
+            except Exception:
+                # What was not sent stays marked unsent in its records; no delivery is
+                # confirmed from now on, so a restart sends every one not known delivered.
+                log.exception("delivering %d events failed", len(events))
+                self._confirming = False
+            finally:
+                for d in rounds:
+                    d.batch, d.done = None, True
+
+    def _confirm(self) -> None:
+        """Confirm the deliveries done so far, oldest first, while the partition is ours.
+
+        A partition's watermark may only pass a sequence number once every event up to it is
+        delivered, so a batch is confirmed only after every earlier one."""
+        while self._deliveries and self._deliveries[0].done:
+            for p, seq in self._deliveries.popleft().issued.items():
+                if self._confirming and p in self.ready and not self.app.rebalancing:
+                    with at_partition(p):
+                        self.core.delivered(p, seq)
+
+    def _write_ledger(self) -> None:
+        """The ledger writes of the outcomes just counted (shards first: RouterCore says why)."""
+        for key, value in self.core.take_ledger_writes():
+            with at_partition(int(value["p"])):
+                self.ledger[key] = value
 
     async def _send(self, ev: Event, source: EventT[bytes] | None, headers: Any) -> None:
-        topic = self.out[type(ev)]
+        name = self.out[type(ev)].get_topic_name()
+        producer = self.app.producer
 
         async def send() -> Any:
-            value = self.serde.encode(topic.get_topic_name(), ev)
-            sent = await topic.send(key=ev.key().encode(), value=value, headers=headers)
+            value = self.serde.encode(name, ev)
+            # Faust's producer (the tables' one, so its flush covers both) without the
+            # Topic.send wrapping per message.
+            sent = await producer.send(name, ev.key().encode(), value, None, None, headers)
             return await sent  # delivered (acks=all), not just buffered
 
         try:
@@ -400,9 +514,16 @@ class Router:
             log.error("could not send %s of task %s: %s", type(ev).__name__, ev.key(), exc)
             if source is not None:
                 await self.dead_letter(source, "oversize", f"{type(exc).__name__}: {exc}")
+            if isinstance(ev, TaskAssigned):  # its task fails at the next tick, nobody blamed
+                why = f"assignment could not be sent: {type(exc).__name__}: {exc}"[:500]
+                self._unsendable.append((ev.task_id, ev.attempt, why))
             return
         if isinstance(ev, TaskAssigned):
-            metrics.TASKS_ROUTED.labels(ev.task.task_type, ev.agent_id, ev.strategy).inc()
+            self._routed(ev.task.task_type, ev.agent_id).inc()
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one router per process, bounded)
+    def _routed(self, task_type: str, agent: str) -> Any:
+        return metrics.TASKS_ROUTED.labels(task_type, agent, self.cfg.strategy.name)
 
     def _record_moves(self) -> None:
         """The task states the core decided, queued for Redis (guarded there by the
@@ -426,6 +547,12 @@ class Router:
         async with self.settled():
             now = time.time()
             batch = Batch()
+            unsendable, self._unsendable = self._unsendable, []
+            for tid, attempt, why in unsendable:
+                rec = self.tasks.get(tid)
+                if rec is not None and rec.get("p") in self.ready:
+                    with at_partition(int(rec["p"])):
+                        batch.add(self.core.cannot_assign(tid, attempt, why, now), None)
             for p, tid in self.core.schedule.pop_due(now, self.ready.__contains__):
                 rec = self.tasks.get(tid)
                 with at_partition(p), self._trace_of(rec):
@@ -509,10 +636,13 @@ class Router:
                 self._sweep = None
             except Exception:  # the table moved under the iterator (a rebalance): start over
                 self._sweep = None
-            for p, key in self.core.expired_ledgers(chunk, time.time()):
+            now = time.time()
+            for p, key in self.core.expired_ledgers(chunk, now):
                 if p in self.ready:
                     with at_partition(p):
-                        self.ledger.pop(key, None)
+                        # Read again: the iterator's copy may predate a reward counted since.
+                        if self.core.expired_ledgers([(key, self.ledger.get(key))], now):
+                            self.ledger.pop(key, None)
 
     # ----------------------------------------------------------------- plumbing --
     async def decoded(self, ev: EventT[bytes], etype: type[Any]) -> Any:
@@ -647,6 +777,10 @@ class Router:
             install_redaction(s, loggers=("faust", "mode", "aiokafka"))
 
         @app.task
+        async def deliverer() -> None:
+            await self.deliver()
+
+        @app.task
         async def broadcast() -> None:
             async for item in read_broadcast(self.settings, self.serde):
                 await self._on_broadcast(item)
@@ -777,7 +911,8 @@ class Router:
             "status_pending": len(self.status.pending),
             "strategy": self.cfg.strategy.name,
             "policy_version": self.core.policy_version,
-            "tasks_tracked": sum(1 for k in list(self.tasks.keys()) if not k.startswith(META)),
+            "tasks_tracked": len(self.tasks)
+            - sum(1 for p in range(self.partitions) if sent_key(p) in self.tasks),
             "scheduled": len(self.core.schedule),
             "owned_partitions": sorted(self.ready),
         }
@@ -818,12 +953,14 @@ def run_router(settings: Settings, loglevel: str = "info") -> None:
         "--web-port",
         str(settings.router_web_port),
     ]
+    reset_tables_after_a_kill(router.app)
     saved = sys.argv
     sys.argv = argv
     try:
         router.app.main()
     finally:
         sys.argv = saved
+        mark_clean_stop(router.app)  # reached on a stop (SIGTERM), never after a kill
 
 
 __all__ = ["Router", "create", "router_config", "run_router"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -84,7 +85,24 @@ def check_copartitioned(s: Settings, metadata: Any) -> int:
             "recreate the topics with the same count (STORMLINE_TOPIC_PARTITIONS sets it per "
             "topic, STORMLINE_DEFAULT_PARTITIONS for all)"
         )
-    return next(iter(counts.values()), partitions(s))
+    count = next(iter(counts.values()), partitions(s))
+    # Its own topics (changelogs, health) follow that count; ones left by a router with
+    # another count (or by router v1) would put a task's state on another worker.
+    stale = {
+        w.name: len(metadata.topics[w.name].partitions)
+        for w in internal_topics(s, count)
+        if w.name in metadata.topics
+        and w.partitions != len(metadata.topics[w.name].partitions)
+    }
+    if stale:
+        listed = ", ".join(f"{name} has {n}" for name, n in sorted(stale.items()))
+        raise ValueError(
+            f"the router's own topics must have {count} partitions like the task topics "
+            f"({listed}): stop the routers, delete those topics (their state is rebuilt from "
+            "the task topics' history only for new tasks) or set another "
+            "STORMLINE_ROUTER_APP_ID"
+        )
+    return count
 
 
 def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.App:
@@ -129,6 +147,34 @@ def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.Ap
 def stats_topic(s: Settings) -> str:
     """The compacted topic of statistics shards every router worker publishes and reads."""
     return f"{app_id(s)}-stats"
+
+
+CLEAN = "clean-shutdown"  # written by a router that stopped cleanly, next to its tables
+
+
+def reset_tables_after_a_kill(app: faust.App) -> bool:
+    """Drop the local table files a killed router left; True if it did.
+
+    RocksDB keeps every write at once, its changelog only once the broker has it; a kill in
+    between leaves the local files ahead of the changelog, and Faust, which only replays
+    the changelog past the offset it last saw, would keep them: a count or a ledger entry
+    the rest of the fleet never sees. Without the mark of a clean stop the files go, and
+    recovery rebuilds them from the changelogs (slower, exact)."""
+    tabledir = Path(app.conf.tabledir)
+    mark = tabledir.parent / CLEAN
+    dropped = False
+    if tabledir.exists() and not mark.exists():
+        shutil.rmtree(tabledir)
+        log.warning("the last stop was not clean: table files dropped, rebuilt from changelogs")
+        dropped = True
+    mark.unlink(missing_ok=True)
+    return dropped
+
+
+def mark_clean_stop(app: faust.App) -> None:
+    tabledir = Path(app.conf.tabledir)
+    tabledir.parent.mkdir(parents=True, exist_ok=True)
+    (tabledir.parent / CLEAN).touch()
 
 
 def internal_topics(settings: Settings, n: int | None = None) -> list[TopicWanted]:

@@ -59,6 +59,7 @@ class QCell:
     total: float = 0.0
     sumsq: float = 0.0
     binary: bool = True
+    fixes: int = 0  # outcomes replaced (a human correction): a change that count misses
 
     # -- learning --
     def update(self, reward: float, discount: float | None = None) -> QCell:
@@ -84,23 +85,25 @@ class QCell:
         self.value = self.mean
         return self
 
-    def replace(self, old: float, new: float) -> QCell:
+    def replace(self, old: float, new: float, weight: float = 1.0) -> QCell:
         """Swap one counted outcome ``old`` for ``new`` (a human correction); count unchanged.
 
-        Under a discount the old outcome has decayed since it was counted; it is taken out
-        at full weight, which errs towards the new value: the correction is the newer word.
+        ``weight``: what the old outcome weighs now (under a discount it has decayed since
+        it was counted: gamma to the number of outcomes counted after it); the new one takes
+        its place at that weight, so the mean stays within the rewards' range.
         """
         if not (math.isfinite(old) and math.isfinite(new)):
             raise ValueError("reward must be finite")
         if self.count == 0:
             return self.update(new)
-        self.total += new - old
-        self.sumsq += new * new - old * old
+        self.total += (new - old) * weight
+        self.sumsq += (new * new - old * old) * weight
         o, n = min(1.0, max(0.0, old)), min(1.0, max(0.0, new))
-        self.successes = max(0.0, self.successes + n - o)
-        self.failures = max(0.0, self.failures + o - n)
+        self.successes = max(0.0, self.successes + (n - o) * weight)
+        self.failures = max(0.0, self.failures + (o - n) * weight)
         if new not in (0.0, 1.0):
             self.binary = False
+        self.fixes += 1
         self.value = self.mean
         return self
 
@@ -133,6 +136,7 @@ class QCell:
             "total": self.total,
             "sumsq": self.sumsq,
             "binary": self.binary,
+            "fixes": self.fixes,
         }
 
     @classmethod
@@ -160,6 +164,7 @@ def merge(cells: Iterable[QCell]) -> QCell:
         out.failures += c.failures
         out.total += c.total
         out.sumsq += c.sumsq
+        out.fixes += c.fixes
         out.binary = out.binary and c.binary
     out.value = out.mean
     return out
@@ -170,12 +175,14 @@ AUTO, HUMAN, EXPIRY = "auto", "human", "expiry"
 
 @dataclass(frozen=True)
 class Entry:
-    """What counts for one attempt now: the agent, the value, and where it came from."""
+    """What counts for one attempt now: the agent, the value, where it came from, and how
+    many outcomes its shard had counted then (how far a discount has decayed it since)."""
 
     agent: str
     value: float
     kind: str  # AUTO | HUMAN | EXPIRY
     trajectory_id: str = ""
+    counted_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,8 @@ _REPLACES = {HUMAN: {AUTO, EXPIRY}, AUTO: {EXPIRY}, EXPIRY: set[str]()}
 class AttemptLedger:
     """The outcome counted for each attempt of one task (the router's ledger table).
 
-    Stored as ``{str(attempt): [agent, value, kind, trajectory id]}`` (JSON round-trips).
+    Stored as ``{str(attempt): [agent, value, kind, trajectory id, counted at]}`` (JSON
+    round-trips). Attempt 0 holds a human reward that named no attempt and matched none.
     """
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
@@ -204,7 +212,9 @@ class AttemptLedger:
         v = self._d.get(str(attempt))
         if not v:
             return None
-        return Entry(str(v[0]), float(v[1]), str(v[2]), str(v[3]) if len(v) > 3 else "")
+        trajectory_id = str(v[3]) if len(v) > 3 else ""
+        counted_at = int(v[4]) if len(v) > 4 and v[4] is not None else None
+        return Entry(str(v[0]), float(v[1]), str(v[2]), trajectory_id, counted_at)
 
     def attempt_of(self, trajectory_id: str) -> int | None:
         """The attempt whose outcome came from ``trajectory_id`` (a reward that lacks it)."""
@@ -212,6 +222,11 @@ class AttemptLedger:
             if len(v) > 3 and v[3] == trajectory_id:
                 return int(k)
         return None
+
+    def unnamed_attempt_of(self, agent: str) -> int | None:
+        """The latest attempt of ``agent`` whose outcome names no trajectory (an expiry)."""
+        found = [int(k) for k, v in self._d.items() if v[0] == agent and not (v[3:4] or [""])[0]]
+        return max(found) if found else None
 
     def decide(self, attempt: int, kind: str) -> Decision:
         old = self.get(attempt)
@@ -222,7 +237,13 @@ class AttemptLedger:
         return Decision("duplicate", old)
 
     def record(self, attempt: int, entry: Entry) -> None:
-        self._d[str(attempt)] = [entry.agent, entry.value, entry.kind, entry.trajectory_id]
+        self._d[str(attempt)] = [
+            entry.agent,
+            entry.value,
+            entry.kind,
+            entry.trajectory_id,
+            entry.counted_at,
+        ]
 
     def __len__(self) -> int:
         return len(self._d)

@@ -23,9 +23,12 @@ shards it updates all live on its partition, and the worker that owns the partit
   task's entry of ``ledger`` (:class:`streams.qtable.AttemptLedger`), which outlives the task
   record for as long as the rewards topic keeps records; a human reward replaces the automatic
   one; errors and expiries count ``failure_value``; ``cost_weight`` subtracts the attempt's
-  cost. The shard an outcome updates is written to ``ledger`` *before* the entry that records
-  it, and remembers it (:attr:`streams.shards.Shard.recent`), so a kill between the two writes
-  never counts it twice.
+  cost. The statistics shards an outcome updates are written to ``ledger`` *before* the
+  entries that record it (:meth:`RouterCore.take_ledger_writes`: one write per changed shard
+  per batch), and each remembers the outcomes of its last write
+  (:attr:`streams.shards.Shard.recent`): a changelog partition keeps its writes' order, so
+  after a kill between the two writes the outcome is processed again, finds no entry, and
+  the shard says it was counted already.
 * **Delivery**: a record whose events are not known to be delivered carries ``unsent`` (a
   sequence number of its partition); the app confirms deliveries per partition
   (:meth:`RouterCore.delivered`), and a restarted owner sends again what was not confirmed
@@ -75,7 +78,7 @@ from stormline.streams.qtable import (
     cell_key,
     shard_discount,
 )
-from stormline.streams.shards import Shard, ShardBook
+from stormline.streams.shards import RECENT, Shard, ShardBook
 from stormline.streams.strategies import Choice, StrategyConfig, choose_agent
 
 log = logging.getLogger("stormline.router")
@@ -213,6 +216,11 @@ class RouterCore:
         self.cfg = cfg
         self.tasks = tasks
         self.ledger = ledger
+        # With ``buffer_ledger`` (the app), ledger writes wait in ``_ledger_buf`` until
+        # :meth:`take_ledger_writes`; otherwise (pure tests) they go straight to ``ledger``.
+        self.buffer_ledger = False
+        self._ledger_buf: dict[str, dict[str, Any]] = {}
+        self._dirty: set[tuple[int, str]] = set()  # (partition, pair) shards to write
         self.book = book if book is not None else ShardBook()
         self.directory = directory
         self.schedule = Schedule()
@@ -233,6 +241,7 @@ class RouterCore:
         self.seq: dict[int, int] = {}  # the last sequence number given out per partition
         self.issued: dict[int, int] = {}  # ... since the app last took them (to confirm)
         self.indexed: dict[int, set[str]] = {}  # pairs with a stored shard, per partition
+        self.hold: dict[int, float] = {}  # no expiry on a partition before (a takeover's grace)
         # Whether a task's record must be kept (its status is not written yet): the app's.
         self.holding: Callable[[str], bool] = lambda task_id: False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -295,7 +304,8 @@ class RouterCore:
         self.counters["tasks"] += 1
         # A redelivered task (its record drives it), or one already finished and forgotten
         # (its ledger says so): a replayed topic or a re-published id is not routed again.
-        if task.task_id in self.tasks or task.task_id in self.ledger:
+        # (A ledger entry from a reward alone, seen before its task, does not say so.)
+        if task.task_id in self.tasks or (self._ledger_get(task.task_id) or {}).get("done"):
             self.counters["tasks_duplicate"] += 1
             return []
         rec: dict[str, Any] = {
@@ -431,7 +441,8 @@ class RouterCore:
 
     def _assignment(self, rec: Mapping[str, Any], task: TaskSubmitted) -> TaskAssigned:
         kind, score, epsilon, assigned_at, policy_version = rec["pick"]
-        return TaskAssigned(
+        # Built from values this router made or a validated task holds: not validated again.
+        return TaskAssigned.model_construct(
             event_id=stable_event_id("assignment", task.task_id, rec["attempt"]),
             task_id=task.task_id,
             attempt=rec["attempt"],
@@ -468,10 +479,17 @@ class RouterCore:
         mark = self.tasks.get(sent_key(int(rec.get("p", 0)))) or {}
         return int(u) > int(mark.get("sent", 0))
 
-    def adopt(self, partition: int, records: Iterable[tuple[str, Mapping[str, Any]]]) -> int:
+    def adopt(
+        self,
+        partition: int,
+        records: Iterable[tuple[str, Mapping[str, Any]]],
+        hold_until: float = 0.0,
+    ) -> int:
         """Schedule the records of a partition this worker now owns (after a rebalance or a
         restart): each at its due time, those with events not known delivered at once.
-        Returns how many records there were."""
+        Expiries on it wait until ``hold_until``: the results sent while it had no owner are
+        still in its backlog. Returns how many records there were."""
+        self.hold[partition] = hold_until
         n, top = 0, 0
         for tid, rec in records:
             if tid.startswith(META) or not rec:
@@ -575,6 +593,17 @@ class RouterCore:
             return Effects([], [])  # a stale heap entry: the record is due later
         return self._due(task_id, dict(rec), now)
 
+    def cannot_assign(self, task_id: str, attempt: int, reason: str, now: float) -> Effects:
+        """Attempt ``attempt``'s assignment can never be sent (too large for the broker): the
+        task fails now, no agent blamed (none ever saw it)."""
+        rec = self.tasks.get(task_id)
+        if rec is None or state_of(rec) != TaskState.ASSIGNED or int(rec["attempt"]) != attempt:
+            return Effects([], [])
+        rec = dict(rec)
+        events = self._fail(rec, now, reason)
+        self._put(task_id, rec)
+        return Effects(events, [])
+
     def _next_seq(self, p: int) -> int:
         self.seq[p] = self.issued[p] = self.seq.get(p, 0) + 1
         return self.seq[p]
@@ -588,8 +617,9 @@ class RouterCore:
             else:
                 self._forget(task_id, rec, now)
             return Effects([], [])
-        if state == TaskState.ASSIGNED and now < self.hold_expiry_until:
-            rec["due_at"] = self.hold_expiry_until  # look again after the catch-up grace
+        hold = max(self.hold_expiry_until, self.hold.get(int(rec.get("p", 0)), 0.0))
+        if state == TaskState.ASSIGNED and now < hold:
+            rec["due_at"] = hold  # look again after the catch-up grace
             self._put(task_id, rec)
             return Effects([], [])
         out = Effects([], [])
@@ -603,9 +633,9 @@ class RouterCore:
     def _forget(self, task_id: str, rec: Mapping[str, Any], now: float) -> None:
         """A finished task's record goes; its ledger stays (a replayed task is not routed
         again, a redelivered reward not counted again), with one written if it had none."""
-        entry = self.ledger.get(task_id)
-        if entry is None:
-            self.ledger[task_id] = ledger_entry(rec, {}, now)
+        entry = self._ledger_get(task_id)
+        if not (entry or {}).get("done"):
+            self._ledger_put(task_id, ledger_entry(rec, (entry or {}).get("a") or {}, now, entry))
         del self.tasks[task_id]
         self.counters["forgotten"] += 1
 
@@ -641,18 +671,27 @@ class RouterCore:
         # may never have run (an assignment read after its expiry).
         outcomes = [] if timeout else [Outcome(traj.agent_id, ok, traj.error or "")]
         rec = self.tasks.get(traj.task_id)
-        if (
-            rec is None
-            or state_of(rec) in FINAL
-            or int(traj.attempt) != int(rec["attempt"])
-            or traj.agent_id != rec["agent"]
-        ):
+        if rec is None:
             self.counters["trajectories_stale"] += 1
             return Effects([], outcomes)
-        if timeout:
+        rec = dict(rec)
+        trajs = rec.get("trajs") or {}
+        new_id = trajs.get(str(traj.attempt)) != traj.trajectory_id
+        # Which attempt a trajectory was, for a human reward that names only the former.
+        rec["trajs"] = {**trajs, str(traj.attempt): traj.trajectory_id}
+        stale = (
+            state_of(rec) in FINAL
+            or int(traj.attempt) != int(rec["attempt"])
+            or traj.agent_id != rec["agent"]
+        )
+        if stale or timeout:
+            if new_id:
+                self._put(traj.task_id, rec)
+            if stale:
+                self.counters["trajectories_stale"] += 1
+                return Effects([], outcomes)
             self.counters["trajectories_timeout_deferred"] += 1
             return Effects([], [])
-        rec = dict(rec)
         rec.pop("unsent", None)  # a result of this attempt: its assignment was delivered
         rec.pop("resends", None)
         events: list[Event] = []
@@ -689,15 +728,27 @@ class RouterCore:
         if self.cfg.cost_weight and not failed:
             value -= self.cfg.cost_weight * cost
         kind = HUMAN if reward.source == RewardSource.HUMAN else AUTO
-        attempt = reward.attempt
-        if kind == HUMAN:
-            # `stormline reward` given only a trajectory id does not know the attempt.
-            ledger = AttemptLedger((self.ledger.get(reward.task_id) or {}).get("a"))
-            found = ledger.attempt_of(reward.trajectory_id)
-            attempt = found if found is not None else attempt
+        attempt = self._attempt_of(reward, rec, kind)
         return self._count(
             reward.task_id, rec, reward.agent_id, attempt, value, kind, now, reward.trajectory_id
         )
+
+    def _attempt_of(self, reward: Reward, rec: Mapping[str, Any], kind: str) -> int:
+        """The attempt ``reward`` is about. A human reward may name none (attempt 0: given
+        by ids, `stormline reward` or the API): its trajectory's, else the latest of its
+        agent's attempts whose outcome names no trajectory (an expiry), else 0. Whatever
+        already counts for the reward's trajectory, under any attempt, is that attempt."""
+        ledger = AttemptLedger((self._ledger_get(reward.task_id) or {}).get("a"))
+        found = ledger.attempt_of(reward.trajectory_id)
+        if found is not None:
+            return found
+        if kind != HUMAN or reward.attempt:
+            return reward.attempt
+        for n, tid in (rec.get("trajs") or {}).items():
+            if tid == reward.trajectory_id:
+                return int(n)
+        unnamed = ledger.unnamed_attempt_of(reward.agent_id)
+        return unnamed if unnamed is not None else 0
 
     def _count(
         self,
@@ -711,7 +762,7 @@ class RouterCore:
         trajectory_id: str = "",
     ) -> bool:
         """Count one attempt's outcome: its shard first, then the ledger entry that records it."""
-        stored = self.ledger.get(task_id)
+        stored = self._ledger_get(task_id)
         ledger = AttemptLedger((stored or {}).get("a"))
         decision = ledger.decide(attempt, kind)
         if decision.action == "duplicate":
@@ -729,33 +780,75 @@ class RouterCore:
         else:
             cell = QCell.from_dict(shard.cell.to_dict())
             if old is not None:
-                cell.replace(old.value, value)
+                cell.replace(old.value, value, self._decayed(cell, old))
                 self.counters["rewards_replaced"] += 1
             else:
                 cell.update(value, self.discount)
                 self.counters["expiries_counted" if kind == EXPIRY else "rewards_applied"] += 1
-            new = Shard(cell, shard.recent)
-            new.remember(oid)
+            new = Shard(cell, [*shard.recent, oid], shard.carried, shard.carried_until)
             self._store_shard(p, pair, new)
-        ledger.record(attempt, Entry(target, value, kind, trajectory_id))
+        counted_at = old.counted_at if old is not None else self.book.shard(p, pair).cell.count
+        ledger.record(attempt, Entry(target, value, kind, trajectory_id, counted_at))
         entry = ledger_entry(rec, ledger.to_dict(), now, stored)
         entry["task_type"] = task_type
-        self.ledger[task_id] = entry
+        self._ledger_put(task_id, entry)
         return True
+
+    def _decayed(self, cell: QCell, old: Entry) -> float:
+        """What ``old`` weighs in ``cell`` now: the discount to the number of outcomes the
+        shard counted since (1 without a discount, or for an entry from before this was
+        recorded)."""
+        if self.discount is None or old.counted_at is None:
+            return 1.0
+        return float(self.discount ** max(cell.count - old.counted_at, 0))
 
     def _store_shard(self, p: int, pair: str, shard: Shard) -> None:
         indexed = self.indexed.setdefault(p, set())
         if pair not in indexed:
             indexed.add(pair)
-            self.ledger[shard_index_key(p)] = {"p": p, "pairs": sorted(indexed)}
-        self.ledger[shard_key(p, pair)] = shard.to_dict(p)
+            self._ledger_put(shard_index_key(p), {"p": p, "pairs": sorted(indexed)})
         self.book.put(p, pair, shard)
+        if self.buffer_ledger:
+            self._dirty.add((p, pair))
+        else:
+            self.ledger[shard_key(p, pair)] = shard.to_dict(p)
+            shard.recent = shard.recent[-RECENT:]  # written per outcome: the last few do
 
-    def load_partition(self, p: int) -> dict[str, Shard]:
-        """The shards of partition ``p`` as the ledger table keeps them (after a rebalance)."""
+    # -- the ledger table, written once per batch --
+    def _ledger_get(self, key: str) -> Any:
+        value = self._ledger_buf.get(key)
+        return value if value is not None else self.ledger.get(key)
+
+    def _ledger_put(self, key: str, value: dict[str, Any]) -> None:
+        if self.buffer_ledger:
+            self._ledger_buf[key] = value
+        else:
+            self.ledger[key] = value
+
+    def take_ledger_writes(self, now: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        """What the ledger table must get for the outcomes counted since the last call, in
+        the order that keeps the counting exact: shard indexes and shards first, then the
+        task entries (each value names its partition, ``p``)."""
+        shards = []
+        for p, pair in sorted(self._dirty):
+            shard = self.book.shard(p, pair)
+            shards.append((shard_key(p, pair), shard.to_dict(p)))
+            shard.written(now)
+        self._dirty.clear()
+        buf, self._ledger_buf = self._ledger_buf, {}
+        meta = [(k, v) for k, v in buf.items() if k.startswith(META)]
+        entries = [(k, v) for k, v in buf.items() if not k.startswith(META)]
+        return meta + shards + entries
+
+    def load_partition(self, p: int, carry_until: float = 0.0) -> dict[str, Shard]:
+        """The shards of partition ``p`` as the ledger table keeps them (after a rebalance);
+        the outcomes of their last writes are remembered until ``carry_until``."""
         pairs = (self.ledger.get(shard_index_key(p)) or {}).get("pairs", [])
         self.indexed[p] = set(pairs)
-        return {pair: Shard.from_dict(self.ledger.get(shard_key(p, pair))) for pair in pairs}
+        return {
+            pair: Shard.from_dict(self.ledger.get(shard_key(p, pair)), carry_until)
+            for pair in pairs
+        }
 
     def expired_ledgers(
         self, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
@@ -775,10 +868,15 @@ def ledger_entry(
     now: float,
     stored: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A task's ledger entry: its counted outcomes, its partition and type, when last touched."""
+    """A task's ledger entry: its counted outcomes, its partition and type, whether the task
+    is done (a record in a final state), when last touched."""
+    done = bool((stored or {}).get("done")) or (
+        rec.get("state") is not None and state_of(rec) in FINAL
+    )
     return {
         "p": int(rec.get("p", (stored or {}).get("p", 0))),
         "task_type": rec.get("task_type") or (stored or {}).get("task_type") or MISSING_TYPE,
         "a": attempts,
         "t": now,
+        "done": done,
     }

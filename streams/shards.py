@@ -9,49 +9,60 @@ the shards it changed to a compacted topic and reads everyone's, so what a decis
 owns the partition, else the latest snapshot published by whoever does. Decisions thus use the
 whole fleet's experience, a moment old (the publish interval plus a fetch).
 
-A shard also remembers the last few outcomes folded into it (:attr:`Shard.recent`). A kill
-can land between the write of a shard and the write of the ledger entry that says its outcome
-was counted; the outcome is then processed again, finds no ledger entry, and would be
-counted twice. The id in ``recent`` says it was counted already.
+A shard also remembers the outcomes folded into it by its last write (:attr:`Shard.recent`).
+A kill can land between the write of a shard and the writes of the ledger entries that say
+its outcomes were counted; such an outcome is then processed again, finds no ledger entry,
+and would be counted twice. Its id in ``recent`` says it was counted already.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from stormline.streams.qtable import QCell, merge, split_key
 
-RECENT = 16  # outcomes remembered per shard: more than a batch can fold into one shard
+RECENT = 16  # outcomes a shard remembers when it is written per outcome (no batches)
 
 
 @dataclass
 class Shard:
-    """One partition's statistics of one pair, and the outcomes it folded in lately."""
+    """One partition's statistics of one pair, and the outcomes folded into it since its
+    last write (``recent``) or by the last write before this process loaded it
+    (``carried``: kept, and written again, until ``carried_until``, because their ledger
+    entries may have been lost with a kill and their rewards may come again)."""
 
     cell: QCell = field(default_factory=QCell)
     recent: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
+    carried_until: float = 0.0
 
     def counted(self, outcome_id: str) -> bool:
-        return outcome_id in self.recent
-
-    def remember(self, outcome_id: str) -> None:
-        self.recent = [*self.recent[-(RECENT - 1) :], outcome_id]
+        return outcome_id in self.recent or outcome_id in self.carried
 
     def to_dict(self, partition: int) -> dict[str, Any]:
-        return {"p": partition, "cell": self.cell.to_dict(), "recent": list(self.recent)}
+        ids = [*self.carried, *self.recent]
+        return {"p": partition, "cell": self.cell.to_dict(), "recent": ids}
+
+    def written(self, now: float) -> None:
+        """The shard was written: its outcomes are on the changelog from now on."""
+        self.recent = []
+        if now >= self.carried_until:
+            self.carried = []
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> Shard:
+    def from_dict(cls, data: Mapping[str, Any] | None, carry_until: float = 0.0) -> Shard:
         if not data:
             return cls()
-        return cls(QCell.from_dict(data.get("cell")), list(data.get("recent") or ()))
+        ids = list(data.get("recent") or ())
+        return cls(QCell.from_dict(data.get("cell")), [], ids, carry_until)
 
 
 def newer(a: QCell, b: QCell | None) -> bool:
-    """Whether snapshot ``a`` is newer than ``b``: outcomes only grow, then assignments."""
-    return b is None or (a.count, a.pulls) > (b.count, b.pulls)
+    """Whether snapshot ``a`` is newer than ``b``: outcomes and corrections only grow, then
+    assignments (which a kill may lose a few of)."""
+    return b is None or (a.count, a.fixes, a.pulls) > (b.count, b.fixes, b.pulls)
 
 
 class ShardBook:
@@ -102,11 +113,16 @@ class ShardBook:
         self.dirty.add((partition, key))
 
     def own(self, partition: int, shards: Mapping[str, Shard]) -> None:
-        """``partition`` is this worker's now, with ``shards`` as its changelog kept them."""
+        """``partition`` is this worker's now, with ``shards`` as its changelog kept them.
+
+        They are published again at once: the last owner may have counted outcomes it never
+        published (it lost the partition, or was killed), and the other workers would
+        otherwise miss them until the pair's next outcome on this partition."""
         self.local[partition] = dict(shards)
         for key in {*shards, *self.remote.get(partition, {})}:
             s = shards.get(key)
             self._contribute(key, partition, s.cell if s else self.remote[partition][key])
+        self.dirty |= {(partition, key) for key in shards}
 
     def disown(self, partition: int) -> None:
         """``partition`` moved to another worker: its snapshots count from now on."""
@@ -155,8 +171,3 @@ class ShardBook:
 
 
 _EMPTY = QCell()
-
-
-def load_shards(items: Iterable[tuple[str, Mapping[str, Any] | None]]) -> dict[str, Shard]:
-    """Shards from their stored form, by pair."""
-    return {key: Shard.from_dict(value) for key, value in items}

@@ -28,7 +28,7 @@ log = logging.getLogger("stormline.router")
 
 Write = tuple[TaskState, int, dict[str, Any]]
 RETRY = RetryPolicy(base_s=0.25, max_s=5.0)
-BATCH = 64  # writes in flight at once while catching up (the pool has room for them)
+BATCH = 1000  # writes per pipelined round trip
 
 
 def status_of(rec: Mapping[str, Any]) -> Write | None:
@@ -83,8 +83,9 @@ class StatusWriter:
         """Whether a status of ``task_id`` is still to be written (keep its record)."""
         return task_id in self.pending
 
-    async def flush(self, only: Iterable[str] | None = None) -> bool:
-        """Write what is queued (for ``only`` these tasks, else all); False if Redis is away.
+    async def flush(self) -> bool:
+        """Write what is queued, in one pipelined round trip per step of the queues; False
+        if Redis is away.
 
         Never waits: while backing off, or while another flush runs, it returns at once and
         the status clock comes back to it.
@@ -94,11 +95,11 @@ class StatusWriter:
         if self.lock.locked() or time.monotonic() < self.next_try:
             return False
         async with self.lock:
-            wanted = list(self.pending) if only is None else only
-            ids = [t for t in wanted if t in self.pending]
-            for i in range(0, len(ids), BATCH):
-                done = await asyncio.gather(*(self._one(t) for t in ids[i : i + BATCH]))
-                if not all(done):
+            while self.pending:
+                # The head of every task's queue: a task's writes stay in their order.
+                heads = [(t, *q[0]) for t, q in list(self.pending.items())[:BATCH]]
+                done = await self.state.apply_statuses(heads)
+                if done is None:
                     self.failures += 1
                     self.counters["status_retried"] += 1
                     self.next_try = time.monotonic() + self.retry.backoff(self.failures)
@@ -109,19 +110,13 @@ class StatusWriter:
                             len(self.pending),
                         )
                     return False
-            if self.failures and not self.pending:
+                for (task_id, *_), applied in zip(heads, done, strict=True):
+                    self.counters["status_applied" if applied else "status_refused"] += 1
+                    queue = self.pending[task_id]
+                    queue.pop(0)
+                    if not queue:
+                        del self.pending[task_id]
+            if self.failures:
                 log.warning("task statuses written again after %d retries", self.failures)
             self.failures = 0
             return True
-
-    async def _one(self, task_id: str) -> bool:
-        queue = self.pending.get(task_id, [])
-        while queue:
-            state, attempt, fields = queue[0]
-            applied = await self.state.apply_status(task_id, state, attempt, **fields)
-            if applied is None:
-                return False
-            self.counters["status_applied" if applied else "status_refused"] += 1
-            queue.pop(0)
-        self.pending.pop(task_id, None)
-        return True

@@ -57,7 +57,23 @@ def partition_now() -> int | None:
 
 
 class KeyedTable(faust.Table):
-    """A table whose changelog partition is :func:`partition_now`."""
+    """A table whose changelog partition is :func:`partition_now`, and which keeps the
+    future of each changelog write (:attr:`unacked`) until the router takes them: each
+    resolves when the broker acknowledged the write (Faust's producer flush may return
+    before that, after a tenth of a second without progress)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unacked: list[Any] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self.unacked.append(fut)
+        return fut
+
+    def take_unacked(self) -> list[Any]:
+        out, self.unacked = self.unacked, []
+        return out
 
     def partition_for_key(self, key: Any) -> int | None:
         p = partition_now()

@@ -341,3 +341,33 @@ def test_with_a_cost_weight_the_cheaper_of_two_equal_agents_wins() -> None:
     seeds = range(1, 6)
     assert min(cheap_share(0.0, s) for s in seeds) < 0.7
     assert min(cheap_share(5.0, s) for s in seeds) >= 0.9
+
+
+def test_batched_ledger_writes_put_shards_first_and_survive_a_kill_between() -> None:
+    """The app writes the ledger once per batch: shards (one per changed pair) before the
+    task entries. Killed after the shards and half the entries reached the changelog, the
+    batch is processed again: each reward counts once."""
+    c = core()
+    c.buffer_ledger = True
+    c.directory.heartbeat({"x": ["a"]}, [])
+    firsts = [assign(c, task(f"t{i}")) for i in range(6)]
+    for a in firsts:
+        assert c.on_reward(reward(a, 1.0), T0)
+    writes = c.take_ledger_writes()
+    keys = [k for k, _ in writes]
+    shards = [i for i, k in enumerate(keys) if k.startswith("\x00")]
+    entries = [i for i, k in enumerate(keys) if not k.startswith("\x00")]
+    assert max(shards) < min(entries) and len(entries) == 6
+    assert sum(1 for k in keys if k.startswith("\x000\x1f")) == 1  # one write for the pair
+    durable = dict(writes[: max(shards) + 1 + 3])  # a kill after three of six entries
+    again = core()
+    again.buffer_ledger = True
+    again.ledger.update(durable)
+    again.tasks.update(c.tasks)
+    again.book.own(0, again.load_partition(0))
+    for a in firsts:
+        again.on_reward(reward(a, 1.0), T0 + 1)
+    assert again.book.cell(cell_key("qa", "x")).count == 6
+    assert again.counters["rewards_recovered"] == 3 and again.counters["rewards_duplicate"] == 3
+    again.ledger.update(dict(again.take_ledger_writes()))
+    assert all(f"t{i}" in again.ledger for i in range(6))

@@ -114,11 +114,15 @@ def test_two_workers_split_one_type_and_a_kill9_of_either_loses_and_doubles_noth
         assert all(n > 0 for n in routed), f"a worker routed nothing before its kill: {routed}"
         rewarded = {e.trajectory_id for e in bus.of(Reward, lambda e: e.task_id in ids)}
         for r in routers:
-            wait_until(
-                lambda r=r: _observations(r, "one-type") >= len(rewarded),
-                timeout=60,
-                what=f"{r.url}'s view to hold every observation",
-            )
+            try:
+                wait_until(
+                    lambda r=r: _observations(r, "one-type") >= len(rewarded),
+                    timeout=60,
+                    what=f"{r.url}'s view to hold every observation",
+                )
+            except AssertionError:
+                views = [(_observations(x, "one-type"), x.view("counters")) for x in routers]
+                raise AssertionError(f"{len(rewarded)} rewarded; views: {views}") from None
         time.sleep(2)  # a double count, if any, has been published too
         for r in routers:
             got = _observations(r, "one-type")

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from stormline.streams.qtable import QCell, cell_key, merge, shard_discount
-from stormline.streams.shards import RECENT, Shard, ShardBook
+from stormline.streams.shards import Shard, ShardBook
 from stormline.streams.strategies import StrategyConfig, choose_agent
 
 PAIR = cell_key("qa", "x")
@@ -45,19 +45,27 @@ def test_ownership_moves_between_shard_and_snapshot() -> None:
     book.snapshot(3, PAIR, cell(1.0))
     book.own(3, {PAIR: Shard(cell(1.0, 0.0))})  # the changelog knows one more
     assert book.cell(PAIR).count == 2
+    # ... which the other workers may never have seen: published again at once.
+    assert [(p, k, c.count) for p, k, c in book.take_dirty()] == [(3, PAIR, 2)]
     book.pull(3, PAIR)
     assert book.cell(PAIR).pulls == 1 and book.take_dirty() == [(3, PAIR, book.shard(3, PAIR).cell)]
     book.disown(3)  # moved away: the last snapshot counts until the new owner publishes
     assert book.cell(PAIR).count == 1 and book.take_dirty() == []
 
 
-def test_a_shard_remembers_its_last_outcomes() -> None:
-    s = Shard()
-    for i in range(RECENT + 5):
-        s.remember(f"o{i}")
-    assert s.counted(f"o{RECENT + 4}") and not s.counted("o0")
-    assert len(s.recent) == RECENT
-    assert Shard.from_dict(s.to_dict(7)).recent == s.recent
+def test_a_shard_keeps_its_outcome_ids_through_its_stored_form() -> None:
+    s = Shard(cell(1.0), ["o1", "o2"])
+    assert s.counted("o2") and not s.counted("o3")
+    loaded = Shard.from_dict(s.to_dict(7), carry_until=100.0)
+    assert loaded.counted("o1") and loaded.carried == ["o1", "o2"] and loaded.recent == []
+    assert s.to_dict(7)["p"] == 7
+    # Written again before the carry ends, it keeps them; after, only its own.
+    loaded.recent = ["o3"]
+    assert loaded.to_dict(7)["recent"] == ["o1", "o2", "o3"]
+    loaded.written(now=50.0)
+    assert loaded.carried == ["o1", "o2"] and loaded.recent == []
+    loaded.written(now=150.0)
+    assert loaded.carried == [] and not loaded.counted("o1")
 
 
 def test_merge_keeps_binary_only_when_every_shard_is() -> None:
