@@ -91,8 +91,7 @@ def check_copartitioned(s: Settings, metadata: Any) -> int:
     stale = {
         w.name: len(metadata.topics[w.name].partitions)
         for w in internal_topics(s, count)
-        if w.name in metadata.topics
-        and w.partitions != len(metadata.topics[w.name].partitions)
+        if w.name in metadata.topics and w.partitions != len(metadata.topics[w.name].partitions)
     }
     if stale:
         listed = ", ".join(f"{name} has {n}" for name, n in sorted(stale.items()))
