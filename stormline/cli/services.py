@@ -107,7 +107,8 @@ def router(
         int | None, typer.Option(help="web views' port (STORMLINE_ROUTER_WEB_PORT)")
     ] = None,
     store: Annotated[
-        Store | None, typer.Option(help="table store (default: STORMLINE_ROUTER_STORE)")
+        Store | None,
+        typer.Option(help="store of the ledger (default: STORMLINE_ROUTER_STORE, rocksdb)"),
     ] = None,
     log_level: Annotated[
         LogLevel | None,
