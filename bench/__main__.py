@@ -21,7 +21,18 @@ from rich.table import Table
 from bench.floors import gap_for, stage_rows
 
 # Order matters only for reading the report.
-SUITES = ["floors", "serde", "worker", "router", "learning", "trainer", "sink", "end_to_end", "api"]
+SUITES = [
+    "floors",
+    "serde",
+    "worker",
+    "router",
+    "learning",
+    "trainer",
+    "evaluator",
+    "sink",
+    "end_to_end",
+    "api",
+]
 OUT = Path(__file__).parent
 console = Console()
 

@@ -8,11 +8,14 @@ and committing gives the same Reward event (same event id), not a second one.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
+import redis
 from confluent_kafka import TopicPartition
 
+from stormline import state
 from stormline.consumers.evaluator.service import EvaluatorService
 from stormline.schemas.catalog import REWARDS, TRAJECTORIES
 from stormline.schemas.kafka import EventProducer, end_offsets
@@ -125,3 +128,58 @@ def test_trajectory_scored_again_after_a_crash_gives_the_same_reward_event(
     assert set(by_trajectory) == {t.trajectory_id for t in trajectories}
     assert len(rewards) > len(trajectories), "the restart scored nothing twice: no test"
     assert all(len(ids) == 1 for ids in by_trajectory.values()), by_trajectory
+
+
+# ------------------------------------------- reward statuses, one round trip a batch --
+def test_rewards_recorded_together_are_what_one_call_each_gives(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """record_rewards applies what record_reward would, call by call in the same order (a
+    human reward kept over a later automatic one, a task twice in a batch: the later), over
+    several script calls when the batch is longer than one."""
+    monkeypatch.setattr(state, "REWARDS_CHUNK", 3)
+    plan = [("a", 0.0, "verifier"), ("b", 1.0, "human"), ("a", 1.0, "verifier")]
+    plan += [("b", 0.25, "verifier"), ("c", -0.5, "failure"), ("d", 1e-05, "judge")]
+    plan += [("c", 0.75, "human"), ("c", 0.0, "timeout"), ("e", 1e-05, "judge")]
+    one, many = f"one-{uuid.uuid4().hex[:6]}-", f"many-{uuid.uuid4().hex[:6]}-"
+    state.record_reward(settings, one + "d", 0.5, "human")  # a person was there first
+    state.record_reward(settings, many + "d", 0.5, "human")
+    singly = [state.record_reward(settings, one + t, v, src) for t, v, src in plan]
+    together = state.record_rewards(settings, [(many + t, v, src) for t, v, src in plan])
+    assert together == singly and False in together and True in together
+    r = redis.Redis.from_url(settings.redis_address)
+    for t in "abcde":
+        a, b = state.task_status(settings, one + t), state.task_status(settings, many + t)
+        assert a is not None and a == b, t
+        assert r.ttl(f"stormline:{settings.topic_prefix}task:{many}{t}") > 0
+    assert state.task_status(settings, many + "c") == {"reward": "0.75", "reward_source": "human"}
+
+
+def test_the_evaluator_records_each_batchs_reward_statuses_in_one_call(
+    topics: Settings, serde: Serde, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = state.record_rewards
+
+    def counted(settings: Settings, rewards: Any) -> list[bool]:
+        calls.append(len(rewards))
+        return real(settings, rewards)
+
+    monkeypatch.setattr(state, "record_rewards", counted)
+    batch = [trajectory(f"s{i}", output="4", expected="4") for i in range(40)]
+    batch.append(trajectory("s-err", status=TrajectoryStatus.ERROR, output=None))
+    batch.append(trajectory("s-human", output="5", expected="4"))
+    state.record_reward(topics, "s-human", 1.0, "human")  # feedback before the evaluator
+    EventProducer(topics, serde).publish(batch)
+    s = topics.model_copy(update={"evaluator_batch_size": 15})
+    service = EvaluatorService(s, group_id=f"{s.topic_prefix}evaluator")
+    try:
+        _run_until_committed(service, s)
+    finally:
+        service.close()
+    assert service.scored == len(batch) and sum(calls) == len(batch)
+    assert 0 < len(calls) <= service.batches and max(calls) <= 15
+    for t in batch[:-2]:
+        assert state.task_status(s, t.task_id) == {"reward": "1.0", "reward_source": "verifier"}
+    assert state.task_status(s, "s-err") == {"reward": "0.0", "reward_source": "failure"}
+    assert state.task_status(s, "s-human") == {"reward": "1.0", "reward_source": "human"}

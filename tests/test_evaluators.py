@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -50,6 +51,19 @@ def test_normalised_match(output: str, expected: str, value: float) -> None:
     r = ev.verify(Spec("normalised"), output, expected)
     assert r.value == value
     assert r.components["normalised_match"] == value
+
+
+def test_normalising_ascii_text_takes_the_same_rules_as_any_text() -> None:
+    """ASCII text is normalised through a translate table; it must give what the
+    per-character Unicode rules give, for every ASCII character and mixes of them."""
+    every = "".join(chr(c) for c in range(128))
+    rng = random.Random(11)
+    samples = [every, every[::-1], "  The  Eiffel Tower!", "A_b-c", "x\x1fy\x0bz", ""]
+    samples += ["".join(rng.choices(every, k=rng.randint(1, 60))) for _ in range(3_000)]
+    for text in samples:
+        assert text.isascii()
+        assert ev.normalise(text) == ev._normalise_unicode(text), repr(text)
+    assert ev.normalise("Caf\u00e9, S\u00c3O!") == "caf\u00e9 s\u00e3o"  # the Unicode rules
 
 
 def test_normalised_reports_exact_component_too() -> None:

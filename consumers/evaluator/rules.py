@@ -182,10 +182,21 @@ def verify(spec: Spec, output: str | None, expected: str | None) -> Evaluation:
 
 
 _PUNCT_CATEGORIES = ("P",)
+# ASCII text is its own NFKC form and casefolds as lower() does, so its punctuation as one
+# translate table gives what the per-character path below gives, without a call per character.
+_ASCII_PUNCT = {
+    c: " " for c in range(128) if unicodedata.category(chr(c)).startswith(_PUNCT_CATEGORIES)
+}
 
 
 def normalise(text: str) -> str:
     """NFKC, case-folded, punctuation dropped, whitespace collapsed."""
+    if text.isascii():
+        return " ".join(text.lower().translate(_ASCII_PUNCT).split())
+    return _normalise_unicode(text)
+
+
+def _normalise_unicode(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).casefold()
     text = "".join(
         " " if unicodedata.category(ch).startswith(_PUNCT_CATEGORIES) else ch for ch in text

@@ -7,7 +7,8 @@ repeat a reward, but with the same event id (``stable_event_id("reward", traject
 source)``): the router counts a trajectory once and the sink keeps one row per event id.
 The normal path and a SIGTERM never repeat one, because a batch is always finished and
 committed before the next poll. The router's own final-failure trajectory is skipped: the
-router already gave that task its one Reward.
+router already gave that task its one Reward. After the commit, the batch's rewards go into
+their tasks' Redis statuses in one round trip (best effort: a view; the rewards are on Kafka).
 
 A trajectory that cannot be scored as configured (unknown evaluator, no ``expected`` for a
 verifier that needs one, a judge reply without a score, a judge 4xx) goes to dead-letters
@@ -18,15 +19,19 @@ backoff instead: its rewards are late, never lost or dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any, cast
 
-from stormline import logs, metrics, tracing
+import redis
+
+from stormline import logs, metrics, state, tracing
 from stormline.consumers.evaluator import rules as evaluators
 from stormline.consumers.evaluator.rules import Evaluation, EvaluationError, Spec
 from stormline.consumers.llm import ErrorKind, LLMProvider, ProviderError
@@ -103,6 +108,7 @@ class EvaluatorService:
         self.skipped = 0  # router outcomes, never scored
         self.batches = 0
         self._redis_retry_at = 0.0
+        self._histograms: dict[tuple[str, str, str], Any] = {}
 
     # ------------------------------------------------------------------- lifecycle --
     def stop(self, *_: Any) -> None:
@@ -116,6 +122,18 @@ class EvaluatorService:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """While the service serves, what it built before (imports, clients, the registry's
+        schemas: ~200,000 objects) is out of the collector's reach, as in the worker and the
+        API: a full collection walks only what serving made (handed back afterwards)."""
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+
     def run(self) -> None:
         """Poll, score, produce, flush, commit, until :meth:`stop`; then close."""
         log.info(
@@ -127,8 +145,9 @@ class EvaluatorService:
             },
         )
         try:
-            while not self._stop.is_set():
-                self.step()
+            with self.serving():
+                while not self._stop.is_set():
+                    self.step()
         except Stopping:
             log.info("stopped while waiting for the judge; the open batch will be re-read")
         finally:
@@ -148,16 +167,14 @@ class EvaluatorService:
         return len(rewards)
 
     def _record_status(self, rewards: Sequence[Reward]) -> None:
-        """The reward in each task's Redis status (`stormline task`), best effort."""
+        """The reward in each task's Redis status (`stormline task`), best effort: the whole
+        batch in one round trip, in order (a task scored twice in it keeps the later)."""
         if not rewards or time.monotonic() < self._redis_retry_at:
             return
-        import redis
-
-        from stormline.state import record_reward
-
         try:
-            for rw in rewards:
-                record_reward(self.settings, rw.task_id, rw.value, rw.source.value)
+            state.record_rewards(
+                self.settings, [(rw.task_id, rw.value, rw.source.value) for rw in rewards]
+            )
         except (redis.RedisError, OSError) as exc:
             # Status is a view; the rewards are on Kafka. Try again in a while.
             self._redis_retry_at = time.monotonic() + 10
@@ -188,21 +205,56 @@ class EvaluatorService:
         # The router's own final failure already carries the task's one Reward.
         ours = [r for r in records if not evaluators.is_router_outcome(r.event)]
         self.skipped += len(records) - len(ours)
-        results = self.loop.run_until_complete(self._score_all(ours))
+        results = self._score_batch(ours)
         produced: list[Reward] = []
+        produce, topic = self.producer.produce, self.rewards_topic
         for rec, result in zip(ours, results, strict=True):
             if isinstance(result, Reward):
                 with tracing.continued("stormline.evaluator.reward", rec.headers, _attrs(result)):
-                    self.producer.produce(result, topic=self.rewards_topic)  # + trace headers
+                    produce(result, topic=topic)  # + trace headers
                 produced.append(result)
-                metrics.REWARDS.labels(
-                    result.task_type, result.agent_id, result.source.value
-                ).observe(result.value)
+                self._observe(result)
             else:
                 self.consumer.dead_letter_failed(rec, result)
                 self.dead += 1
         self.scored += len(produced)
         return produced
+
+    def _observe(self, rw: Reward) -> None:
+        labels = (rw.task_type, rw.agent_id, rw.source.value)
+        child = self._histograms.get(labels)
+        if child is None:  # labels() validates and locks on every call: once per labels
+            child = self._histograms[labels] = metrics.REWARDS.labels(*labels)
+        child.observe(rw.value)
+
+    def _score_batch(self, records: Sequence[Received[Any]]) -> list[Reward | Exception]:
+        """Each record's Reward, or the exception that dead-letters it, in order.
+
+        With a judge configured, every record goes through the event loop, the judge's calls
+        concurrently. Without one, verifiers and the failure policy are plain calls one after
+        the other (a coroutine, a task and a log context per record cost more than scoring);
+        each record keeps its span. Verifiers log nothing, so no log context is bound.
+        """
+        if self.judge is not None:
+            return self.loop.run_until_complete(self._score_all(records))
+        s = self.settings
+        results: list[Reward | Exception] = []
+        for rec in records:
+            traj: Trajectory = rec.event
+            try:
+                with tracing.continued("stormline.evaluator.score", rec.headers, _attrs(traj)):
+                    got = evaluators.evaluate_without_judge(
+                        traj,
+                        s.evaluator_by_task_type,
+                        judge_configured=False,
+                        failure_value=s.evaluator_failure_value,
+                    )
+                    if isinstance(got, Spec):  # without a judge, asking for one raises
+                        raise AssertionError(f"a judge's spec without a judge: {got}")
+                    results.append(evaluators.reward_for(traj, got))
+            except Exception as exc:  # a bad record (or a bug): its dead letter says which
+                results.append(exc)
+        return results
 
     async def _score_all(self, records: Sequence[Received[Any]]) -> list[Reward | Exception]:
         if self._judge_slots is None:
