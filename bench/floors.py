@@ -220,10 +220,66 @@ STAGES: list[tuple[str, list[Fig], list[Fig] | None, str, float]] = [
         3.0,
     ),
     (
-        "evaluator CPU per task ÷ confluent-kafka consume + produce per record",
+        "evaluator in the loop, CPU per task ÷ confluent-kafka consume + produce per record",
         [("end_to_end", "end_to_end_in_process_llm_cpu_ms_per_task_evaluator", 1000.0)],
         _KAFKA_HOP,
         "",  # reported beside its floor; the issue sets no ratio
+        0.0,
+    ),
+    (
+        "evaluator alone, CPU per event ÷ confluent-kafka consume + produce per record",
+        [("evaluator", "evaluator_cpu_us_per_event", 1.0)],
+        [
+            ("evaluator", "evaluator_floor_kafka_consume_cpu_us_per_record", 1.0),
+            ("evaluator", "evaluator_floor_kafka_produce_cpu_us_per_record", 1.0),
+        ],
+        "",  # the floor of the same run; the issue sets no ratio
+        0.0,
+    ),
+    (
+        "evaluator alone, CPU per event ÷ that + fastavro (decode Trajectory, encode Reward)",
+        [("evaluator", "evaluator_cpu_us_per_event", 1.0)],
+        [
+            ("evaluator", "evaluator_floor_kafka_consume_cpu_us_per_record", 1.0),
+            ("evaluator", "evaluator_floor_kafka_produce_cpu_us_per_record", 1.0),
+            ("evaluator", "evaluator_floor_fastavro_decode_trajectory_us", 1.0),
+            ("evaluator", "evaluator_floor_fastavro_encode_reward_us", 1.0),
+        ],
+        "",
+        0.0,
+    ),
+    (
+        "evaluator alone in batches of 20, CPU per event ÷ confluent-kafka consume + produce",
+        [("evaluator", "evaluator_batch20_cpu_us_per_event", 1.0)],
+        [
+            ("evaluator", "evaluator_floor_kafka_consume_cpu_us_per_record", 1.0),
+            ("evaluator", "evaluator_floor_kafka_produce_cpu_us_per_record", 1.0),
+        ],
+        "",
+        0.0,
+    ),
+    (
+        "sink ingest, CPU per event ÷ confluent-kafka consume per record",
+        [("sink", "sink_ingest_cpu_us_per_event", 1.0)],
+        [("sink", "sink_floor_kafka_consume_cpu_us_per_record", 1.0)],
+        "",
+        0.0,
+    ),
+    (
+        "sink ingest, CPU per event ÷ that + fastavro's decode of the same event mix",
+        [("sink", "sink_ingest_cpu_us_per_event", 1.0)],
+        [
+            ("sink", "sink_floor_kafka_consume_cpu_us_per_record", 1.0),
+            ("sink", "sink_floor_fastavro_decode_us_per_event", 1.0),
+        ],
+        "",
+        0.0,
+    ),
+    (
+        "sink ingest, thousand events/s (Kafka -> chDB Parquet parts, one process)",
+        [("sink", "sink_ingest_events_per_s", 0.001)],
+        None,
+        "",
         0.0,
     ),
     (

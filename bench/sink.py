@@ -4,6 +4,11 @@
   (first event received to last part written, group join excluded), with a realistic mix:
   tasks, assignments, 3-step trajectories, rewards. Needs the broker of ``Settings()``
   (``stormline up`` or STORMLINE_KAFKA_BOOTSTRAP_SERVERS).
+  ``sink_ingest_cpu_us_per_event``: this process's CPU (every thread) over the same window,
+  beside confluent-kafka's own consume per record measured in the same run
+  (``sink_floor_kafka_*``, :func:`bench.floors.kafka_floors`) and bare fastavro's decode of
+  the same event mix (``sink_floor_fastavro_decode_us_per_event``); a profiled run after it
+  (``sink_ingest_profile``, py-spy, ``BENCH_PROFILE=0`` skips it) says where that CPU goes.
 * ``sink_store_rows_per_s``: rows/s of the store alone (event -> rows -> Parquet), no Kafka.
 * ``sink_dedup_index_load_s`` / ``sink_dedup_check_batch_s``: one row per event id, its cost:
   loading one table's id index over N stored events (once per partition assignment), and
@@ -28,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.floors import kafka_floors
+from bench.profile import Profiles, summary
 from stormline.consumers.sink.analytics import run_canned
 from stormline.consumers.sink.store import ParquetStore
 from stormline.consumers.sink.tables import SCHEMAS, Origin, rows_of
@@ -35,6 +42,8 @@ from stormline.schemas import models as m
 from stormline.settings import Settings
 
 AGENTS = [f"agent-{i:02d}" for i in range(20)]
+# BENCH_PROFILE=0 skips the profiled ingest run (bench/profiles/sink_ingest.txt).
+PROFILE = os.environ.get("BENCH_PROFILE", "1") != "0"
 
 
 def _events(n_tasks: int) -> list[m.Event]:
@@ -93,7 +102,10 @@ def _events(n_tasks: int) -> list[m.Event]:
     return out
 
 
-def bench_ingest(n_tasks: int) -> dict[str, float]:
+def bench_ingest(n_tasks: int, profile: str | None = None) -> dict[str, float | str]:
+    """Events/s and CPU per event of one Sink in this process (every thread), first event
+    received to last part written; ``profile``: py-spy on this process meanwhile, and its
+    summary instead of the figures (the sampler shares the cores)."""
     from stormline.consumers.sink.service import Sink
     from stormline.schemas.kafka import EventProducer, ensure_topics
     from stormline.schemas.serde import Serde
@@ -116,14 +128,27 @@ def bench_ingest(n_tasks: int) -> dict[str, float]:
         producer.publish(events)
         producer.close()
         sink = Sink(s, serde=serde)
+        spies = Profiles("", {profile: os.getpid()}) if profile else None
         stats = sink.run(until_idle=3.0)
+        paths = spies.stop() if spies else {}
         assert stats.events == len(events), (stats.events, len(events))
         assert stats.first_record_at is not None and stats.last_write_at is not None
+        assert stats.first_record_cpu is not None and stats.last_write_cpu is not None
         took = stats.last_write_at - stats.first_record_at
+        cpu = stats.last_write_cpu - stats.first_record_cpu
+        if profile:
+            path = paths.get(profile)
+            ms = 1000 * cpu / len(events)
+            return {
+                f"{profile}_profile": f"{ms:.3f} ms CPU per event ({len(events)} events): "
+                + (summary(path, ms) if path else "no samples")
+            }
         return {
             "sink_ingest_events": float(len(events)),
             "sink_ingest_rows": float(stats.rows),
             "sink_ingest_events_per_s": len(events) / took,
+            "sink_ingest_cpu_us_per_event": round(1e6 * cpu / len(events), 2),
+            "sink_ingest_cpu_busy": round(cpu / took, 2),
         }
 
 
@@ -292,12 +317,49 @@ def bench_dedup(n_stored: int, batch: int = 5_000) -> dict[str, float]:
     }
 
 
-def run(quick: bool = False) -> dict[str, float | str]:
+def decode_floor(seconds: float) -> dict[str, float]:
+    """Bare fastavro: decode of the ingest's event mix, µs per event (each type's example at
+    its share of the mix, best of 7 slices)."""
+    import io
+
+    import fastavro
+
+    from bench.floors import _best
+    from stormline.schemas.serde import FingerprintRegistry, Serde, parsed_schema
+
+    serde = Serde(FingerprintRegistry())
+    mix = _events(1)  # one of each: a task, its assignment, trajectory and reward
+    bodies = [(serde.encode("floor", ev)[5:], parsed_schema(type(ev))) for ev in mix]
+
+    def decode_mix() -> None:
+        for body, schema in bodies:
+            fastavro.schemaless_reader(io.BytesIO(body), schema, None)
+
+    (rate,) = _best([decode_mix], seconds)
+    return {"sink_floor_fastavro_decode_us_per_event": round(1e6 / rate / len(bodies), 2)}
+
+
+def run(quick: bool = False, *, only_ingest: bool = False) -> dict[str, float | str]:
+    """``only_ingest``: the ingest figures, their floor and profile only (issue 16's check)."""
     out: dict[str, float | str] = {}
-    out.update(bench_dedup(100_000 if quick else 1_000_000))
-    out.update(bench_store(2_000 if quick else 20_000))
+    floors = kafka_floors(10_000 if quick else 50_000)
+    out |= {k.replace("kafka_floor", "sink_floor_kafka"): v for k, v in floors.items()}
+    out |= decode_floor(0.3 if quick else 1.0)
+    if not only_ingest:
+        out.update(bench_dedup(100_000 if quick else 1_000_000))
+        out.update(bench_store(2_000 if quick else 20_000))
     out.update(bench_ingest(1_000 if quick else 10_000))
-    out.update(bench_per_agent(500_000 if quick else 5_000_000))
+    floor = float(out["sink_floor_kafka_consume_cpu_us_per_record"])
+    cpu = float(out["sink_ingest_cpu_us_per_event"])
+    out["sink_ingest_cpu_per_event_vs_kafka_consume_floor"] = round(cpu / floor, 2)
+    out["sink_ingest_cpu_per_event_vs_kafka_fastavro_floor"] = round(
+        cpu / (floor + float(out["sink_floor_fastavro_decode_us_per_event"])), 2
+    )
+    if PROFILE:
+        out.update(bench_ingest(1_000 if quick else 10_000, profile="sink_ingest"))
+    if not only_ingest:
+        out.update(bench_per_agent(500_000 if quick else 5_000_000))
+    out["sink_load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return out
 
 
@@ -305,7 +367,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    print(json.dumps(run("--quick" in sys.argv, only_ingest="--ingest" in sys.argv), indent=2))
 
 
 # One run takes minutes (repetitions happen inside where the docstring says so).

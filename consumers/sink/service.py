@@ -1,10 +1,11 @@
 """The ClickHouse sink: every Stormline topic into ClickHouse tables, exactly once in effect.
 
 ``stormline sink`` consumes all catalog topics in the ``stormline-sink`` group and turns each
-event into rows (``consumers/sink_tables.py``: one table per event type, Trajectory steps
-flattened into ``steps``). It buffers until ``sink_batch_size`` events or
+event into rows (:mod:`.tables`: one table per event type, Trajectory steps flattened into
+``steps``), built per table and batch column by column (:meth:`.columns.Table.arrow`), each
+record decoded once, by the poll. It buffers until ``sink_batch_size`` events or
 ``sink_flush_seconds`` have passed, writes the buffer through the store
-(``consumers/clickhouse.py``: Parquet parts read by chDB by default, a ClickHouse server
+(:mod:`.store`: Parquet parts read by chDB by default, a ClickHouse server
 when ``STORMLINE_CLICKHOUSE_URL`` is set), and only then commits the offsets.
 
 Why it is exactly once in effect:
@@ -19,6 +20,9 @@ Why it is exactly once in effect:
 * a zombie sink (dropped from the group after ``sink_max_poll_interval_s`` without a poll,
   still finishing a write) may write a part over the new owner's offsets: readers take each
   offset from one part (:func:`.store.read_plan`), so its rows count once;
+* a record whose rows cannot be made or held (no table for its type, a value its column's
+  type cannot hold) is dead-lettered with the reason and lands in no table; the rest of its
+  batch is written;
 * parts are immutable and renamed into place atomically, so a crash mid-write leaves no
   partial part; the high-water marks are re-read whenever partitions are assigned; every
   ``sink_compact_interval_s`` the sink merges the small parts of the partitions it owns;
@@ -30,11 +34,12 @@ Why it is exactly once in effect:
 
 Why the sink and ``stormline analytics`` run together: no process opens a chDB data path;
 the sink only writes Parquet files and every reader queries them with its own in-memory
-chDB session (see ``consumers/clickhouse.py``).
+chDB session (see :mod:`.store`).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -43,12 +48,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from confluent_kafka import TopicPartition
 
 from stormline import metrics
 from stormline.consumers.sink.dedup import SeenIds, first_copies, id_hash
 from stormline.consumers.sink.store import Store, open_store
-from stormline.consumers.sink.tables import SINK_SPECS, TABLES, Origin, rows_of
+from stormline.consumers.sink.tables import BY_NAME, SINK_SPECS, TABLES, tables_of
 from stormline.runtime.consumer import position
 from stormline.runtime.retry import RetryPolicy
 from stormline.schemas.kafka import EventConsumer, Received
@@ -68,6 +75,9 @@ class SinkStats:
     failures: int = 0
     first_record_at: float | None = None  # monotonic time the first event arrived
     last_write_at: float | None = None  # monotonic time the last write finished
+    # This process's CPU seconds (every thread) at those two moments: the sink's own cost.
+    first_record_cpu: float | None = None
+    last_write_cpu: float | None = None
     per_table: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -140,6 +150,11 @@ class Sink:
         """
         s = self.settings
         idle_since = time.monotonic()
+        # What the process built before serving (imports, pyarrow, the chDB session: ~300,000
+        # objects) lives as long as it serves: out of the collector's reach, a full collection
+        # walks only the buffer and what serving made (as in the worker and the API).
+        gc.collect()
+        gc.freeze()
         try:
             while not self._stop.is_set():
                 batch = self.consumer.poll_batch(min(s.sink_batch_size, 5000), timeout=0.2)
@@ -147,6 +162,7 @@ class Sink:
                     idle_since = time.monotonic()
                 if batch.records and self.stats.first_record_at is None:
                     self.stats.first_record_at = time.monotonic()
+                    self.stats.first_record_cpu = time.process_time()
                 if batch.records and self._buffer_since is None:
                     self._buffer_since = time.monotonic()
                 self._buffer.extend(batch.records)
@@ -163,6 +179,7 @@ class Sink:
                     break
             self._flush_with_retry()
         finally:
+            gc.unfreeze()
             self.consumer.close()
             self.store.close()
         return self.stats
@@ -242,62 +259,114 @@ class Sink:
 
     def _seen_ids(self, table: str) -> SeenIds:
         if table not in self._seen:
-            self._seen[table] = SeenIds.load(table, self.store.query_arrow)
+            if self._high_water(table):
+                self._seen[table] = SeenIds.load(table, self.store.query_arrow)
+            else:  # nothing stored in the table: no query (a chDB session's start) to ask
+                self._seen[table] = SeenIds(np.empty(0, np.uint64))
         return self._seen[table]
 
-    def _rows_by_table(self) -> dict[str, list[dict[str, Any]]]:
-        """The buffer as rows, each record decoded once; a poison record is dead-lettered."""
-        tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    def _by_table(self) -> dict[str, list[Received[Any]]]:
+        """The buffer's records per table they land in, each record decoded once (the poll
+        did it); a record of a type without a table is dead-lettered."""
+        tables: dict[str, list[Received[Any]]] = defaultdict(list)
         for rec in self._buffer:
-            origin = Origin(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key)
             try:
-                produced = list(rows_of(origin, rec.event))
-            except Exception as exc:  # a poison record must not block the sink
+                landing = tables_of(type(rec.event))
+            except TypeError as exc:  # a poison record must not block the sink
                 self.consumer.dead_letter_failed(rec, exc)
                 continue
-            for table, row in produced:
-                tables[table].append(row)
+            for table in landing:
+                tables[table.name].append(rec)
         return tables
 
-    def _fresh(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows the table does not hold yet: new offsets, and of those the first copy of
-        each event id (:mod:`.dedup`)."""
+    def _new_offsets(self, table: str, recs: list[Received[Any]]) -> list[Received[Any]]:
+        """The records at offsets the table does not hold yet (a redelivery adds nothing)."""
         high = self._high_water(table)
-        fresh = [r for r in rows if r["offset"] > high.get((r["topic"], r["partition"]), -1)]
-        self.stats.skipped += len(rows) - len(fresh)
-        if not fresh:
-            return fresh
-        keep = first_copies(fresh, self._seen_ids(table), self._query_rows, table)
-        self.stats.duplicates += len(fresh) - len(keep)
-        return [fresh[i] for i in keep]
+        fresh = [r for r in recs if r.offset > high.get((r.topic, r.partition), -1)]
+        if len(fresh) < len(recs):
+            rows = BY_NAME[table].row_count
+            self.stats.skipped += sum(rows(r.event) for r in recs) - sum(
+                rows(r.event) for r in fresh
+            )
+        return fresh
+
+    def _built(self) -> dict[str, tuple[list[Received[Any]], pa.Table, list[int]]]:
+        """Per table: its records at new offsets, their rows as Arrow, and how many rows each
+        record became. A record whose rows cannot be made is dead-lettered and lands in no
+        table (a poison record must not block the sink)."""
+        fresh = {t: self._new_offsets(t, recs) for t, recs in self._by_table().items()}
+        built: dict[str, tuple[pa.Table, list[int]]] = {}
+        poison: dict[int, tuple[Received[Any], Exception]] = {}
+        for table, recs in fresh.items():
+            if not recs:
+                continue
+            try:
+                built[table] = BY_NAME[table].arrow(recs, [r.event for r in recs])
+            except Exception:  # find which: one at a time
+                for rec in recs:
+                    try:
+                        BY_NAME[table].arrow([rec], [rec.event])
+                    except Exception as exc:
+                        poison.setdefault(id(rec), (rec, exc))
+        for rec, why in poison.values():
+            self.consumer.dead_letter_failed(rec, why)
+        out = {}
+        for table, recs in fresh.items():
+            if poison and any(id(r) in poison for r in recs):
+                recs = [r for r in recs if id(r) not in poison]
+                if recs:
+                    built[table] = BY_NAME[table].arrow(recs, [r.event for r in recs])
+            if recs:
+                out[table] = (recs, *built[table])
+        return out
+
+    def _first_copies(
+        self, table: str, recs: list[Received[Any]], data: pa.Table, counts: list[int]
+    ) -> tuple[list[Received[Any]], pa.Table, list[str]]:
+        """Of the records (at new offsets) and their rows, the first copy of each event id
+        (:mod:`.dedup`), with their event ids; the rows of one record stay or go together."""
+        ids = [str(r.event.event_id) for r in recs]
+        copies = [
+            {"topic": r.topic, "partition": r.partition, "offset": r.offset, "event_id": eid}
+            for r, eid in zip(recs, ids, strict=True)
+        ]
+        keep = sorted(first_copies(copies, self._seen_ids(table), self._query_rows, table))
+        if len(keep) == len(recs):
+            return recs, data, ids
+        starts = np.cumsum([0, *counts])
+        rows = [i for k in keep for i in range(starts[k], starts[k + 1])]
+        kept = data.take(pa.array(rows, pa.int64()))
+        self.stats.duplicates += data.num_rows - kept.num_rows
+        return [recs[k] for k in keep], kept, [ids[k] for k in keep]
 
     def _write_and_commit(self) -> None:
         written = 0
-        for table, rows in self._rows_by_table().items():
-            fresh = self._fresh(table, rows)
-            if not fresh:
+        for table, (fresh, data, counts) in self._built().items():
+            recs, rows, ids = self._first_copies(table, fresh, data, counts)
+            if not recs:
                 continue
             try:
-                self.store.insert(table, fresh)
+                self.store.insert(table, rows)
             except Exception:
                 # Some (topic, partition) parts may have landed: re-read before the retry.
                 self._high.pop(table, None)
                 self._seen.pop(table, None)
                 raise
             high = self._high[table]
-            for r in fresh:
-                key = (r["topic"], r["partition"])
-                high[key] = max(high.get(key, -1), r["offset"])
-            self._seen[table].add([id_hash(r["event_id"]) for r in fresh])
-            self.stats.per_table[table] += len(fresh)
-            metrics.SINK_ROWS.labels(table).inc(len(fresh))
-            written += len(fresh)
+            for r in recs:
+                key = (r.topic, r.partition)
+                high[key] = max(high.get(key, -1), r.offset)
+            self._seen[table].add([id_hash(eid) for eid in ids])
+            self.stats.per_table[table] += rows.num_rows
+            metrics.SINK_ROWS.labels(table).inc(rows.num_rows)
+            written += rows.num_rows
         self.consumer.commit()
         if self._buffer:
             self.stats.batches += 1
             self.stats.events += len(self._buffer)
             self.stats.rows += written
             self.stats.last_write_at = time.monotonic()
+            self.stats.last_write_cpu = time.process_time()
             log.info("wrote %d events as %d rows", len(self._buffer), written)
         self._buffer = []
         self._buffer_since = None

@@ -34,11 +34,13 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -101,6 +103,10 @@ def live_parts(parts: list[Part]) -> list[Part]:
     return list(read_plan(parts))
 
 
+# Row dicts, or the same rows as Arrow (what the sink writes).
+Rows: TypeAlias = list[dict[str, Any]] | pa.Table
+
+
 class StoreError(RuntimeError):
     """The store could not be written or queried; the message says what to do."""
 
@@ -119,7 +125,7 @@ class Result:
 
 
 class Store(Protocol):
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> None: ...
+    def insert(self, table: str, rows: Rows) -> None: ...
 
     def query(self, sql: str) -> Result: ...
 
@@ -146,6 +152,32 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, 
     for r in rows:
         by[(r["topic"], r["partition"])].append(r)
     return by
+
+
+def _parts_of(table: str, rows: Rows) -> Iterator[tuple[Part, pa.Table]]:
+    """Each (topic, partition)'s rows of ``rows``, in offset order (the rows of one offset in
+    the order given), with the part that holds them."""
+    if not isinstance(rows, pa.Table):
+        for (topic, partition), group in _groups(rows).items():
+            group.sort(key=lambda r: r["offset"])
+            part = Part(topic, partition, group[0]["offset"], group[-1]["offset"])
+            yield part, arrow_table(table, group)
+        return
+    if rows.num_rows == 0:
+        return
+    schema = SCHEMAS[table]
+    data = rows if rows.schema.equals(schema) else rows.select(schema.names).cast(schema)
+    keys = [("topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
+    data = data.take(pc.sort_indices(data, sort_keys=keys))  # a stable sort
+    topics = pc.dictionary_encode(data["topic"]).combine_chunks()
+    code = topics.indices.to_numpy(zero_copy_only=False)
+    partition = data["partition"].to_numpy()
+    offset = data["offset"].to_numpy()
+    cuts = np.flatnonzero((np.diff(code) != 0) | (np.diff(partition) != 0)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), data.num_rows], strict=True):
+        topic = topics.dictionary[int(code[lo])].as_py()
+        part = Part(topic, int(partition[lo]), int(offset[lo]), int(offset[hi - 1]))
+        yield part, data.slice(lo, hi - lo)
 
 
 # ============================================================================ chDB ==
@@ -191,12 +223,11 @@ class ParquetStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> None:
-        for (topic, partition), group in _groups(rows).items():
-            group.sort(key=lambda r: r["offset"])
-            name = Part(topic, partition, group[0]["offset"], group[-1]["offset"]).name
+    def insert(self, table: str, rows: Rows) -> None:
+        for part, data in _parts_of(table, rows):
+            name = part.name
             try:
-                self._write_atomic(self.root / table / name, arrow_table(table, group))
+                self._write_atomic(self.root / table / name, data)
             except OSError as exc:
                 raise StoreError(f"cannot write {self.root / table / name}: {exc}") from exc
 
@@ -374,17 +405,12 @@ class ServerStore:
         self._client = client
         return client
 
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> None:
+    def insert(self, table: str, rows: Rows) -> None:
         client = self.client()
-        for (topic, partition), group in _groups(rows).items():
-            group.sort(key=lambda r: r["offset"])
-            token = f"{table}.{topic}.{partition}.{group[0]['offset']}.{group[-1]['offset']}"
+        for p, data in _parts_of(table, rows):
+            token = f"{table}.{p.topic}.{p.partition}.{p.first}.{p.last}"
             try:
-                client.insert_arrow(
-                    table,
-                    arrow_table(table, group),
-                    settings={"insert_deduplication_token": token},
-                )
+                client.insert_arrow(table, data, settings={"insert_deduplication_token": token})
             except Exception as exc:
                 self._client = None  # reconnect on the retry
                 raise StoreError(f"insert into {table} failed: {redact_url(str(exc))}") from exc

@@ -183,12 +183,18 @@ _OF_EVENT: dict[type[Event], tuple[Table, ...]] = {
 }
 
 
-def rows_of(o: Origin, ev: Event) -> Iterable[tuple[str, dict[str, Any]]]:
-    """The (table, row) pairs that one event becomes."""
-    tables = _OF_EVENT.get(type(ev))
+def tables_of(event_type: type[Event]) -> tuple[Table, ...]:
+    """The tables an event of ``event_type`` lands in."""
+    tables = _OF_EVENT.get(event_type)
     if tables is None:  # a new event type must be given a table above first
-        raise TypeError(f"the sink has no table for {type(ev).__name__}")
-    for table in tables:
+        raise TypeError(f"the sink has no table for {event_type.__name__}")
+    return tables
+
+
+def rows_of(o: Origin, ev: Event) -> Iterable[tuple[str, dict[str, Any]]]:
+    """The (table, row) pairs that one event becomes (the sink builds the same rows column
+    by column: :meth:`.columns.Table.arrow`)."""
+    for table in tables_of(type(ev)):
         for row in table.rows(o, ev):
             yield table.name, row
 
