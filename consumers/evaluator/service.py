@@ -125,7 +125,7 @@ class EvaluatorService:
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
         """While the service serves, what it built before (imports, clients, the registry's
-        schemas: ~200,000 objects) is out of the collector's reach, as in the worker and the
+        schemas: ~90,000 objects) is out of the collector's reach, as in the worker and the
         API: a full collection walks only what serving made (handed back afterwards)."""
         gc.collect()
         gc.freeze()

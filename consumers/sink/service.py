@@ -150,9 +150,9 @@ class Sink:
         """
         s = self.settings
         idle_since = time.monotonic()
-        # What the process built before serving (imports, pyarrow, the chDB session: ~300,000
-        # objects) lives as long as it serves: out of the collector's reach, a full collection
-        # walks only the buffer and what serving made (as in the worker and the API).
+        # What the process built before serving (imports, pyarrow, clients: ~120,000 objects)
+        # lives as long as it serves: out of the collector's reach, a full collection walks
+        # only the buffer and what serving made (as in the worker and the API).
         gc.collect()
         gc.freeze()
         try:
