@@ -19,13 +19,15 @@ Flow (all Kafka traffic goes through aiokafka inside Faust; every byte through `
   ``router_batch_window_ms``): results first, then tasks highest priority first (FIFO within
   a priority). Every record names its own partition for the table writes it causes
   (:func:`streams.stores.at_partition`), so a batch may mix partitions.
-* **Order of effects** (:meth:`Router.finish`): the batch's table writes are flushed to their
-  changelogs before any event it decided is sent, so a kill never leaves an assignment out
-  whose record was lost (a restarted owner could otherwise give the same attempt to another
-  agent); events not confirmed delivered are sent again by the next owner (same event ids).
+* **Order of effects** (:meth:`Router.finish`): the batch's table writes are acknowledged by
+  the broker before any event it decided is sent and before the batch is acked, so a kill
+  never leaves an assignment out whose record was lost (a restarted owner could otherwise give
+  the same attempt to another agent); the events go out in the background, and those not
+  confirmed delivered are sent again by the next owner (same event ids).
 * **Statistics**: each worker keeps the shards of its partitions (streams/shards.py) and
   publishes the ones it changed every ``router_stats_interval_s`` to ``<app>-stats``, which
-  every worker reads; decisions use the sum over all partitions.
+  every worker reads; decisions use the sum over all partitions. The ledger table (RocksDB
+  by default) holds the shards and each task's counted outcomes, written once per batch.
 * **Clock**: due times are on a heap (a tick costs what is due); the clock changes records
   directly, naming each record's partition. After each rebalance a worker schedules the
   records of the partitions it now owns.
@@ -185,6 +187,7 @@ def router_config(s: Settings, partition_count: int = 1) -> RouterConfig:
             cooldown_s=s.router_circuit_cooldown_s,
             probe_tasks=s.router_probe_tasks,
             probe_successes=s.router_probe_successes,
+            probe_timeout_s=s.router_assignment_ttl_s,
         ),
         assignment_ttl_s=s.router_assignment_ttl_s,
         max_attempts=s.router_max_attempts,
@@ -248,6 +251,7 @@ class Router:
         self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
         self._outbox = asyncio.Event()  # batches wait in _deliveries for deliver()
         self._confirming = True  # until a delivery round fails (then a restart resends)
+        self._acks: list[Any] = []  # sends acknowledged with the table writes (_durable)
         self._unsendable: list[tuple[str, int, str]] = []  # assignments the broker refused
         self._deliveries: collections.deque[_Delivery] = collections.deque()
         self._in_flight: set[asyncio.Future[Any]] = set()
@@ -414,10 +418,16 @@ class Router:
         self._write_ledger()
         self._confirm()
         issued, self.core.issued = self.core.issued, {}
+        for agent, theirs in batch.outcomes.items():
+            # With the table writes, acknowledged before the batch is: a probe's outcome lost
+            # with a kill would leave its agent's circuit half-open.
+            body = json.dumps({"k": "out", "n": [[o.ok, o.detail[:500]] for o in theirs]})
+            sent = self.health_in.send_soon(key=agent.encode(), value=body.encode())
+            self._acks.append(sent)
         await self._durable()
         for ev, kind, why in batch.dead:
             await self.dead_letter(ev, kind, why)
-        if batch.events or batch.outcomes:
+        if batch.events:
             while len(self._deliveries) >= DELIVERIES:  # back-pressure: the broker lags
                 await asyncio.sleep(0.005)
                 self._confirm()
@@ -434,7 +444,8 @@ class Router:
         process's tables ahead of their changelogs: it exits at once, as a kill -9 would,
         so that nothing more is acked or committed, and its restart recovers from the
         changelogs and reads the records again."""
-        pending = self.tasks.take_unacked() + self.ledger.take_unacked()
+        pending = self.tasks.take_unacked() + self.ledger.take_unacked() + self._acks
+        self._acks = []
         if not pending:
             return
         try:
@@ -460,17 +471,7 @@ class Router:
             batches = [d.batch for d in rounds if d.batch is not None]
             events = [e for b in batches for e in b.events]
             try:
-                if events:
-                    await asyncio.gather(*(self._send(e, src, h) for e, src, h in events))
-                outcomes: dict[str, list[Outcome]] = defaultdict(list)
-                for b in batches:
-                    for agent, some in b.outcomes.items():
-                        outcomes[agent] += some
-                for agent, theirs in outcomes.items():
-                    body = json.dumps(
-                        {"k": "out", "n": [[o.ok, o.detail[:500]] for o in theirs]}
-                    ).encode()
-                    await self.forward(self.health_in, agent.encode(), body)
+                await asyncio.gather(*(self._send(e, src, h) for e, src, h in events))
             except Exception:
                 # What was not sent stays marked unsent in its records; no delivery is
                 # confirmed from now on, so a restart sends every one not known delivered.

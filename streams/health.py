@@ -45,6 +45,9 @@ class HealthConfig:
     cooldown_s: float = 30.0
     probe_tasks: int = 2
     probe_successes: int = 2
+    # A probe whose outcome has not changed the agent's health by then (its outcome lost, or
+    # its attempt expired unseen) no longer holds the probe budget: the assignment TTL.
+    probe_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class ProbeBudget:
     previous: HealthStatus = H.UNKNOWN
     since: float = 0.0
     probes_sent: int = 0
+    last_probe: float = 0.0
 
     def changed(self, status: HealthStatus, previous: HealthStatus, at: float) -> None:
         self.status, self.previous, self.since, self.probes_sent = status, previous, at, 0
@@ -180,8 +184,12 @@ class ProbeBudget:
         if self.status != H.DEGRADED:
             return True, False
         ready = probe_ready_at(self.status, self.previous, self.since, cfg.cooldown_s)
-        if ready is None or now < ready or self.probes_sent >= cfg.probe_tasks:
+        if ready is None or now < ready:
             return False, False
+        if self.probes_sent >= cfg.probe_tasks:
+            if now - self.last_probe < cfg.probe_timeout_s:
+                return False, False
+            self.probes_sent = 0  # the probes' outcomes never came: probe again
         return True, True
 
 
@@ -222,7 +230,8 @@ class Directory:
                 out[agent] = probe
         return out
 
-    def probe_sent(self, agent_id: str) -> None:
+    def probe_sent(self, agent_id: str, now: float = 0.0) -> None:
         b = self.budgets.get(agent_id)
         if b is not None:
             b.probes_sent += 1
+            b.last_probe = now

@@ -354,7 +354,7 @@ class RouterCore:
         agent = choice.agent_id
         self.book.pull(int(rec["p"]), cell_key(task.task_type, agent))
         if fresh[agent]:
-            self.directory.probe_sent(agent)
+            self.directory.probe_sent(agent, now)
             self.counters["probes"] += 1
         kind = choice.kind
         if prior is not None and kind == PolicyKind.QTABLE.value:

@@ -224,7 +224,22 @@ def test_probe_budget_admits_at_most_the_probe_count_after_cooldown() -> None:
     b.changed(H.DEGRADED, H.HEALTHY, 100)
     assert b.admits(105, CFG) == (False, False)
     assert b.admits(110, CFG) == (True, True)
-    b.probes_sent = 2
+    b.probes_sent, b.last_probe = 2, 110
     assert b.admits(111, CFG) == (False, False)
     b.changed(H.DOWN, H.DEGRADED, 120)
     assert b.admits(121, CFG) == (False, False)
+
+
+def test_probes_whose_outcome_never_comes_free_the_budget_after_the_probe_timeout() -> None:
+    """A probe's outcome can be lost (a router killed before it reached the health keeper):
+    without a timeout the circuit stayed half-open for ever and the agent got no task (in a
+    chaos run 8 tasks failed for want of an agent after the broker was killed)."""
+    cfg = HealthConfig(cooldown_s=10, probe_tasks=2, probe_successes=2, probe_timeout_s=60)
+    b = ProbeBudget()
+    b.changed(H.DEGRADED, H.HEALTHY, 100)
+    for t in (110, 111):
+        assert b.admits(t, cfg) == (True, True)
+        b.probes_sent += 1
+        b.last_probe = t
+    assert b.admits(150, cfg) == (False, False)  # the probes may still answer
+    assert b.admits(172, cfg) == (True, True)  # they never did: probe again
