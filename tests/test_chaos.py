@@ -15,8 +15,8 @@ Knobs (environment): STORMLINE_CHAOS_SEED (printed; random by default), STORMLIN
 (2000), STORMLINE_CHAOS_RATE (tasks/s, 10), STORMLINE_CHAOS_KILLS (most kills; by default
 until every task is published), STORMLINE_CHAOS_OUTAGES (2), STORMLINE_CHAOS_SETTLE_S (600),
 STORMLINE_CHAOS_TTL_S (the router's assignment TTL, 60).
-Run: ``.venv/bin/pytest -m chaos tests/test_chaos.py -s`` (deselected from a plain run by
-pyproject's addopts until the lead enables it).
+Run: ``.venv/bin/pytest -m chaos tests/test_chaos.py -s``; ``make test`` (and CI) runs both
+variants with a new seed each time.
 
 Why ~380 lines: one scenario, its schedule, its publisher and its per-task checks read best
 together.
