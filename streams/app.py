@@ -108,11 +108,11 @@ from stormline.streams.kafka import (
     snapshot_record,
     stats_topic,
 )
+from stormline.streams.ledger import META
 from stormline.streams.metrics import instrument
 from stormline.streams.policy import load_policy
 from stormline.streams.qtable import QCell
 from stormline.streams.router import (
-    META,
     Effects,
     Outcome,
     RouterConfig,
@@ -135,6 +135,7 @@ R = TypeVar("R")
 # the stream waits meanwhile. Only a record that can never succeed goes to dead-letters.
 RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
 DELIVERIES = 64  # batches whose events may wait for delivery at once
+CARRY_S = 300.0  # how long a partition taken over remembers its shards' last outcomes
 SWEEP_EVERY_S = 10.0  # how often the ledger is swept for entries past the rewards' retention
 SWEEP_MAX = 10_000  # entries looked at per sweep (a long ledger is swept over several)
 
@@ -279,7 +280,7 @@ class Router:
         )
         self.core.keep_moves = True
         self.core.track_delivery = True  # finish() confirms what Kafka acknowledged
-        self.core.buffer_ledger = True  # finish() writes the ledger once per batch
+        self.core.outcomes.buffered = True  # finish() writes the ledger once per batch
         self.core.holding = self.status.holds  # a final record stays until its status is out
         self._wire_topics()
         self._wire()
@@ -494,7 +495,7 @@ class Router:
 
     def _write_ledger(self) -> None:
         """The ledger writes of the outcomes just counted (shards first: RouterCore says why)."""
-        for key, value in self.core.take_ledger_writes():
+        for key, value in self.core.outcomes.take_writes(time.time()):
             with at_partition(int(value["p"])):
                 self.ledger[key] = value
 
@@ -599,10 +600,16 @@ class Router:
                 for tid, rec in list(self.tasks.items())
                 if rec and not tid.startswith(META) and rec.get("p") in gained
             ]
+            now = time.time()
+            # The backlog of a partition taken over is read before its attempts expire; the
+            # outcomes its shards' last writes counted are remembered while it is re-read.
+            hold = now + self.cfg.health.heartbeat_timeout_s
             for p in sorted(gained):
                 with at_partition(p):
-                    self.core.adopt(p, [(t, r) for t, r in records if r.get("p") == p])
-                    self.book.own(p, self.core.load_partition(p))
+                    mine = [(t, r) for t, r in records if r.get("p") == p]
+                    self.core.adopt(p, mine, hold_until=hold)
+                    shards = self.core.outcomes.load_partition(p, carry_until=now + CARRY_S)
+                    self.book.own(p, shards)
             self._sweep = None
             # Statuses queued before a kill, or lost in Redis, are re-derived from the records.
             queued = self.status.resync(records)
@@ -638,11 +645,11 @@ class Router:
             except Exception:  # the table moved under the iterator (a rebalance): start over
                 self._sweep = None
             now = time.time()
-            for p, key in self.core.expired_ledgers(chunk, now):
+            for p, key in self.core.outcomes.expired(chunk, now):
                 if p in self.ready:
                     with at_partition(p):
                         # Read again: the iterator's copy may predate a reward counted since.
-                        if self.core.expired_ledgers([(key, self.ledger.get(key))], now):
+                        if self.core.outcomes.expired([(key, self.ledger.get(key))], now):
                             self.ledger.pop(key, None)
 
     # ----------------------------------------------------------------- plumbing --

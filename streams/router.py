@@ -19,16 +19,11 @@ shards it updates all live on its partition, and the worker that owns the partit
   expired or ended in an error counts against its agent and is reassigned as attempt n+1,
   preferring an agent not tried yet; after ``max_attempts`` the task gets a final failed
   Trajectory and a Reward from :data:`ROUTER_AGENT`. Nothing is dropped silently.
-* **Outcomes** (success, wrong answer, error, expiry) are counted once per attempt in the
-  task's entry of ``ledger`` (:class:`streams.qtable.AttemptLedger`), which outlives the task
-  record for as long as the rewards topic keeps records; a human reward replaces the automatic
-  one; errors and expiries count ``failure_value``; ``cost_weight`` subtracts the attempt's
-  cost. The statistics shards an outcome updates are written to ``ledger`` *before* the
-  entries that record it (:meth:`RouterCore.take_ledger_writes`: one write per changed shard
-  per batch), and each remembers the outcomes of its last write
-  (:attr:`streams.shards.Shard.recent`): a changelog partition keeps its writes' order, so
-  after a kill between the two writes the outcome is processed again, finds no entry, and
-  the shard says it was counted already.
+* **Outcomes** (success, wrong answer, error, expiry) are counted once per attempt by
+  :class:`streams.ledger.OutcomeLedger` (``self.outcomes``), exactly once across kills, in a
+  ledger that outlives the task record for as long as the rewards topic keeps records; a
+  human reward replaces the automatic one; errors and expiries count ``failure_value``;
+  ``cost_weight`` subtracts the attempt's cost.
 * **Delivery**: a record whose events are not known to be delivered carries ``unsent`` (a
   sequence number of its partition); the app confirms deliveries per partition
   (:meth:`RouterCore.delivered`), and a restarted owner sends again what was not confirmed
@@ -42,7 +37,6 @@ that record, and splitting the class would put the record's rules in two places.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import logging
 import random
@@ -66,19 +60,10 @@ from stormline.schemas.models import (
     stable_event_id,
 )
 from stormline.streams.health import Directory, HealthConfig
+from stormline.streams.ledger import META, OutcomeLedger
 from stormline.streams.policy import Scorer
-from stormline.streams.qtable import (
-    AUTO,
-    EXPIRY,
-    HUMAN,
-    SEP,
-    AttemptLedger,
-    Entry,
-    QCell,
-    cell_key,
-    shard_discount,
-)
-from stormline.streams.shards import RECENT, Shard, ShardBook
+from stormline.streams.qtable import AUTO, EXPIRY, HUMAN, SEP, QCell, cell_key, shard_discount
+from stormline.streams.shards import ShardBook
 from stormline.streams.strategies import Choice, StrategyConfig, choose_agent
 
 log = logging.getLogger("stormline.router")
@@ -86,8 +71,6 @@ log = logging.getLogger("stormline.router")
 NO_AGENT = "no capable healthy agent"
 RESENDS = 3  # tries to deliver a record's events again after a restart, then it goes on
 ABSOLUTE_MS = 10**12  # a deadline_ms above this is an epoch time, below it a duration
-MISSING_TYPE = "<none>"  # an outcome that names no task type, of a task this router never knew
-META = "\x00"  # keys of the router's own entries in its tables (never a task id)
 T = TypeVar("T")
 
 
@@ -152,25 +135,9 @@ def by_priority(batch: list[tuple[TaskSubmitted, T]]) -> list[tuple[TaskSubmitte
     return sorted(batch, key=lambda tv: -tv[0].priority)
 
 
-def shard_key(partition: int, pair: str) -> str:
-    """The ledger table's key of a statistics shard (its partition is in the key)."""
-    return f"{META}{partition}{SEP}{pair}"
-
-
-def shard_index_key(partition: int) -> str:
-    """The ledger table's key listing the pairs that have a shard on ``partition``."""
-    return f"{META}{partition}"
-
-
 def sent_key(partition: int) -> str:
     """The tasks table's key of the highest delivered sequence number of ``partition``."""
     return f"{META}sent{SEP}{partition}"
-
-
-def outcome_id(task_id: str, attempt: int, kind: str) -> str:
-    """A short id of one counted outcome (what a shard remembers)."""
-    raw = f"{task_id}{SEP}{attempt}{SEP}{kind}".encode()
-    return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 class Schedule:
@@ -216,11 +183,6 @@ class RouterCore:
         self.cfg = cfg
         self.tasks = tasks
         self.ledger = ledger
-        # With ``buffer_ledger`` (the app), ledger writes wait in ``_ledger_buf`` until
-        # :meth:`take_ledger_writes`; otherwise (pure tests) they go straight to ``ledger``.
-        self.buffer_ledger = False
-        self._ledger_buf: dict[str, dict[str, Any]] = {}
-        self._dirty: set[tuple[int, str]] = set()  # (partition, pair) shards to write
         self.book = book if book is not None else ShardBook()
         self.directory = directory
         self.schedule = Schedule()
@@ -240,7 +202,6 @@ class RouterCore:
         self.track_delivery = False
         self.seq: dict[int, int] = {}  # the last sequence number given out per partition
         self.issued: dict[int, int] = {}  # ... since the app last took them (to confirm)
-        self.indexed: dict[int, set[str]] = {}  # pairs with a stored shard, per partition
         self.hold: dict[int, float] = {}  # no expiry on a partition before (a takeover's grace)
         # Whether a task's record must be kept (its status is not written yet): the app's.
         self.holding: Callable[[str], bool] = lambda task_id: False
@@ -270,6 +231,11 @@ class RouterCore:
                 "resent",
             ),
             0,
+        )
+
+        # What counts each outcome once (and the ledger table's writes): streams/ledger.py.
+        self.outcomes = OutcomeLedger(
+            ledger, self.book, self.counters, self.discount, cfg.ledger_retention_s
         )
 
     def rng_for(self, task_id: str, attempt: int) -> random.Random:
@@ -305,7 +271,7 @@ class RouterCore:
         # A redelivered task (its record drives it), or one already finished and forgotten
         # (its ledger says so): a replayed topic or a re-published id is not routed again.
         # (A ledger entry from a reward alone, seen before its task, does not say so.)
-        if task.task_id in self.tasks or (self._ledger_get(task.task_id) or {}).get("done"):
+        if task.task_id in self.tasks or self.outcomes.done(task.task_id):
             self.counters["tasks_duplicate"] += 1
             return []
         rec: dict[str, Any] = {
@@ -633,9 +599,7 @@ class RouterCore:
     def _forget(self, task_id: str, rec: Mapping[str, Any], now: float) -> None:
         """A finished task's record goes; its ledger stays (a replayed task is not routed
         again, a redelivered reward not counted again), with one written if it had none."""
-        entry = self._ledger_get(task_id)
-        if not (entry or {}).get("done"):
-            self._ledger_put(task_id, ledger_entry(rec, (entry or {}).get("a") or {}, now, entry))
+        self.outcomes.finished(task_id, rec, now)
         del self.tasks[task_id]
         self.counters["forgotten"] += 1
 
@@ -643,7 +607,7 @@ class RouterCore:
         """The current attempt expired: it counts against its agent; reassign or fail."""
         self.counters["expired"] += 1
         attempt, agent = int(rec["attempt"]), str(rec["agent"])
-        self._count(task_id, rec, agent, attempt, self.cfg.failure_value, EXPIRY, now)
+        self.outcomes.count(task_id, rec, agent, attempt, self.cfg.failure_value, EXPIRY, now)
         outcomes = [Outcome(agent, False, f"attempt {attempt} expired")]
         events = self._next_attempt(task_id, rec, now, f"attempt {attempt} expired")
         return Effects(events, outcomes)
@@ -728,155 +692,6 @@ class RouterCore:
         if self.cfg.cost_weight and not failed:
             value -= self.cfg.cost_weight * cost
         kind = HUMAN if reward.source == RewardSource.HUMAN else AUTO
-        attempt = self._attempt_of(reward, rec, kind)
-        return self._count(
-            reward.task_id, rec, reward.agent_id, attempt, value, kind, now, reward.trajectory_id
-        )
-
-    def _attempt_of(self, reward: Reward, rec: Mapping[str, Any], kind: str) -> int:
-        """The attempt ``reward`` is about. A human reward may name none (attempt 0: given
-        by ids, `stormline reward` or the API): its trajectory's, else the latest of its
-        agent's attempts whose outcome names no trajectory (an expiry), else 0. Whatever
-        already counts for the reward's trajectory, under any attempt, is that attempt."""
-        ledger = AttemptLedger((self._ledger_get(reward.task_id) or {}).get("a"))
-        found = ledger.attempt_of(reward.trajectory_id)
-        if found is not None:
-            return found
-        if kind != HUMAN or reward.attempt:
-            return reward.attempt
-        for n, tid in (rec.get("trajs") or {}).items():
-            if tid == reward.trajectory_id:
-                return int(n)
-        unnamed = ledger.unnamed_attempt_of(reward.agent_id)
-        return unnamed if unnamed is not None else 0
-
-    def _count(
-        self,
-        task_id: str,
-        rec: Mapping[str, Any],
-        agent: str,
-        attempt: int,
-        value: float,
-        kind: str,
-        now: float,
-        trajectory_id: str = "",
-    ) -> bool:
-        """Count one attempt's outcome: its shard first, then the ledger entry that records it."""
-        stored = self._ledger_get(task_id)
-        ledger = AttemptLedger((stored or {}).get("a"))
-        decision = ledger.decide(attempt, kind)
-        if decision.action == "duplicate":
-            self.counters["rewards_duplicate"] += 1
-            return False
-        p = int(rec.get("p", 0))
-        task_type = str(rec.get("task_type") or (stored or {}).get("task_type") or MISSING_TYPE)
-        old = decision.old
-        target = old.agent if old is not None else agent
-        pair = cell_key(task_type, target)
-        oid = outcome_id(task_id, attempt, kind)
-        shard = self.book.shard(p, pair)
-        if shard.counted(oid):
-            self.counters["rewards_recovered"] += 1  # counted before a kill; ledger was not
-        else:
-            cell = QCell.from_dict(shard.cell.to_dict())
-            if old is not None:
-                cell.replace(old.value, value, self._decayed(cell, old))
-                self.counters["rewards_replaced"] += 1
-            else:
-                cell.update(value, self.discount)
-                self.counters["expiries_counted" if kind == EXPIRY else "rewards_applied"] += 1
-            new = Shard(cell, [*shard.recent, oid], shard.carried, shard.carried_until)
-            self._store_shard(p, pair, new)
-        counted_at = old.counted_at if old is not None else self.book.shard(p, pair).cell.count
-        ledger.record(attempt, Entry(target, value, kind, trajectory_id, counted_at))
-        entry = ledger_entry(rec, ledger.to_dict(), now, stored)
-        entry["task_type"] = task_type
-        self._ledger_put(task_id, entry)
-        return True
-
-    def _decayed(self, cell: QCell, old: Entry) -> float:
-        """What ``old`` weighs in ``cell`` now: the discount to the number of outcomes the
-        shard counted since (1 without a discount, or for an entry from before this was
-        recorded)."""
-        if self.discount is None or old.counted_at is None:
-            return 1.0
-        return float(self.discount ** max(cell.count - old.counted_at, 0))
-
-    def _store_shard(self, p: int, pair: str, shard: Shard) -> None:
-        indexed = self.indexed.setdefault(p, set())
-        if pair not in indexed:
-            indexed.add(pair)
-            self._ledger_put(shard_index_key(p), {"p": p, "pairs": sorted(indexed)})
-        self.book.put(p, pair, shard)
-        if self.buffer_ledger:
-            self._dirty.add((p, pair))
-        else:
-            self.ledger[shard_key(p, pair)] = shard.to_dict(p)
-            shard.recent = shard.recent[-RECENT:]  # written per outcome: the last few do
-
-    # -- the ledger table, written once per batch --
-    def _ledger_get(self, key: str) -> Any:
-        value = self._ledger_buf.get(key)
-        return value if value is not None else self.ledger.get(key)
-
-    def _ledger_put(self, key: str, value: dict[str, Any]) -> None:
-        if self.buffer_ledger:
-            self._ledger_buf[key] = value
-        else:
-            self.ledger[key] = value
-
-    def take_ledger_writes(self, now: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
-        """What the ledger table must get for the outcomes counted since the last call, in
-        the order that keeps the counting exact: shard indexes and shards first, then the
-        task entries (each value names its partition, ``p``)."""
-        shards = []
-        for p, pair in sorted(self._dirty):
-            shard = self.book.shard(p, pair)
-            shards.append((shard_key(p, pair), shard.to_dict(p)))
-            shard.written(now)
-        self._dirty.clear()
-        buf, self._ledger_buf = self._ledger_buf, {}
-        meta = [(k, v) for k, v in buf.items() if k.startswith(META)]
-        entries = [(k, v) for k, v in buf.items() if not k.startswith(META)]
-        return meta + shards + entries
-
-    def load_partition(self, p: int, carry_until: float = 0.0) -> dict[str, Shard]:
-        """The shards of partition ``p`` as the ledger table keeps them (after a rebalance);
-        the outcomes of their last writes are remembered until ``carry_until``."""
-        pairs = (self.ledger.get(shard_index_key(p)) or {}).get("pairs", [])
-        self.indexed[p] = set(pairs)
-        return {
-            pair: Shard.from_dict(self.ledger.get(shard_key(p, pair)), carry_until)
-            for pair in pairs
-        }
-
-    def expired_ledgers(
-        self, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
-    ) -> list[tuple[int, str]]:
-        """(partition, task id) of the ledger entries past the rewards topic's retention."""
-        horizon = now - self.cfg.ledger_retention_s
-        return [
-            (int(v.get("p", 0)), k)
-            for k, v in items
-            if not k.startswith(META) and v and float(v.get("t", now)) < horizon
-        ]
-
-
-def ledger_entry(
-    rec: Mapping[str, Any],
-    attempts: dict[str, Any],
-    now: float,
-    stored: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A task's ledger entry: its counted outcomes, its partition and type, whether the task
-    is done (a record in a final state), when last touched."""
-    done = bool((stored or {}).get("done")) or (
-        rec.get("state") is not None and state_of(rec) in FINAL
-    )
-    return {
-        "p": int(rec.get("p", (stored or {}).get("p", 0))),
-        "task_type": rec.get("task_type") or (stored or {}).get("task_type") or MISSING_TYPE,
-        "a": attempts,
-        "t": now,
-        "done": done,
-    }
+        task_id, trajectory_id, agent = reward.task_id, reward.trajectory_id, reward.agent_id
+        attempt = self.outcomes.attempt_of(task_id, trajectory_id, agent, reward.attempt, kind, rec)
+        return self.outcomes.count(task_id, rec, agent, attempt, value, kind, now, trajectory_id)

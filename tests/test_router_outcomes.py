@@ -282,8 +282,8 @@ def test_a_reward_redelivered_after_the_done_retention_counts_once() -> None:
     assert c.on_reward(human, T0 + 600)  # a human correction still replaces it, once
     assert c.book.cell(cell_key("qa", "x")).count == 1
     # Past the rewards topic's retention after its last change: the sweep forgets it.
-    assert c.expired_ledgers(c.ledger.items(), T0 + 1500) == []
-    assert c.expired_ledgers(c.ledger.items(), T0 + 1601) == [(0, "t")]
+    assert c.outcomes.expired(c.ledger.items(), T0 + 1500) == []
+    assert c.outcomes.expired(c.ledger.items(), T0 + 1601) == [(0, "t")]
 
 
 def test_a_task_finished_without_an_outcome_is_remembered_too() -> None:
@@ -311,7 +311,7 @@ def test_a_kill_between_the_shard_and_the_ledger_write_counts_once() -> None:
     restarted = core()
     restarted.ledger.update(stored)
     restarted.tasks.update(c.tasks)
-    restarted.book.own(0, restarted.load_partition(0))
+    restarted.book.own(0, restarted.outcomes.load_partition(0))
     assert restarted.book.cell(cell_key("qa", "x")).count == 1
     assert restarted.on_reward(reward(a, 1.0), T0 + 1)  # the entry is written now ...
     assert restarted.book.cell(cell_key("qa", "x")).count == 1  # ... but not counted again
@@ -348,12 +348,12 @@ def test_batched_ledger_writes_put_shards_first_and_survive_a_kill_between() -> 
     task entries. Killed after the shards and half the entries reached the changelog, the
     batch is processed again: each reward counts once."""
     c = core()
-    c.buffer_ledger = True
+    c.outcomes.buffered = True
     c.directory.heartbeat({"x": ["a"]}, [])
     firsts = [assign(c, task(f"t{i}")) for i in range(6)]
     for a in firsts:
         assert c.on_reward(reward(a, 1.0), T0)
-    writes = c.take_ledger_writes()
+    writes = c.outcomes.take_writes()
     keys = [k for k, _ in writes]
     shards = [i for i, k in enumerate(keys) if k.startswith("\x00")]
     entries = [i for i, k in enumerate(keys) if not k.startswith("\x00")]
@@ -361,13 +361,13 @@ def test_batched_ledger_writes_put_shards_first_and_survive_a_kill_between() -> 
     assert sum(1 for k in keys if k.startswith("\x000\x1f")) == 1  # one write for the pair
     durable = dict(writes[: max(shards) + 1 + 3])  # a kill after three of six entries
     again = core()
-    again.buffer_ledger = True
+    again.outcomes.buffered = True
     again.ledger.update(durable)
     again.tasks.update(c.tasks)
-    again.book.own(0, again.load_partition(0))
+    again.book.own(0, again.outcomes.load_partition(0))
     for a in firsts:
         again.on_reward(reward(a, 1.0), T0 + 1)
     assert again.book.cell(cell_key("qa", "x")).count == 6
     assert again.counters["rewards_recovered"] == 3 and again.counters["rewards_duplicate"] == 3
-    again.ledger.update(dict(again.take_ledger_writes()))
+    again.ledger.update(dict(again.outcomes.take_writes()))
     assert all(f"t{i}" in again.ledger for i in range(6))

@@ -170,7 +170,7 @@ def test_an_unlimited_rewards_retention_keeps_the_ledger() -> None:
     c.directory.heartbeat({"x": ["a"]}, [])
     a = assign(c, "t")
     assert c.on_reward(reward(a, 1.0), T0)
-    assert c.expired_ledgers(c.ledger.items(), T0 + 20) == [], "swept at once"
+    assert c.outcomes.expired(c.ledger.items(), T0 + 20) == [], "swept at once"
 
 
 class Changelog(MutableMapping[str, Any]):
@@ -227,14 +227,14 @@ def killed_then_restarted(index_first: bool) -> tuple[RouterCore, TaskAssigned]:
 
     w = Changelog(dict(log), log)  # the restart: local state rebuilt from the changelog
     a2 = core(tasks=dict(a1.tasks), ledger=w)
-    a2.book.own(0, a2.load_partition(0))
+    a2.book.own(0, a2.outcomes.load_partition(0))
     assert a2.on_reward(reward(t, 1.0), T0 + 2)  # redelivered: counted (it never was, here)
     assert a2.on_reward(reward(assign(a2, "u", T0 + 2), 1.0), T0 + 3)
     w.flush()
     assert a2.book.cell(PAIR).count == 2 + index_first
 
     b = core(tasks=dict(a2.tasks), ledger=dict(log))
-    b.book.own(0, b.load_partition(0))
+    b.book.own(0, b.outcomes.load_partition(0))
     return b, t
 
 
