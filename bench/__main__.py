@@ -103,16 +103,23 @@ TARGETS: list[tuple[str, str, str, float, str, str]] = [
         "routing logic is ~0.2 ms per task; Faust/aiokafka add ~3.8 ms CPU per task (two "
         "consumes, five produces: re-keying hop, assignment, three changelog writes)",
     ),
+    # Issue 14's learning targets, end to end; each figure's in-process (instant-feedback)
+    # counterpart and the run's reward lag and load are in the learning section.
     (
         "learning",
-        "learning_e2e_thompson_best_share_last_1000",
-        ">=",
-        0.9,
-        "issue 5",
-        "met on a quiet machine (0.967 and 0.985 in two runs); when the run shares the 2 cores "
-        "with a test suite the router falls behind 40 tasks/s, rewards arrive hundreds of tasks "
-        "late and the bandit explores longer (0.787 in such a run; `learning_sim_*` gives 0.98)",
+        "learning_e2e_thompson_regret_vs_instant_sim",
+        "<",
+        1.3,
+        "issue 14 (<= 1.3)",
+        "one run against a mean: in process with instant feedback, 2 of 20 seeds are above 1.3x "
+        "their own mean (52-146 around 91), and the loop's reward lag adds to the early tasks' "
+        "regret with the machine's load (2026-12-06, 3 runs: 1.19 at load 11-14, 1.37 at 9-15, "
+        "1.94 at 23-29 with rewards p90 513 tasks / 19.7 s late); see "
+        "`learning_e2e_thompson_regret_rank_in_sim` and `_reward_lag_*`",
     ),
+    ("learning", "learning_e2e_thompson_best_share_last_1000", ">=", 0.95, "issue 14", ""),
+    ("learning", "learning_e2e_flaky_steady_share_last_1000", ">=", 0.9, "issue 14 (a)", ""),
+    ("learning", "learning_e2e_drift_tasks_to_switch", "<", 300, "issue 14 (b) (<= 300)", ""),
     ("learning", "learning_e2e_thompson_regret_vs_random", "<", 1 / 3, "issue 5", ""),
     (
         "sink",
