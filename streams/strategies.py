@@ -100,7 +100,10 @@ def ucb_index(cells: Mapping[str, QCell], c: float) -> dict[str, float]:
 
 def thompson_samples(cells: Mapping[str, QCell], rng: random.Random) -> dict[str, float]:
     out: dict[str, float] = {}
-    for a, cell in cells.items():
+    # In a stable order: the candidates come in the order heartbeats arrived (or a set's, by
+    # the process's hash seed), and a seeded decision must not depend on either.
+    for a in sorted(cells):
+        cell = cells[a]
         if cell.binary:
             out[a] = rng.betavariate(1.0 + cell.successes, 1.0 + cell.failures)
         else:

@@ -243,3 +243,18 @@ def test_probes_whose_outcome_never_comes_free_the_budget_after_the_probe_timeou
         b.last_probe = t
     assert b.admits(150, cfg) == (False, False)  # the probes may still answer
     assert b.admits(172, cfg) == (True, True)  # they never did: probe again
+
+
+@pytest.mark.parametrize("name", ["thompson", "epsilon_greedy", "ucb1", "random"])
+def test_a_seeded_choice_does_not_depend_on_the_candidates_order(name: str) -> None:
+    """Issue 14, finding 7: the same attempt goes to the same agent after a restart. The
+    candidates' order is the order heartbeats arrived (or a set's, by PYTHONHASHSEED); before,
+    Thompson drew its samples in that order and a restart could pick another agent."""
+    cells = {f"agent-{i}": QCell().update(float(i % 2)).update(0.5) for i in range(5)}
+    cfg = StrategyConfig(name=name)
+    orders = [list(cells), sorted(cells, reverse=True), [f"agent-{k}" for k in (3, 0, 4, 1, 2)]]
+    picks = {
+        choose_agent(cfg, {k: cells[k] for k in order}, random.Random(7), step=3).agent_id
+        for order in orders
+    }
+    assert len(picks) == 1, picks
