@@ -107,6 +107,7 @@ from stormline.streams.kafka import (
     reset_tables_after_a_kill,
     snapshot_record,
     stats_topic,
+    unstick_recovery,
 )
 from stormline.streams.ledger import META
 from stormline.streams.metrics import instrument
@@ -136,8 +137,9 @@ R = TypeVar("R")
 RETRY = RetryPolicy(base_s=0.2, max_s=5.0)
 DELIVERIES = 64  # batches whose events may wait for delivery at once
 CARRY_S = 300.0  # how long a partition taken over remembers its shards' last outcomes
-SWEEP_EVERY_S = 10.0  # how often the ledger is swept for entries past the rewards' retention
-SWEEP_MAX = 10_000  # entries looked at per sweep (a long ledger is swept over several)
+RECOVERY_STALL_S = 20.0  # a table recovery reading nothing this long is sought again
+SWEEP_EVERY_S = 1.0  # how often a slice of the ledger is swept for entries past retention
+SWEEP_SLICE = 1_000  # entries looked at per sweep: ~86M a day, a few ms of CPU a second
 
 
 def transient(exc: BaseException) -> bool:
@@ -627,28 +629,35 @@ class Router:
             await self.forward(self.t_stats, key, value)
 
     async def sweep(self) -> None:
-        """Forget ledger entries past the rewards topic's retention, a slice at a time."""
+        """Forget ledger entries past the rewards topic's retention, a slice at a time.
+
+        The slice is read outside the lock (a read of the table's own snapshot), so a long
+        ledger's sweep never holds the routing up; only the deletes take the lock.
+        """
         if self.app.rebalancing:
             return
+        if self._sweep is None:
+            items = self.ledger.items()
+            # A dict must not change under its iterator; RocksDB's iterator reads a
+            # snapshot, so a long ledger is never copied into memory.
+            self._sweep = iter(list(items)) if _in_memory(self.ledger) else iter(items)
+        chunk = []
+        try:
+            for _ in range(SWEEP_SLICE):
+                chunk.append(next(self._sweep))
+        except StopIteration:
+            self._sweep = None
+        except Exception:  # the table moved under the iterator (a rebalance): start over
+            self._sweep = None
+        now = time.time()
+        expired = self.core.outcomes.expired(chunk, now)
+        if not expired:
+            return
         async with self.settled():
-            if self._sweep is None:
-                items = self.ledger.items()
-                # A dict must not change under its iterator; RocksDB's iterator reads a
-                # snapshot, so a long ledger is never copied into memory.
-                self._sweep = iter(list(items)) if _in_memory(self.ledger) else iter(items)
-            chunk = []
-            try:
-                for _ in range(SWEEP_MAX):
-                    chunk.append(next(self._sweep))
-            except StopIteration:
-                self._sweep = None
-            except Exception:  # the table moved under the iterator (a rebalance): start over
-                self._sweep = None
-            now = time.time()
-            for p, key in self.core.outcomes.expired(chunk, now):
+            for p, key in expired:
                 if p in self.ready:
                     with at_partition(p):
-                        # Read again: the iterator's copy may predate a reward counted since.
+                        # Read again: the slice's copy may predate a reward counted since.
                         if self.core.outcomes.expired([(key, self.ledger.get(key))], now):
                             self.ledger.pop(key, None)
 
@@ -773,6 +782,10 @@ class Router:
         @app.timer(interval=SWEEP_EVERY_S, name="sweep-clock")
         async def sweep_clock() -> None:
             await self.sweep()
+
+        @app.timer(interval=RECOVERY_STALL_S / 4, name="recovery-watchdog")
+        async def recovery_watchdog() -> None:
+            await unstick_recovery(app, RECOVERY_STALL_S)
 
         @app.timer(interval=1.0, name="checkpoint-clock")
         async def checkpoint_clock() -> None:

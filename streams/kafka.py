@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 
@@ -141,6 +141,52 @@ def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.Ap
         web_port=s.router_web_port,
         web_bind=s.router_web_host,
     )
+
+
+async def unstick_recovery(app: faust.App, stall_s: float) -> list[Any]:
+    """Re-seek the changelog partitions a table recovery has waited on for ``stall_s``.
+
+    faust-streaming 0.15.3 on aiokafka 0.14 sometimes never delivers a changelog partition
+    a worker takes back after a peer left (seen in about one of ten rebalances back and forth
+    here): recovery logs "No event received for active tp" every 5 s and the worker never
+    routes again. A seek to the next offset recovery still needs, with the partition
+    resumed, makes the fetcher read it again; recovery ignores any offset it has already
+    applied, so a seek that was not needed costs a re-read and nothing else.
+    Returns the partitions it re-sought."""
+    # Faust's interfaces leave recovery's state out; these are its implementation's.
+    rec: Any = cast(Any, app.tables).recovery
+    consumer: Any = app.consumer
+    started = rec._recovery_started_at
+    if not rec.in_recovery or started is None or not consumer.flow_active:
+        return []
+    now = time.monotonic()
+    if now - started < stall_s:
+        return []
+    seen = rec._active_events_received_at
+    offsets = {}
+    for tp in rec.active_tps:
+        read, end = rec.active_offsets.get(tp), rec.active_highwaters.get(tp)
+        read = -1 if read is None else read
+        if end is not None and read < end and now - seen.get(tp, started) >= stall_s:
+            offsets[tp] = read + 1
+    if not offsets:
+        return []
+    log.warning(
+        "table recovery has read nothing for %.0f s from %s: seeking them again",
+        stall_s,
+        ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(offsets.items())),
+    )
+    try:
+        await consumer.seek_wait(offsets)
+        consumer.resume_partitions(offsets)
+        app.flow_control.resume()
+        consumer.resume_flow()
+    except Exception:  # a rebalance took them meanwhile: the next recovery reads them
+        log.warning("re-seeking the stalled changelog partitions failed", exc_info=True)
+        return []
+    for tp in offsets:  # the next check waits a full stall again
+        seen[tp] = now
+    return list(offsets)
 
 
 def stats_topic(s: Settings) -> str:
