@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from stormline.settings import Settings
 
 # librdkafka logs every refused connection while a broker starts; health checks want silence.
 _QUIET = logging.getLogger("stormline.stack.librdkafka")
+STATUS_PATIENCE_S = 10.0  # how long a live node may miss metadata requests in a status
 _QUIET.setLevel(logging.CRITICAL)
 _QUIET.propagate = False
 
@@ -302,6 +304,18 @@ class KafkaCluster:
             return False
         return node.node_id in md.brokers
 
+    def _answers_within(self, node: KafkaNode, patience_s: float) -> bool:
+        """node_answers, asked again for ``patience_s``: a node that just joined (or whose
+        peer was just killed) can miss one 2-second metadata request while it is alive and
+        well, and ``stormline up`` must not call it down for that (seen in the three-broker
+        chaos test: `up` waited for kafka-3, then its status check missed once)."""
+        deadline = time.monotonic() + patience_s
+        while not self.node_answers(node):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
     def answers(self) -> bool:
         return all(self.node_answers(n) for n in self.nodes)
 
@@ -315,7 +329,7 @@ class KafkaCluster:
         st = ServiceStatus(node.name, f"127.0.0.1:{node.port}", False)
         if not self.ctx.managed_status(st, node.name, node.marker()):
             return st
-        st.healthy = self.node_answers(node)
+        st.healthy = self._answers_within(node, STATUS_PATIENCE_S)
         self._version(st, "127.0.0.1", node.port)
         if not st.healthy and not st.detail:
             st.detail = "does not answer a metadata request"

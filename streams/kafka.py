@@ -268,6 +268,51 @@ def broadcast_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def committed_offsets(
+    settings: Settings, group: str, tps: set[tuple[str, int]]
+) -> dict[tuple[str, int], int | None]:
+    """The group's committed offset (the next to read) of each (topic, partition); None
+    where the group has committed none."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**KafkaConnection.from_settings(settings).aiokafka())
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(
+            group, partitions=[TopicPartition(t, p) for t, p in sorted(tps)]
+        )
+    finally:
+        await admin.close()
+    out: dict[tuple[str, int], int | None] = dict.fromkeys(tps)
+    for tp, meta in got.items():
+        if meta is not None and meta.offset >= 0:
+            out[(tp.topic, tp.partition)] = meta.offset
+    return out
+
+
+async def read_range(
+    settings: Settings, topic: str, partition: int, start: int, end: int
+) -> list[Any]:
+    """The records of offsets [start, end) of one partition (aiokafka ConsumerRecords), read
+    without a group. Offsets the log no longer holds (retention) are simply not there."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(**broadcast_config(settings))
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        out: list[Any] = []
+        while await consumer.position(tp) < end:
+            got = await consumer.getmany(tp, timeout_ms=1000, max_records=1000)
+            out += [r for r in got.get(tp, []) if start <= r.offset < end]
+        return out
+    finally:
+        await consumer.stop()
+
+
 Snapshot = tuple[int, str, dict[str, Any]]  # a published shard: partition, pair, cell
 
 
