@@ -393,14 +393,24 @@ class Router:
         }
         if unknown:
             group = app_id(self.settings)
-            self._next.update(await committed_offsets(self.settings, group, unknown))
+            self._next.update(
+                await retrying(
+                    "reading the committed offsets",
+                    lambda: committed_offsets(self.settings, group, unknown),
+                )
+            )
         out: list[Any] = []
         for ev in events:
             msg = ev.message
             tp = (msg.topic, msg.partition)
             want = self._next.get(tp)
             if msg.partition in self.ready and want is not None and msg.offset > want:
-                again = await read_range(self.settings, msg.topic, msg.partition, want, msg.offset)
+                again = await retrying(
+                    "reading skipped records",
+                    functools.partial(
+                        read_range, self.settings, msg.topic, msg.partition, want, msg.offset
+                    ),
+                )
                 log.warning(
                     "%s[%d]: offsets %d to %d never reached the router; read again (%d records)",
                     msg.topic,
@@ -782,7 +792,15 @@ class Router:
             async for events in stream.take_events(
                 s.router_batch_max, s.router_batch_window_ms / 1000
             ):
-                await self.handle(events)
+                try:
+                    await self.handle(events)
+                except Exception as exc:
+                    # Faust acks a batch whose handler raised (take_events acks in a
+                    # finally): exit before it can, as a kill -9 would, so that the batch
+                    # is read again after the restart instead of lost.
+                    log.critical("a batch of %d records failed; exiting", len(events), exc_info=exc)
+                    logging.shutdown()
+                    os._exit(75)
 
         @app.agent(self.t_heartbeats, name="forward-heartbeats")
         async def forward_heartbeats(stream: Any) -> None:
