@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stormline.settings import Settings
 
 
 def free_port() -> int:
@@ -26,3 +31,23 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The q-th percentile of ``xs`` (nearest rank); NaN for no values."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def child_env(s: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a Stormline process the bench starts: ``s`` as STORMLINE_*
+    variables (secrets by value), nothing of this shell's STORMLINE_*, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}
+    for name, value in s.model_dump().items():
+        if value is not None:
+            env[f"STORMLINE_{name.upper()}"] = (
+                value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+            )
+    return {**env, **extra}

@@ -79,7 +79,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import free_port
+from bench import child_env, free_port, percentile
 from stormline.schemas.models import (
     Reward,
     RewardSource,
@@ -200,13 +200,6 @@ def tasks_to_switch(picks: Sequence[Pick], start: int, agent: str) -> int:
         if seen and sum(a == agent for _, a in seen) >= SWITCHED * len(seen):
             return end - start
     return len(picks) - start
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 # -------------------------------------------------------------------- in process --
@@ -429,7 +422,6 @@ def _start(
     """Topics, one simulator per agent, the router, one worker and the evaluator."""
     import yaml
 
-    from bench.router import _env
     from stormline.schemas.kafka import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-learning-{env.name}-{strategy}-"))
@@ -458,7 +450,7 @@ def _start(
     extra = {"STORMLINE_ROUTER_STRATEGY": strategy, "STORMLINE_ROUTER_SEED": "5", **env.settings}
     if discount is not None:
         extra["STORMLINE_ROUTER_DISCOUNT"] = str(discount)
-    penv = _env(s, **extra)
+    penv = child_env(s, **extra)
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(name: str, *args: str) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench import cpu_seconds, free_port
+from bench import child_env, cpu_seconds, free_port, percentile
 from bench.profile import Profiles, summary
 from stormline.runtime.admin import TopicWanted, end_offsets
 from stormline.runtime.admin import ensure_topics as ensure_topics_wanted
@@ -58,21 +58,6 @@ from stormline.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = [f"bench-agent-{i}" for i in range(5)]
 TYPES = ["math", "reverse", "upper", "sort"]
-
-
-def _env(s: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STORMLINE_")}
-    for name, value in s.model_dump().items():
-        if value is not None:
-            env[f"STORMLINE_{name.upper()}"] = (
-                value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-            )
-    return {**env, **extra}
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 class _Collector:
@@ -174,7 +159,7 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, float | str]:
     log = (tmp / "router.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "stormline.cli", "router", "--log-level", "warning"],
-        env=_env(
+        env=child_env(
             s,
             STORMLINE_ROUTER_ASSIGNMENT_TTL_S="3600",
             STORMLINE_ROUTER_DEFAULT_DEADLINE_S="3600",
@@ -280,12 +265,12 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, float | str]:
             "router_latency_tasks": float(len(router_ms)),
             "router_latency_lost_tasks": float(n - len(router_ms)),
             "router_p50_latency_ms": round(statistics.median(router_ms), 2),
-            "router_p99_latency_ms": round(_pct(router_ms, 99), 2),
+            "router_p99_latency_ms": round(percentile(router_ms, 99), 2),
             "router_max_latency_ms": round(max(router_ms), 2),
             "router_p50_submit_to_consumed_ms": round(statistics.median(seen_ms), 2),
-            "router_p99_submit_to_consumed_ms": round(_pct(seen_ms, 99), 2),
+            "router_p99_submit_to_consumed_ms": round(percentile(seen_ms, 99), 2),
             "router_p50_latency_ms_at_50_per_s": round(statistics.median(slow_ms), 2),
-            "router_p99_latency_ms_at_50_per_s": round(_pct(slow_ms, 99), 2),
+            "router_p99_latency_ms_at_50_per_s": round(percentile(slow_ms, 99), 2),
             "router_throughput_tasks": float(len(stamps)),
             "router_cpu_ms_per_task": round(routing_ms, 3),
             "forwarder_cpu_ms_per_record": round(fwd_ms, 3),
@@ -329,7 +314,7 @@ class _Forwarder:
         self.s = s
         self.sink = f"{s.topic_prefix}bench-forwarded"
         ensure_topics_wanted(s, [TopicWanted(self.sink, s.default_partitions)])
-        env = _env(s, STORMLINE_DATA_DIR=str(tmp / "forwarder"))
+        env = child_env(s, STORMLINE_DATA_DIR=str(tmp / "forwarder"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.forwarder", TASKS.name(s), self.sink],
             env=env,

@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 
+from bench import percentile
 from bench.learning import (
     DRIFT,
     FLAKY,
     FLEET,
     ROOT,
     Pick,
-    percentile,
     play,
     regret,
     share,
