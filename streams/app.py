@@ -279,6 +279,8 @@ class Router:
         self._started: float | None = None
         self._sweep: Iterator[tuple[str, Any]] | None = None
         self.ready: set[int] = set()  # partitions owned and recovered
+        self.rebalanced_once = False  # the views answer only after the first recovery
+        self.interrupted = False  # a stop cancelled a batch halfway: not a clean stop
         # (topic, partition) -> the next offset this worker must see (see _read_skipped)
         self._next: dict[tuple[str, int], int | None] = {}
         self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
@@ -694,6 +696,7 @@ class Router:
             self._sweep = None
             # Statuses queued before a kill, or lost in Redis, are re-derived from the records.
             queued = self.status.resync(records)
+            self.rebalanced_once = True
         log.info(
             "owning partitions %s (%d records taken over, %d statuses re-queued)",
             sorted(assigned),
@@ -798,13 +801,26 @@ class Router:
             async for events in stream.take_events(
                 s.router_batch_max, s.router_batch_window_ms / 1000
             ):
+                # take_events acks the batch in a finally, also when a stop cancels the
+                # handler halfway or the handler raises: a reference of our own keeps its
+                # offsets uncommitted until the batch is done, so such a batch is read again.
+                for ev in events:
+                    ev.message.incref()
                 try:
                     await self.handle(events)
+                except asyncio.CancelledError:
+                    self.interrupted = True
+                    log.warning(
+                        "stopped with a batch in hand (%d records): not committed, it is read "
+                        "again at the next start",
+                        len(events),
+                    )
+                    raise
                 except Exception as exc:
-                    # Faust acks a batch whose handler raised (take_events acks in a
-                    # finally): exit before it can, so that the batch is read again.
                     log.exception("a batch of %d records failed", len(events))
                     exit_to_recover(f"a batch failed ({type(exc).__name__})")
+                for ev in events:
+                    ev.message.decref()
 
         @app.agent(self.t_heartbeats, name="forward-heartbeats")
         async def forward_heartbeats(stream: Any) -> None:
@@ -891,19 +907,35 @@ class Router:
             async for item in read_broadcast(self.settings, self.serde):
                 await self._on_broadcast(item)
 
+    def recovering(self) -> bool:
+        """Whether the tables are (re)built from their changelogs right now: before the
+        first rebalance's recovery has ended, or during a later one."""
+        return not self.rebalanced_once or bool(self.app.rebalancing)
+
     def _wire_views(self) -> None:
         app = self.app
 
-        @app.page("/router/qtable/")
-        async def qtable_view(web: Any, request: Any) -> Any:
-            return web.json(self.qtable_snapshot())
+        def table_view(snapshot: Callable[[], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+            # The web server starts before the tables are recovered: a view served then
+            # would show a partial table as if it were the whole (a Q-table missing most of
+            # its counts). 503 until recovery ends, as a readiness probe expects.
+            async def serve(web: Any, request: Any) -> Any:
+                if self.recovering():
+                    return web.json(
+                        {"error": "the router is recovering its tables; ask again shortly"},
+                        status=503,
+                        headers={"Retry-After": "1"},
+                    )
+                return web.json(snapshot())
 
-        @app.page("/router/health/")
-        async def health_view(web: Any, request: Any) -> Any:
-            return web.json(self.health_snapshot())
+            return serve
 
-        @app.page("/router/counters/")
+        app.page("/router/qtable/", name="router-qtable")(table_view(self.qtable_snapshot))
+        app.page("/router/health/", name="router-health")(table_view(self.health_snapshot))
+
+        @app.page("/router/counters/", name="router-counters")
         async def counters_view(web: Any, request: Any) -> Any:
+            # Always answers (the liveness probe): "recovering" says whether it is ready.
             return web.json(self.counters())
 
     # ------------------------------------------------------------------- health --
@@ -1021,6 +1053,7 @@ class Router:
             - sum(1 for p in range(self.partitions) if sent_key(p) in self.tasks),
             "scheduled": len(self.core.schedule),
             "owned_partitions": sorted(self.ready),
+            "recovering": self.recovering(),
         }
 
 
@@ -1063,10 +1096,15 @@ def run_router(settings: Settings, loglevel: str = "info") -> None:
     saved = sys.argv
     sys.argv = argv
     try:
-        router.app.main()
+        router.app.main()  # always ends in SystemExit: 0 after a stop (SIGTERM), 1 on a crash
+    except SystemExit as exc:
+        # Only a stop that finished its batches leaves table files that match the changelogs
+        # (a crash, or a batch cut halfway, may leave writes the broker never acknowledged).
+        if exc.code in (0, None) and not router.interrupted:
+            mark_clean_stop(router.app)
+        raise
     finally:
         sys.argv = saved
-        mark_clean_stop(router.app)  # reached on a stop (SIGTERM), never after a kill
 
 
 __all__ = ["Router", "create", "router_config", "run_router"]

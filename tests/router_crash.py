@@ -1,15 +1,19 @@
-"""A router process that kills itself (SIGKILL, as kill -9 would) inside one of its windows.
+"""A router process that kills itself (SIGKILL, as kill -9 would) inside one of its windows,
+or stops itself (SIGTERM, as ``stormline down`` would) with a batch in hand.
 
 ``python -m tests.router_crash between-final-events``: after the router's final-failure
 Trajectory is delivered and before its Reward is sent; ``before-assignment``: after the task's
-record reached its changelog and before its TaskAssigned is sent. Otherwise it is
+record reached its changelog and before its TaskAssigned is sent; ``stop-mid-batch``: a batch
+that holds a task whose id starts with ``stop-`` sends SIGTERM to its own process and waits
+there, so the graceful stop cancels it before anything in it is decided. Otherwise it is
 ``stormline router`` (:func:`stormline.streams.app.run_router`), settings from the environment.
-The hooks wrap :meth:`Router.finish`, the one way the router sends what it decided, and flush
-Faust's producer first, so the table's changelog records are out when it dies.
+The kill hooks wrap :meth:`Router.finish`, the one way the router sends what it decided, and
+flush Faust's producer first, so the table's changelog records are out when it dies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -27,7 +31,17 @@ def _die(what: str) -> None:
 
 
 def hook(window: str) -> None:
-    finish = router_app.Router.finish
+    finish, handle = router_app.Router.finish, router_app.Router.handle
+
+    async def handle_hook(self: Any, events: list[Any]) -> None:
+        if window == "stop-mid-batch" and any(
+            (e.message.key or b"").startswith(b"stop-") for e in events
+        ):
+            sys.stderr.write(f"router_crash: SIGTERM with a batch of {len(events)} in hand\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(3600)  # cancelled here by the stop
+        await handle(self, events)
 
     async def finish_hook(self: Any, batch: router_app.Batch) -> None:
         events = [e for e, _, _ in batch.events]
@@ -48,6 +62,7 @@ def hook(window: str) -> None:
         await finish(self, batch)
 
     router_app.Router.finish = finish_hook  # type: ignore[method-assign]
+    router_app.Router.handle = handle_hook  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

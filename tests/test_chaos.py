@@ -386,7 +386,14 @@ def q_observations(h: LoopHarness, out: Outcomes) -> tuple[int, int, int]:
     by the attempts that expired without one (a worker killed mid-call)."""
     url = f"http://127.0.0.1:{h.s.router_web_port}/router/qtable/"
     wait_http(url, 120)  # the router may just have been restarted
-    table = httpx.get(url, timeout=10).json()
+    # ...and may still be recovering its tables (503 until then; seed 461894 was killed last
+    # and its restart's partial table was read before this waited for the 200).
+    table = wait_until(
+        lambda: (r := httpx.get(url, timeout=10)).status_code == 200 and r.json(),
+        timeout=300,
+        interval=1,
+        what="the router's Q-table view to answer (its recovery to end)",
+    )
     cells = {
         (ttype, agent): int(cell["count"])
         for ttype, agents in table.items()

@@ -132,6 +132,10 @@ def test_k8s_namespace_and_probes_on_every_deployment() -> None:
             else:  # no HTTP port: the probe runs a real CLI command
                 assert p["exec"]["command"][0] == "stormline", name
                 check_invocation(p["exec"]["command"][1:])
+    router = container(deployments()["router"])
+    # Not ready while its tables are recovered (503); alive all the while (no restart loop).
+    assert router["readinessProbe"]["httpGet"]["path"] == "/router/health/"
+    assert router["livenessProbe"]["httpGet"]["path"] == "/router/counters/"
     api = container(deployments()["api"])
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"

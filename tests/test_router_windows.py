@@ -40,7 +40,7 @@ from stormline.settings import Settings
 from stormline.state import task_status
 from stormline.streams.status import status_of
 from tests.conftest import free_port, wait_until
-from tests.test_router import Bus, RouterProcess, task
+from tests.test_router import Bus, RouterProcess, _wait_router_caught_up, _wait_view, task
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -187,6 +187,10 @@ def test_a_kill_before_the_assignment_is_sent_sends_it_after_the_restart(
         (a,) = b.wait(TaskAssigned, lambda e: e.task_id == "as-1", timeout=60)
         assert (a.attempt, a.agent_id) == (1, "as-a")
         wait_until(lambda: _state(ws, "as-1") == "succeeded", 30, "as-1 succeeded")
+        # The status is written before the reward's observation reaches the statistics (a
+        # hop of its own), so wait for the observation; then nothing more may arrive.
+        _wait_view(r, lambda v: "as-a" in v.get("as", {}))
+        _wait_router_caught_up(ws)
         # The agent is not blamed for an attempt it never saw: one observation, a success.
         counters = r.view("counters")
         assert counters["expiries_counted"] == 0, counters
@@ -196,6 +200,38 @@ def test_a_kill_before_the_assignment_is_sent_sends_it_after_the_restart(
         b.close()
         r.stop()
         crash.stop()
+
+
+def test_a_stop_with_a_batch_in_hand_leaves_it_to_the_next_start(
+    ws: Settings, tmp_path: Path
+) -> None:
+    log = tmp_path / "router.log"
+    stopping = CrashingRouter(ws, log, "stop-mid-batch").start()
+    b = Bus(ws)
+    r = RouterProcess(ws, log)
+    try:
+        b.beating["st-a"] = ["st"]
+        b.answer["st-a"] = lambda a: 1.0
+        b.wait(AgentHealthChanged, lambda e: e.agent_id == "st-a", timeout=120)
+        b.submit(task("stop-1", "st", ["st"]))
+        wait_until(stopping.died, 60, "the router to stop itself")
+        assert stopping.proc is not None
+        assert stopping.proc.returncode == 0, log.read_text()[-3000:]  # a graceful stop
+        assert "router_crash: SIGTERM with a batch" in log.read_text()
+        assert not b.of(TaskAssigned, lambda e: e.task_id == "stop-1")
+        # Faust acks a take_events batch on the way out; had that committed the offset, the
+        # task would never be routed by anyone.
+        r.start()
+        (a,) = b.wait(TaskAssigned, lambda e: e.task_id == "stop-1", timeout=60)
+        assert (a.attempt, a.agent_id) == (1, "st-a")
+        wait_until(lambda: _state(ws, "stop-1") == "succeeded", 30, "stop-1 succeeded")
+        text = log.read_text()
+        assert "stopped with a batch in hand (1 records)" in text  # it knew,
+        assert "table files dropped" in text  # and did not mark the cut stop clean
+    finally:
+        b.close()
+        r.stop()
+        stopping.stop()
 
 
 # ------------------------------------------------------------------------ pure parts --

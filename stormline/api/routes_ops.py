@@ -44,6 +44,10 @@ async def _router_views(settings: Settings) -> tuple[dict[str, Any], dict[str, A
         async with httpx.AsyncClient(timeout=3.0) as client:
             q = (await client.get(f"{base}/qtable/")).raise_for_status().json()
             h = (await client.get(f"{base}/health/")).raise_for_status().json()
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 503:
+            return {}, {}, "the router is recovering its tables; its estimates follow shortly"
+        return {}, {}, f"router web views at {base} answered {exc.response.status_code}"
     except (httpx.HTTPError, ValueError) as exc:
         return {}, {}, f"router web views at {base} not reachable ({type(exc).__name__})"
     return q, h.get("directory", {}), "ok"
