@@ -97,6 +97,7 @@ from stormline.settings import Settings
 from stormline.state import RedisState
 from stormline.streams.health import AgentHealth, Directory, HealthConfig
 from stormline.streams.kafka import (
+    CAUGHT_UP,
     app_id,
     committed_offsets,
     ensure_internal_topics,
@@ -280,7 +281,8 @@ class Router:
         self._sweep: Iterator[tuple[str, Any]] | None = None
         self.ready: set[int] = set()  # partitions owned and recovered
         self.rebalanced_once = False  # the views answer only after the first recovery
-        self.interrupted = False  # a stop cancelled a batch halfway: not a clean stop
+        self.interrupted = False  # a stop cut table writes halfway: not a clean stop
+        self.broadcast_read = False  # the shards other workers published, read to the end
         # (topic, partition) -> the next offset this worker must see (see _read_skipped)
         self._next: dict[tuple[str, int], int | None] = {}
         self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
@@ -484,6 +486,9 @@ class Router:
             self.lock.release()
         try:
             yield
+        except asyncio.CancelledError:
+            self.interrupted = True  # a stop cut table writes halfway: not a clean stop
+            raise
         finally:
             self.lock.release()
 
@@ -809,7 +814,11 @@ class Router:
                 try:
                     await self.handle(events)
                 except asyncio.CancelledError:
-                    self.interrupted = True
+                    task = asyncio.current_task()
+                    if task is None or not task.cancelling():
+                        # Not a stop: a future inside was cancelled. Faust would restart the
+                        # agent with this batch held, pinning its partitions' commits.
+                        exit_to_recover("a batch was cancelled from inside")
                     log.warning(
                         "stopped with a batch in hand (%d records): not committed, it is read "
                         "again at the next start",
@@ -908,9 +917,10 @@ class Router:
                 await self._on_broadcast(item)
 
     def recovering(self) -> bool:
-        """Whether the tables are (re)built from their changelogs right now: before the
-        first rebalance's recovery has ended, or during a later one."""
-        return not self.rebalanced_once or bool(self.app.rebalancing)
+        """Whether this worker's view of the fleet is being rebuilt right now: before the
+        first rebalance's recovery has ended, during a later one, or before the shards the
+        other workers published were read to the end once."""
+        return not (self.rebalanced_once and self.broadcast_read) or bool(self.app.rebalancing)
 
     def _wire_views(self) -> None:
         app = self.app
@@ -973,7 +983,9 @@ class Router:
 
     # --------------------------------------------------------- broadcast reader --
     async def _on_broadcast(self, item: Any) -> None:
-        if isinstance(item, tuple):  # a published shard
+        if item is CAUGHT_UP:
+            self.broadcast_read = True
+        elif isinstance(item, tuple):  # a published shard
             p, pair, data = item
             self.book.snapshot(p, pair, QCell.from_dict(data))
         elif isinstance(item, AgentHeartbeat):

@@ -135,6 +135,8 @@ def faust_app(s: Settings, partitions: int, replication_factor: int) -> faust.Ap
         producer_max_request_size=max(s.max_record_bytes * 2, 1_048_576),
         producer_compression_type="lz4",
         producer_acks=-1,
+        # Load-bearing: the route agent holds each batch's messages until it is done, and a
+        # revoke that waited for every message to be acked would wait on the held ones.
         stream_wait_empty=False,
         web_enabled=True,
         web_host=s.router_web_host,
@@ -316,9 +318,18 @@ async def read_range(
 Snapshot = tuple[int, str, dict[str, Any]]  # a published shard: partition, pair, cell
 
 
-async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Event | Snapshot]:
+class CaughtUp:
+    """:func:`read_broadcast`'s marker: every topic read to the end it had at the start."""
+
+
+CAUGHT_UP = CaughtUp()
+
+
+async def read_broadcast(
+    settings: Settings, serde: Serde
+) -> AsyncIterator[Event | Snapshot | CaughtUp]:
     """Heartbeats (the lookback window), agent-health, checkpoints and the statistics shards
-    (all), then live.
+    (all), then :data:`CAUGHT_UP` once, then live.
 
     No consumer group: every router worker reads these topics in full. Records that do not
     decode are skipped here (the group-consuming agents dead-letter them).
@@ -341,7 +352,13 @@ async def read_broadcast(settings: Settings, serde: Serde) -> AsyncIterator[Even
             tps += [TopicPartition(name, p) for p in sorted(parts)]
         consumer.assign(tps)
         await _seek(consumer, s, tps)
+        ends = await consumer.end_offsets(tps)
+        behind = set(tps)
         while True:
+            if behind:
+                behind = {tp for tp in behind if await consumer.position(tp) < ends[tp]}
+                if not behind:
+                    yield CAUGHT_UP
             batches = await consumer.getmany(timeout_ms=200, max_records=1000)
             for tp, msgs in batches.items():
                 etype = names[tp.topic]

@@ -3,9 +3,10 @@ or stops itself (SIGTERM, as ``stormline down`` would) with a batch in hand.
 
 ``python -m tests.router_crash between-final-events``: after the router's final-failure
 Trajectory is delivered and before its Reward is sent; ``before-assignment``: after the task's
-record reached its changelog and before its TaskAssigned is sent; ``stop-mid-batch``: a batch
-that holds a task whose id starts with ``stop-`` sends SIGTERM to its own process and waits
-there, so the graceful stop cancels it before anything in it is decided. Otherwise it is
+record reached its changelog and before its TaskAssigned is sent. ``stop-before-decisions``
+and ``stop-in-finish``: a batch with a task whose id starts with ``stop-`` sends SIGTERM to its
+own process and waits there, so that the graceful stop cancels it, before anything in it is
+decided or after the decisions and before their table writes. Otherwise it is
 ``stormline router`` (:func:`stormline.streams.app.run_router`), settings from the environment.
 The kill hooks wrap :meth:`Router.finish`, the one way the router sends what it decided, and
 flush Faust's producer first, so the table's changelog records are out when it dies.
@@ -33,14 +34,17 @@ def _die(what: str) -> None:
 def hook(window: str) -> None:
     finish, handle = router_app.Router.finish, router_app.Router.handle
 
+    async def stop_here() -> None:
+        sys.stderr.write(f"router_crash: SIGTERM in {window}\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(3600)  # cancelled here by the stop
+
     async def handle_hook(self: Any, events: list[Any]) -> None:
-        if window == "stop-mid-batch" and any(
+        if window == "stop-before-decisions" and any(
             (e.message.key or b"").startswith(b"stop-") for e in events
         ):
-            sys.stderr.write(f"router_crash: SIGTERM with a batch of {len(events)} in hand\n")
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(3600)  # cancelled here by the stop
+            await stop_here()
         await handle(self, events)
 
     async def finish_hook(self: Any, batch: router_app.Batch) -> None:
@@ -59,6 +63,10 @@ def hook(window: str) -> None:
         elif window == "before-assignment" and any(isinstance(e, TaskAssigned) for e in events):
             await self.app.producer.flush()
             _die("before sending TaskAssigned")
+        elif window == "stop-in-finish" and any(
+            isinstance(e, TaskAssigned) and e.task_id.startswith("stop-") for e in events
+        ):
+            await stop_here()
         await finish(self, batch)
 
     router_app.Router.finish = finish_hook  # type: ignore[method-assign]
