@@ -96,6 +96,21 @@ def uncommitted(settings: Settings, group: str, topics: Iterable[str]) -> dict[s
         c.close()
 
 
+def wait_router_caught_up(settings: Settings, timeout: float = 60) -> None:
+    """Until the router's group has committed every record of its inputs (tasks,
+    trajectories, rewards): everything sent so far is processed."""
+    from stormline.schemas.catalog import REWARDS, TASKS, TRAJECTORIES
+    from stormline.streams.kafka import app_id
+
+    topics = [spec.name(settings) for spec in (TASKS, TRAJECTORIES, REWARDS)]
+    wait_until(
+        lambda: not uncommitted(settings, app_id(settings), topics),
+        timeout=timeout,
+        interval=0.5,
+        what="the router to commit every record of " + ", ".join(topics),
+    )
+
+
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     if os.environ.get("STORMLINE_KAFKA_BOOTSTRAP_SERVERS"):

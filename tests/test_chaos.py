@@ -52,7 +52,7 @@ from stormline.schemas.kafka import EventProducer
 from stormline.schemas.lifecycle import FINAL
 from stormline.schemas.models import ROUTER_AGENT, TaskAssigned
 from stormline.settings import Settings
-from tests.conftest import free_port, settings_env, uncommitted, wait_http, wait_until
+from tests.conftest import free_port, settings_env, wait_http, wait_router_caught_up, wait_until
 from tests.loop import FAST_LOOP_ENV, LoopHarness, Outcomes
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1800)]
@@ -384,19 +384,11 @@ def q_observations(h: LoopHarness, out: Outcomes) -> tuple[int, int, int]:
     expiry on the router's clock (which a late reward for it replaces), so the Q-table must
     hold exactly one observation per attempt assigned; the rewarded trajectories are fewer
     by the attempts that expired without one (a worker killed mid-call)."""
-    from stormline.streams.kafka import app_id
-
     url = f"http://127.0.0.1:{h.s.router_web_port}/router/qtable/"
-    wait_http(url, 120)  # the router may just have been restarted,
-    # be recovering its tables (503 until then: seed 461894 killed it last, and its partial
-    # table was read), and be reading what was produced while it was down.
-    inputs = [x.name(h.s) for x in (TASKS, TRAJECTORIES, REWARDS)]
-    wait_until(
-        lambda: not uncommitted(h.s, app_id(h.s), inputs),
-        timeout=300,
-        interval=1,
-        what="the router to process every record of its inputs",
-    )
+    # The router may just have been restarted: recovering its tables (503 until then: seed
+    # 461894 killed it last, and its partial table was read) and reading what was produced
+    # while it was down.
+    wait_router_caught_up(h.s, timeout=300)
 
     def answer() -> Any:
         try:

@@ -51,8 +51,7 @@ from stormline.schemas.models import (
 from stormline.schemas.serde import Serde
 from stormline.settings import Settings
 from stormline.state import task_status
-from stormline.streams.app import app_id
-from tests.conftest import free_port, settings_env, uncommitted, wait_until
+from tests.conftest import free_port, settings_env, wait_router_caught_up, wait_until
 
 ROUTER_ENV = {
     "STORMLINE_ROUTER_TICK_S": "0.2",
@@ -520,7 +519,7 @@ def test_qtable_recovers_after_router_kill9(stack_settings: Settings, tmp_path: 
         assert _first_full_view(r, "qtable") == before
         assert not r.view("counters")["recovering"]
         # Redelivered or repeated rewards after the restart still count once.
-        _wait_router_caught_up(s)  # what was redelivered after the restart is processed
+        wait_router_caught_up(s)  # what was redelivered after the restart is processed
         dups = r.view("counters")["rewards_duplicate"]
         (a,) = b.of(TaskAssigned, lambda e: e.task_id == "k0")
         b.producer.publish([Bus.reward(a, 1.0)])
@@ -532,7 +531,7 @@ def test_qtable_recovers_after_router_kill9(stack_settings: Settings, tmp_path: 
         b.submit(task("k-new", "k-type", ["k"]))
         b.wait(Reward, lambda e: e.task_id == "k-new")
         _wait_view(r, lambda v: sum(c["count"] for c in v["k-type"].values()) == 41)
-        _wait_router_caught_up(s)  # and nothing more arrives: no update was applied twice
+        wait_router_caught_up(s)  # and nothing more arrives: no update was applied twice
         q = r.view("qtable")
         assert sum(c["count"] for c in q["k-type"].values()) == 41, r.view("counters")
         assert r.view("counters")["assigned"] == 1  # nothing from before the kill was redone
@@ -546,18 +545,6 @@ def _wait_bus_saw_every_assignment(r: RouterProcess, bus: Bus) -> None:
     wait_until(
         lambda: len(bus.of(TaskAssigned)) >= r.view("counters")["assigned"],
         what="the bus to read every assignment the router counted",
-    )
-
-
-def _wait_router_caught_up(s: Settings) -> None:
-    """Until the router's group has committed every record of its inputs: everything sent so
-    far is processed."""
-    topics = [spec.name(s) for spec in (TASKS, TRAJECTORIES, REWARDS)]
-    wait_until(
-        lambda: not uncommitted(s, app_id(s), topics),
-        timeout=60,
-        interval=0.5,
-        what="the router to commit every record of " + ", ".join(topics),
     )
 
 

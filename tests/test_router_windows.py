@@ -39,8 +39,8 @@ from stormline.schemas.models import (
 from stormline.settings import Settings
 from stormline.state import task_status
 from stormline.streams.status import status_of
-from tests.conftest import free_port, wait_until
-from tests.test_router import Bus, RouterProcess, _wait_router_caught_up, _wait_view, task
+from tests.conftest import free_port, wait_router_caught_up, wait_until
+from tests.test_router import Bus, RouterProcess, _wait_view, task
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -190,7 +190,7 @@ def test_a_kill_before_the_assignment_is_sent_sends_it_after_the_restart(
         # The status is written before the reward's observation reaches the statistics (a
         # hop of its own), so wait for the observation; then nothing more may arrive.
         _wait_view(r, lambda v: "as-a" in v.get("as", {}))
-        _wait_router_caught_up(ws)
+        wait_router_caught_up(ws)
         # The agent is not blamed for an attempt it never saw: one observation, a success.
         counters = r.view("counters")
         assert counters["expiries_counted"] == 0, counters
