@@ -58,6 +58,7 @@ from stormline.schemas.models import (
     Trajectory,
     TrajectoryStatus,
     stable_event_id,
+    utcnow,
 )
 from stormline.streams.health import Directory, HealthConfig
 from stormline.streams.ledger import META, OutcomeLedger
@@ -410,6 +411,8 @@ class RouterCore:
         # Built from values this router made or a validated task holds: not validated again.
         return TaskAssigned.model_construct(
             event_id=stable_event_id("assignment", task.task_id, rec["attempt"]),
+            # The decision's time, not the send's: a re-sent copy is the same event.
+            occurred_at=at(assigned_at),
             task_id=task.task_id,
             attempt=rec["attempt"],
             agent_id=rec["agent"],
@@ -503,9 +506,12 @@ class RouterCore:
         attempt = max(int(rec["attempt"]), 1)
         tid = f"{task.task_id}:router-final"
         reason = str(rec.get("reason", ""))
+        # The decision's time, not the send's: a re-sent copy is the same event.
+        when = at(float(rec["done_at"])) if "done_at" in rec else utcnow()
         return [
             Trajectory(
                 event_id=stable_event_id("final-failure", task.task_id, attempt),
+                occurred_at=when,
                 task_id=task.task_id,
                 trajectory_id=tid,
                 attempt=attempt,
@@ -521,6 +527,7 @@ class RouterCore:
             ),
             Reward(
                 event_id=stable_event_id("reward", tid, RewardSource.FAILURE.value),
+                occurred_at=when,
                 task_id=task.task_id,
                 trajectory_id=tid,
                 attempt=attempt,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -122,6 +123,22 @@ class RecordConsumer:
         """Commit everything polled so far (the one discipline: :func:`commit_tracked`)."""
         commit_tracked(self.raw, self.tracker)
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 10.0) -> None:
+        """Leave the group, then close.
+
+        The partitions are given back first (unsubscribe, then poll until none is assigned),
+        so that ``close()`` has no rebalance callback left to run: librdkafka can block for
+        ever in one run from inside ``close()`` (librdkafka #4041, #4527, #4884), and the
+        callback holds the GIL, so the whole process would freeze. Records polled on the way
+        out were never handed to the caller, so they are not committed: the next owner reads
+        them. Past ``drain_s`` it closes anyway.
+        """
         metrics.CONSUMER_LAG.unwatch(self)
+        deadline = time.monotonic() + drain_s
+        try:
+            self.raw.unsubscribe()
+            while self.raw.assignment() and time.monotonic() < deadline:
+                self.raw.poll(0.1)
+        except (KafkaException, RuntimeError) as exc:  # closed already, or a fatal error
+            log.info("leaving the group before close: %s", exc)
         self.raw.close()
