@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import faust
-from faust.types import EventT
+from faust.types import TP, EventT
 
 from stormline import logs, metrics, tracing
 from stormline.logs import install_redaction
@@ -142,6 +142,9 @@ DELIVERIES = 64  # batches whose events may wait for delivery at once
 CARRY_S = 300.0  # how long a partition taken over remembers its shards' last outcomes
 RECOVERY_STALL_S = 20.0  # a table recovery reading nothing this long is sought again
 SWEEP_EVERY_S = 1.0  # how often a slice of the ledger is swept for entries past retention
+# A partition whose log holds records past what this worker saw, and that delivered nothing
+# this long (at two checks in a row), is read by the router itself (Router.undelivered).
+UNDELIVERED_AFTER_S = 10.0
 SWEEP_SLICE = 1_000  # entries looked at per sweep: ~86M a day, a few ms of CPU a second
 
 
@@ -285,6 +288,9 @@ class Router:
         self.broadcast_read = False  # the shards other workers published, read to the end
         # (topic, partition) -> the next offset this worker must see (see _read_skipped)
         self._next: dict[tuple[str, int], int | None] = {}
+        self._seen_at: dict[tuple[str, int], float] = {}  # when it last delivered (monotonic)
+        self._suspects: dict[tuple[str, int], int | None] = {}  # behind at the last check
+        self._rebalances = 0  # rebalances ended: a check that spans one is dropped
         self.lock = asyncio.Lock()  # one batch or clock tick changes the tables at a time
         self._outbox = asyncio.Event()  # batches wait in _deliveries for deliver()
         self._confirming = True  # until a delivery round fails (then a restart resends)
@@ -435,7 +441,79 @@ class Router:
                 out += [_ReadAgain(rec) for rec in again]
             out.append(ev)
             self._next[tp] = msg.offset + 1
+            self._seen_at[tp] = time.monotonic()
         return out
+
+    async def undelivered(self) -> None:
+        """Read the records Faust never delivered, where no later record shows the gap.
+
+        :meth:`_read_skipped` catches a record Faust skipped when a later one of the same
+        partition arrives. When none does (the skipped record was the partition's last, as
+        for a task published alone right after a restart), this clock does: a partition
+        whose log ends past the next offset this worker must see, and that delivered
+        nothing for :data:`UNDELIVERED_AFTER_S` at two checks in a row, has the missing
+        records read here and handled as a batch. A record Faust was about to deliver after
+        all is handled twice, which every handler absorbs (redelivery after a crash is the
+        same case).
+        """
+        if self.app.rebalancing or not self.ready:
+            return
+        generation, now = self._rebalances, time.monotonic()
+        idle = {
+            (topic, p)
+            for topic in self.kinds
+            for p in self.ready
+            if now - self._seen_at.get((topic, p), now) >= UNDELIVERED_AFTER_S
+        }
+        if not idle:
+            return
+        unknown = {tp for tp in idle if tp not in self._next}
+        committed: dict[tuple[str, int], int | None] = {}
+        if unknown:
+            group = app_id(self.settings)
+            committed = await retrying(
+                "reading the committed offsets",
+                lambda: committed_offsets(self.settings, group, unknown),
+            )
+        try:
+            ends = await self.app.consumer.highwaters(*(TP(t, p) for t, p in idle))
+        except Exception as exc:  # the broker away: the next check asks again
+            log.info("undelivered check: end offsets not read (%s)", exc)
+            return
+        if generation != self._rebalances:
+            return  # the partitions moved meanwhile: what was read above is stale
+        for tp, offset in committed.items():
+            self._next.setdefault(tp, offset)  # unless a record arrived meanwhile
+        suspects, self._suspects = self._suspects, {}
+        events: list[Any] = []
+        for topic, p in sorted(idle):
+            tp = (topic, p)
+            end = ends.get(TP(topic, p))
+            start = self._next.get(tp)
+            delivered = self._seen_at.get(tp, now) > now  # a record arrived meanwhile
+            if end is None or (start or 0) >= end or delivered:
+                continue
+            if tp not in suspects or suspects[tp] != start:
+                self._suspects[tp] = start  # behind: act if it still is at the next check
+                continue
+            again = await retrying(
+                "reading undelivered records",
+                functools.partial(read_range, self.settings, topic, p, start or 0, end),
+            )
+            log.warning(
+                "%s[%d]: offsets %d to %d never reached the router in %.0fs; read by the "
+                "router itself (%d records)",
+                topic,
+                p,
+                start or 0,
+                end - 1,
+                now - self._seen_at.get(tp, now),
+                len(again),
+            )
+            self.extra["records_read_again"] += len(again)
+            events += [_ReadAgain(rec) for rec in again]
+        if events:
+            await self.handle(events)
 
     def _result(self, ev: EventT[bytes], obj: Any, now: float) -> tuple[Effects, Any]:
         p = ev.message.partition
@@ -683,6 +761,10 @@ class Router:
             gained = assigned - self.ready
             self.ready = assigned
             self._next.clear()  # each partition's next offset is the group's committed one
+            self._rebalances += 1
+            self._suspects.clear()
+            since = time.monotonic()
+            self._seen_at = {(topic, p): since for topic in self.kinds for p in assigned}
             records = [
                 (tid, rec)
                 for tid, rec in list(self.tasks.items())
@@ -892,6 +974,10 @@ class Router:
         @app.timer(interval=SWEEP_EVERY_S, name="sweep-clock")
         async def sweep_clock() -> None:
             await self.sweep()
+
+        @app.timer(interval=UNDELIVERED_AFTER_S / 2, name="undelivered-clock")
+        async def undelivered_clock() -> None:
+            await self.undelivered()
 
         @app.timer(interval=RECOVERY_STALL_S / 4, name="recovery-watchdog")
         async def recovery_watchdog() -> None:

@@ -97,8 +97,20 @@ class RouterProcess:
             time.sleep(0.3)
         raise AssertionError("router did not start: " + self.log.read_text()[-3000:])
 
-    def view(self, name: str) -> Any:
-        return httpx.get(f"{self.url}/router/{name}/", timeout=5).json()
+    def view(self, name: str, timeout: float = 60) -> Any:
+        """A web view's first 200 answer. A table view answers 503 while the worker recovers
+        its tables (after a start, a restart, a rebalance); every answer before the 200 must
+        be that 503, so no partial table is ever read."""
+        deadline, refused = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            got = httpx.get(f"{self.url}/router/{name}/", timeout=5)
+            if got.status_code == 200:
+                return got.json()
+            assert got.status_code == 503 and "recovering" in got.json()["error"], got.text
+            assert got.headers["Retry-After"] == "1"
+            refused += 1
+            time.sleep(0.05)
+        raise AssertionError(f"/router/{name}/ never answered 200 ({refused} answers 503)")
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -516,7 +528,7 @@ def test_qtable_recovers_after_router_kill9(stack_settings: Settings, tmp_path: 
         r.start()
         # Its web views answer before recovery ends: until then the Q-table view says 503,
         # never a partial table (its very first full answer is the table of before).
-        assert _first_full_view(r, "qtable") == before
+        assert r.view("qtable") == before
         assert not r.view("counters")["recovering"]
         # Redelivered or repeated rewards after the restart still count once.
         wait_router_caught_up(s)  # what was redelivered after the restart is processed
@@ -546,21 +558,6 @@ def _wait_bus_saw_every_assignment(r: RouterProcess, bus: Bus) -> None:
         lambda: len(bus.of(TaskAssigned)) >= r.view("counters")["assigned"],
         what="the bus to read every assignment the router counted",
     )
-
-
-def _first_full_view(r: RouterProcess, name: str, timeout: float = 60) -> Any:
-    """The first 200 answer of a table view; every answer before it must be the 503 of a
-    worker still recovering its tables."""
-    deadline, refused = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        got = httpx.get(f"{r.url}/router/{name}/", timeout=5)
-        if got.status_code == 200:
-            return got.json()
-        assert got.status_code == 503 and "recovering" in got.json()["error"], got.text
-        assert got.headers["Retry-After"] == "1"
-        refused += 1
-        time.sleep(0.05)
-    raise AssertionError(f"/router/{name}/ never answered 200 ({refused} answers 503)")
 
 
 def _wait_view(r: RouterProcess, pred: Callable[[Any], bool], timeout: float = 30) -> Any:
