@@ -86,9 +86,13 @@ class RouterProcess:
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).parent.parent,
         )
-        deadline = time.monotonic() + 90
+        return self.started()
+
+    def started(self, timeout: float = 90) -> RouterProcess:
+        """Once its web server answers (the counters view answers from the start)."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
                 if httpx.get(f"{self.url}/router/counters/", timeout=1).status_code == 200:
                     return self
